@@ -1,0 +1,83 @@
+"""Model passes over a KV cache: prefill, the burst pass, and the causal extend (verify) pass.
+
+The history of a row is the sequence of accepted (token, position) pairs in generation order,
+starting with (BOS, start) when the model has a start token. The cache holds every history entry
+except the last, each embedded with the position of the entry after it; the last entry is fed as
+the input of the next pass, paired with whatever target position comes next.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sigma_jax import orders as orders_lib
+from sigma_jax.cache import KVCache, init_cache, write
+from sigma_jax.config import START_POS, ModelConfig
+from sigma_jax.model import causal_mask, forward_masked
+
+
+def cache_capacity(cfg: ModelConfig, n: int, headroom: int = 0) -> int:
+    """Slots needed for n tokens plus a block of `headroom` slots written past the last one."""
+    return n + int(cfg.bos) + headroom
+
+
+def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.Array,
+            n_known: jax.Array, capacity: int):
+    """Commit the known tokens of every row to a fresh cache.
+
+    tokens, order: int32 [B, N], the order listing each row's known positions first;
+    n_known: int32 [B], known tokens per row (may differ; >= 1 without a start token).
+    Returns (cache, last_tok [B], last_pos [B]): the cache holds history[:-1] (length
+    n_known + bos - 1 per row), and (last_tok, last_pos) is the last history entry.
+
+    All N slots are computed in one causal pass and written; slots past a row's length hold
+    garbage that stays masked until overwritten.
+    """
+    inputs, pos_in, pos_out, targets = orders_lib.make_batch(tokens, order, bos=cfg.bos,
+                                                             bos_id=cfg.bos_id)
+    _, k_new, v_new = forward_masked(cfg, params, inputs, pos_in, pos_out,
+                                     causal_mask(inputs.shape[1]))
+    n_hist = n_known + int(cfg.bos)  # [B]
+    cache = write(init_cache(cfg, tokens.shape[0], capacity), k_new, v_new, n_hist - 1)
+    last_tok, last_pos = history_entry(cfg, tokens, order, n_hist - 1)
+    return cache, last_tok, last_pos
+
+
+def history_entry(cfg: ModelConfig, tokens: jax.Array, order: jax.Array, index: jax.Array):
+    """The (token [B], position [B]) at history index `index` [B] of each row."""
+    if cfg.bos:
+        step = jnp.maximum(index - 1, 0)[:, None]
+        tok = jnp.take_along_axis(tokens, jnp.take_along_axis(order, step, 1), 1)[:, 0]
+        pos = jnp.take_along_axis(order, step, 1)[:, 0]
+        is_start = index == 0
+        return jnp.where(is_start, cfg.bos_id, tok), jnp.where(is_start, START_POS, pos)
+    pos = jnp.take_along_axis(order, index[:, None], 1)[:, 0]
+    return jnp.take_along_axis(tokens, pos[:, None], 1)[:, 0], pos
+
+
+def burst_pass(cfg: ModelConfig, params: dict, cache: KVCache, last_tok: jax.Array,
+               last_pos: jax.Array, targets: jax.Array) -> jax.Array:
+    """Every target's conditional given the history, in one pass: logits float32 [B, Q, V].
+
+    Query j is (last_tok, last_pos, targets[:, j]); it attends to the cache and to itself only
+    (identity mask), so the Q x Q block costs nothing beyond its diagonal. Writes nothing.
+    """
+    b, q = targets.shape
+    tok = jnp.broadcast_to(last_tok[:, None], (b, q))
+    pos = jnp.broadcast_to(last_pos[:, None], (b, q))
+    mask = jnp.eye(q, dtype=bool)[None]
+    logits, _, _ = forward_masked(cfg, params, tok, pos, targets, mask, cache=cache)
+    return logits
+
+
+def extend_pass(cfg: ModelConfig, params: dict, cache: KVCache, tokens: jax.Array,
+                pos_in: jax.Array, pos_out: jax.Array, mask: jax.Array | None = None):
+    """Feed new slots on top of the cache: (logits [B, T, V], k_new, v_new [L, B, T, H, hd]).
+
+    The default mask is causal (cached decoding, the verify pass); K candidate orders of T/K slots
+    each use a block-diagonal causal mask and share the one cache. Commit with `cache.write`.
+    """
+    if mask is None:
+        mask = causal_mask(tokens.shape[1])
+    return forward_masked(cfg, params, tokens, pos_in, pos_out, mask, cache=cache)

@@ -1,0 +1,209 @@
+"""Generation orders, permutations, teacher-forced batches and the order curriculum.
+
+An order is int32 [B, N]: order[b, t] is the position generated at step t of row b. Orders built
+from a `known` mask (bool [B, N], True = known/conditioning) put the known positions first, per row,
+so rows may know different numbers of tokens at arbitrary (non-prefix) positions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sigma_jax.config import START_POS
+
+ORDER_KINDS = ("left_to_right", "random", "fractal")
+
+
+# ---------------------------------------------------------------- fractal (bisection) orders
+
+
+def fractal_order(n: int, *, last_first: bool = False) -> np.ndarray:
+    """The published breadth-first bisection order of range(n), as int32 [n].
+
+    Pop [a, b) from a FIFO queue, emit h = (a + b) // 2, then enqueue the two halves: right then
+    left after an even number of emitted nodes, left then right after an odd number.
+    `last_first=True` is the published non-text variant: n - 1 first, then bisect [0, n - 1).
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if last_first and n > 0:
+        return np.concatenate([[n - 1], fractal_order(n - 1)]).astype(np.int32)
+    out, queue = [], [(0, n)]
+    while queue:
+        a, b = queue.pop(0)
+        if a >= b:
+            continue
+        h = (a + b) // 2
+        halves = [(h + 1, b), (a, h)] if len(out) % 2 == 0 else [(a, h), (h + 1, b)]
+        out.append(h)
+        queue.extend(halves)
+    return np.asarray(out, np.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _fractal_rank_table(n: int) -> np.ndarray:
+    """int32 [n + 1, n]: row r, column i = the step at which F(r) emits i (for i < r)."""
+    table = np.zeros((n + 1, n), np.int32)
+    for r in range(n + 1):
+        table[r, fractal_order(r)] = np.arange(r, dtype=np.int32)
+    return table
+
+
+# ---------------------------------------------------------------- orders from masks
+
+
+def left_to_right(batch: int, n: int) -> jax.Array:
+    """arange(n) for every row: int32 [batch, n]."""
+    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
+
+
+def _order_from_keys(keys: jax.Array) -> jax.Array:
+    return jnp.argsort(keys, axis=-1, stable=True).astype(jnp.int32)
+
+
+def random_order(key: jax.Array, known: jax.Array) -> jax.Array:
+    """Known positions first in uniformly random order, then the unknown ones in uniformly random
+    order, independently per row. known: bool [B, N] -> int32 [B, N]."""
+    u = jax.random.uniform(key, known.shape)
+    return _order_from_keys(jnp.where(known, u, 2.0 + u))
+
+
+def ordered_known_first(known: jax.Array) -> jax.Array:
+    """Known positions ascending, then unknown positions ascending: int32 [B, N]."""
+    idx = jnp.arange(known.shape[-1])
+    return _order_from_keys(jnp.where(known, idx, known.shape[-1] + idx))
+
+
+def fractal_known_first(known: jax.Array) -> jax.Array:
+    """Known positions ascending, then the R_b unknown positions in the order F(R_b) applied to
+    their sorted indices (per row). known: bool [B, N] -> int32 [B, N]."""
+    n = known.shape[-1]
+    table = jnp.asarray(_fractal_rank_table(n))  # [N + 1, N]
+    unknown = ~known
+    rank = jnp.cumsum(unknown, axis=-1) - 1  # rank of each unknown among the row's unknowns
+    n_unknown = jnp.sum(unknown, axis=-1)  # [B]
+    step = table[n_unknown[:, None], jnp.clip(rank, 0, n - 1)]  # [B, N]
+    return _order_from_keys(jnp.where(known, jnp.arange(n) - n, step))
+
+
+def order_from_mask(kind: str, known: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """Known positions first, then the unknown ones in the named kind of order (per row).
+
+    kind: 'left_to_right' (both groups ascending), 'random' (both groups uniformly shuffled; needs a
+    key) or 'fractal' (known ascending, unknown in bisection order).
+    """
+    if kind == "random":
+        if key is None:
+            raise ValueError("order 'random' needs a PRNG key")
+        return random_order(key, known)
+    if kind == "left_to_right":
+        return ordered_known_first(known)
+    if kind == "fractal":
+        return fractal_known_first(known)
+    raise ValueError(f"order must be one of {', '.join(ORDER_KINDS)}; got {kind!r}")
+
+
+# ---------------------------------------------------------------- permutations
+
+
+def permute(x: jax.Array, order: jax.Array) -> jax.Array:
+    """Gather along axis 1: out[b, t, ...] = x[b, order[b, t], ...]. x [B, N, ...]."""
+    idx = order.reshape(order.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def inverse(order: jax.Array) -> jax.Array:
+    """The inverse permutation per row: inverse(order)[b, order[b, t]] = t."""
+    b, n = order.shape
+    steps = jnp.broadcast_to(jnp.arange(n, dtype=order.dtype), (b, n))
+    return jnp.zeros_like(order).at[jnp.arange(b)[:, None], order].set(steps)
+
+
+def unpermute(xs: jax.Array, order: jax.Array) -> jax.Array:
+    """Scatter along axis 1: out[b, order[b, t], ...] = xs[b, t, ...] (the inverse of permute)."""
+    return permute(xs, inverse(order))
+
+
+# ---------------------------------------------------------------- teacher-forced batches
+
+
+def make_batch(tokens: jax.Array, order: jax.Array, *, bos: bool, bos_id: int | None = None):
+    """Training inputs for a batch of sequences read in the given order.
+
+    tokens, order: int32 [B, N]. Returns (inputs, pos_in, pos_out, targets), each int32 [B, T]:
+      bos=True:  T = N, inputs = [BOS, s_0..s_{N-2}], pos_in = [start, o_0..o_{N-2}],
+                 pos_out = o, targets = s (every token is predicted);
+      bos=False: T = N - 1, inputs = s[:-1], pos_in = o[:-1], pos_out = o[1:], targets = s[1:]
+                 (the published text convention: the first token is never predicted).
+    where s = permute(tokens, order). Slot t predicts the token at position pos_out[t].
+    """
+    s = permute(tokens, order)
+    if not bos:
+        return s[:, :-1], order[:, :-1], order[:, 1:], s[:, 1:]
+    if bos_id is None:
+        raise ValueError("make_batch with bos=True needs bos_id")
+    b = tokens.shape[0]
+    start_tok = jnp.full((b, 1), bos_id, tokens.dtype)
+    start_pos = jnp.full((b, 1), START_POS, order.dtype)
+    inputs = jnp.concatenate([start_tok, s[:, :-1]], axis=1)
+    pos_in = jnp.concatenate([start_pos, order[:, :-1]], axis=1)
+    return inputs, pos_in, order, s
+
+
+# ---------------------------------------------------------------- training-order curriculum
+
+
+def parse_order_policy(policy: str) -> tuple[str, float]:
+    """'left_to_right' | 'random' | 'fractal' | 'curriculum' | 'randcur:P' -> (kind, start).
+
+    kind is the policy name ('randcur' for randcur:P); start is the probability of a random-order
+    batch at step 0 (P/100 for randcur, 0 for curriculum)."""
+    if policy in ("left_to_right", "random", "fractal", "curriculum"):
+        return policy, 0.0
+    if policy.startswith("randcur:"):
+        try:
+            percent = float(policy.split(":", 1)[1])
+        except ValueError:
+            percent = -1.0
+        if 0.0 <= percent <= 100.0:
+            return "randcur", percent / 100.0
+    raise ValueError(
+        "order_policy must be 'left_to_right', 'random', 'fractal', 'curriculum' or "
+        f"'randcur:P' with 0 <= P <= 100; got {policy!r}")
+
+
+def random_order_probability(policy: str, step, max_steps: int) -> jax.Array:
+    """P(a batch is trained in random order) at `step`: 0 or 1 for the fixed policies;
+    step / max_steps for 'curriculum'; P + (1 - P) step / max_steps for 'randcur:P'."""
+    kind, start = parse_order_policy(policy)
+    if kind == "left_to_right" or kind == "fractal":
+        return jnp.float32(0.0)
+    if kind == "random":
+        return jnp.float32(1.0)
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(max_steps, 1), 0.0, 1.0)
+    return start + (1.0 - start) * frac
+
+
+def training_orders(key: jax.Array, policy: str, step, max_steps: int, batch: int, n: int, *,
+                    per_row: bool = False, prompt_len: int = 0) -> jax.Array:
+    """Orders for one training batch: int32 [batch, n].
+
+    The curriculum draws left-to-right vs random once per batch (as published) or once per row
+    (`per_row`). With prompt_len > 0 the first prompt_len positions stay first, in index order
+    (the "keep the prompt first" flag); the rest follow the policy.
+    """
+    kind, _ = parse_order_policy(policy)
+    known = jnp.broadcast_to(jnp.arange(n) < prompt_len, (batch, n))
+    if kind == "fractal":
+        return fractal_known_first(known)
+    k_coin, k_order = jax.random.split(key)
+    shuffled = random_order(k_order, known)
+    if prompt_len:
+        shuffled = jnp.concatenate([left_to_right(batch, prompt_len), shuffled[:, prompt_len:]], 1)
+    p_random = random_order_probability(policy, step, max_steps)
+    coin = jax.random.uniform(k_coin, (batch if per_row else 1, 1)) < p_random
+    return jnp.where(coin, shuffled, left_to_right(batch, n))

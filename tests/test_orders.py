@@ -1,0 +1,131 @@
+"""Orders, permutations, teacher-forced batches and the curriculum."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sigma_jax import orders
+
+FRACTAL = {
+    1: [0], 2: [1, 0], 3: [1, 2, 0], 4: [2, 3, 1, 0], 5: [2, 4, 1, 3, 0],
+    7: [3, 5, 1, 4, 6, 2, 0], 8: [4, 6, 2, 5, 7, 3, 1, 0],
+    15: [7, 11, 3, 9, 13, 5, 1, 8, 10, 14, 12, 4, 6, 2, 0],
+    16: [8, 12, 4, 10, 14, 6, 2, 9, 11, 15, 13, 5, 7, 3, 1, 0],
+}
+FRACTAL_LAST_FIRST = {
+    8: [7, 3, 5, 1, 4, 6, 2, 0],
+    16: [15, 7, 11, 3, 9, 13, 5, 1, 8, 10, 14, 12, 4, 6, 2, 0],
+}
+
+
+@pytest.mark.parametrize("n", sorted(FRACTAL))
+def test_fractal_reference_values(n):
+    np.testing.assert_array_equal(orders.fractal_order(n), FRACTAL[n])
+
+
+@pytest.mark.parametrize("n", sorted(FRACTAL_LAST_FIRST))
+def test_fractal_last_first_reference_values(n):
+    np.testing.assert_array_equal(orders.fractal_order(n, last_first=True), FRACTAL_LAST_FIRST[n])
+
+
+def test_fractal_is_a_permutation_for_every_length():
+    for n in range(0, 70):
+        np.testing.assert_array_equal(np.sort(orders.fractal_order(n)), np.arange(n))
+
+
+def _random_known(seed, b, n):
+    known = np.array(jax.random.bernoulli(jax.random.key(seed), 0.4, (b, n)))
+    known[0] = False  # an empty known set
+    known[1] = True  # everything known
+    return jnp.asarray(known)
+
+
+@pytest.mark.parametrize("kind", orders.ORDER_KINDS)
+def test_orders_from_masks_are_permutations_with_known_first(kind):
+    b, n = 9, 13
+    known = _random_known(0, b, n)
+    order = np.asarray(orders.order_from_mask(kind, known, jax.random.key(1)))
+    np.testing.assert_array_equal(np.sort(order, 1), np.broadcast_to(np.arange(n), (b, n)))
+    n_known = np.asarray(known).sum(1)
+    for row in range(b):
+        first = order[row, : n_known[row]]
+        assert np.asarray(known)[row, first].all()
+        assert not np.asarray(known)[row, order[row, n_known[row]:]].any()
+        if kind in ("left_to_right", "fractal"):
+            np.testing.assert_array_equal(first, np.sort(first))
+        rest = order[row, n_known[row]:]
+        if kind == "left_to_right":
+            np.testing.assert_array_equal(rest, np.sort(rest))
+        if kind == "fractal":
+            np.testing.assert_array_equal(rest, np.sort(rest)[orders.fractal_order(len(rest))])
+
+
+def test_random_order_is_uniform_over_unknown_positions():
+    known = jnp.array([[True, False, False, True, False]] * 6000)
+    order = np.asarray(orders.random_order(jax.random.key(2), known))
+    first_unknown = order[:, 2]
+    counts = np.bincount(first_unknown, minlength=5)
+    assert counts[0] == counts[3] == 0
+    np.testing.assert_allclose(counts[[1, 2, 4]] / 6000, 1 / 3, atol=0.03)
+
+
+def test_permute_unpermute_round_trip_with_trailing_dims():
+    x = jax.random.normal(jax.random.key(0), (4, 7, 3))
+    order = orders.random_order(jax.random.key(1), jnp.zeros((4, 7), bool))
+    xs = orders.permute(x, order)
+    np.testing.assert_array_equal(xs[2, 5], x[2, order[2, 5]])
+    np.testing.assert_array_equal(orders.unpermute(xs, order), x)
+
+
+def test_make_batch_matches_the_worked_example():
+    # Method reference §2.1 and §2.2: σ = [3, 0, 2, 1].
+    x = jnp.array([[10, 11, 12, 13]])
+    order = jnp.array([[3, 0, 2, 1]])
+    inp, pin, pout, tgt = orders.make_batch(x, order, bos=False)
+    np.testing.assert_array_equal(inp, [[13, 10, 12]])
+    np.testing.assert_array_equal(pin, [[3, 0, 2]])
+    np.testing.assert_array_equal(pout, [[0, 2, 1]])
+    np.testing.assert_array_equal(tgt, [[10, 12, 11]])
+    inp, pin, pout, tgt = orders.make_batch(x, order, bos=True, bos_id=99)
+    np.testing.assert_array_equal(inp, [[99, 13, 10, 12]])
+    np.testing.assert_array_equal(pin, [[-1, 3, 0, 2]])
+    np.testing.assert_array_equal(pout, [[3, 0, 2, 1]])
+    np.testing.assert_array_equal(tgt, [[13, 10, 12, 11]])
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("left_to_right", [0.0, 0.0, 0.0]), ("random", [1.0, 1.0, 1.0]),
+    ("curriculum", [0.0, 0.5, 1.0]), ("randcur:20", [0.2, 0.6, 1.0]),
+])
+def test_random_order_probability(policy, expected):
+    got = [float(orders.random_order_probability(policy, s, 100)) for s in (0, 50, 100)]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["curriculumrandom", "randcur:150", "randcur:x", "shuffle"])
+def test_bad_policy_raises(bad):
+    with pytest.raises(ValueError, match="order_policy"):
+        orders.parse_order_policy(bad)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_curriculum_mixture_fraction(per_row):
+    n, batch, step, max_steps = 8, 16, 30, 100  # P(random) = 0.3
+    sample = jax.jit(lambda k: orders.training_orders(k, "curriculum", step, max_steps, batch, n,
+                                                      per_row=per_row))
+    draws = jax.vmap(sample)(jax.random.split(jax.random.key(0), 400))  # [400, B, N]
+    is_l2r = np.all(np.asarray(draws) == np.arange(n), axis=-1)  # [400, B]
+    if not per_row:  # the whole batch shares one coin
+        assert (is_l2r.all(1) | ~is_l2r.any(1)).all()
+    # A random permutation of 8 is the identity with probability 1/8!: negligible.
+    np.testing.assert_allclose(1 - is_l2r.mean(), 0.3, atol=0.04)
+
+
+def test_training_orders_keep_the_prompt_first_and_fractal_flows_through():
+    o = np.asarray(orders.training_orders(jax.random.key(0), "random", 0, 10, 32, 10,
+                                          prompt_len=3))
+    np.testing.assert_array_equal(o[:, :3], np.broadcast_to(np.arange(3), (32, 3)))
+    assert len({tuple(r) for r in o}) > 1
+    f = np.asarray(orders.training_orders(jax.random.key(0), "fractal", 0, 10, 2, 10))
+    np.testing.assert_array_equal(f, np.broadcast_to(orders.fractal_order(10), (2, 10)))
