@@ -5,13 +5,19 @@ from sigma_jax.cache import KVCache
 from sigma_jax.config import ModelConfig
 from sigma_jax.likelihood import conditionals, log_prob
 from sigma_jax.model import forward, init_params
+from sigma_jax.sample_ar import sample_ar
+from sigma_jax.sample_burst import sample_burst
+from sigma_jax.sampling import SampleStats
 
 __all__ = [
     "KVCache",
     "ModelConfig",
+    "SampleStats",
     "conditionals",
     "forward",
     "init_params",
     "log_prob",
     "orders",
+    "sample_ar",
+    "sample_burst",
 ]

@@ -1,0 +1,111 @@
+"""Any-order autoregressive sampling: one token per model call, in any order, with a KV cache
+(prefill, then one slot per step) or without (a full forward every step: the test oracle)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sigma_jax import orders as orders_lib
+from sigma_jax.cache import write
+from sigma_jax.config import ModelConfig
+from sigma_jax.decode import cache_capacity, extend_pass, prefill
+from sigma_jax.model import forward
+from sigma_jax.sampling import (
+    SampleStats,
+    check_sampler_inputs,
+    draw,
+    resolve_order,
+    row_keys,
+    scalar,
+    to_probs,
+)
+
+
+def sample_ar(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
+              known: jax.Array, *, order="random", temperature=1.0, top_k: int | None = None,
+              top_p=None, use_cache: bool = True) -> tuple[jax.Array, SampleStats]:
+    """Fill every unknown position, one token per model call, in the given order.
+
+    tokens: int32 [B, N] (values at unknown positions are ignored); known: bool [B, N], any subset
+    per row (without a start token, at least one known token per row).
+    key: one typed key, or one per row ([B]); with per-row keys each row depends only on its own
+    inputs and key. order: 'random' | 'left_to_right' | 'fractal' (known positions first, then the
+    unknown ones in that kind of order, per row) or an explicit int32 [B, N] order listing each
+    row's known positions first. temperature (0 = greedy) and top_p are traced; top_k is static.
+    use_cache=False recomputes the whole prefix at every step (the oracle for the cached path).
+    Returns (tokens [B, N] with known tokens unchanged, SampleStats).
+    """
+    known = jnp.asarray(known, bool)
+    tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32), 0)
+    check_sampler_inputs(cfg, tokens, known, order)
+    keys = row_keys(key, tokens.shape[0])
+    kind = order if isinstance(order, str) else None
+    explicit = None if kind else jnp.asarray(order, jnp.int32)
+    top_p = None if top_p is None else scalar(top_p, jnp.float32, "top_p")
+    return _sample_ar(cfg, params, keys, tokens, known, explicit,
+                      scalar(temperature, jnp.float32, "temperature"), top_p,
+                      kind=kind, top_k=top_k, use_cache=use_cache)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "top_k", "use_cache"))
+def _sample_ar(cfg, params, keys, tokens, known, explicit_order, temperature, top_p, *, kind,
+               top_k, use_cache):
+    b, n = tokens.shape
+    split = jax.vmap(jax.random.split)(keys)  # [B, 2]: one stream for the order, one for tokens
+    order_keys, keys = split[:, 0], split[:, 1]
+    order = resolve_order(kind if kind else explicit_order, known, order_keys)
+    n_known = jnp.sum(known, axis=1).astype(jnp.int32)  # [B]
+    seq = orders_lib.permute(tokens, order)  # tokens in generation order
+
+    def sample_next(seq, cursor, logits):  # logits [B, V] for order index `cursor` [B]
+        step_keys = jax.vmap(jax.random.fold_in)(keys, cursor)
+        new = draw(step_keys, to_probs(logits, temperature, top_k, top_p))
+        active = cursor < n
+        rows = jnp.arange(b)
+        return seq.at[rows, jnp.minimum(cursor, n - 1)].set(
+            jnp.where(active, new, seq[rows, jnp.minimum(cursor, n - 1)])), active
+
+    steps = n - jnp.min(n_known)  # the loop runs until the row with most unknowns is done
+
+    if use_cache:
+        cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known,
+                                            cache_capacity(cfg, n, headroom=1))
+
+        def body(i, carry):
+            seq, cache, last_tok, last_pos, cursor = carry
+            target = jnp.take_along_axis(order, jnp.minimum(cursor, n - 1)[:, None], 1)  # [B,1]
+            logits, k_new, v_new = extend_pass(cfg, params, cache, last_tok[:, None],
+                                               last_pos[:, None], target)
+            seq, active = sample_next(seq, cursor, logits[:, 0])
+            cache = write(cache, k_new, v_new, active.astype(jnp.int32))
+            new_tok = jnp.take_along_axis(seq, jnp.minimum(cursor, n - 1)[:, None], 1)[:, 0]
+            last_tok = jnp.where(active, new_tok, last_tok)
+            last_pos = jnp.where(active, target[:, 0], last_pos)
+            return seq, cache, last_tok, last_pos, cursor + active
+
+        carry = (seq, cache, last_tok, last_pos, n_known)
+        seq = jax.lax.fori_loop(0, steps, body, carry)[0]
+        passes = 1 + steps
+    else:
+        def body(i, carry):
+            seq, cursor = carry
+            inputs, pos_in, pos_out, _ = orders_lib.make_batch(
+                orders_lib.unpermute(seq, order), order, bos=cfg.bos, bos_id=cfg.bos_id)
+            logits = forward(cfg, params, inputs, pos_in, pos_out)  # [B, T, V]
+            slot = jnp.clip(cursor - 1 + int(cfg.bos), 0, logits.shape[1] - 1)
+            seq, active = sample_next(seq, cursor, jnp.take_along_axis(
+                logits, slot[:, None, None], 1)[:, 0])
+            return seq, cursor + active
+
+        seq = jax.lax.fori_loop(0, steps, body, (seq, n_known))[0]
+        passes = steps
+
+    out = jnp.where(known, tokens, orders_lib.unpermute(seq, order))
+    generated = n - n_known
+    stats = SampleStats(iterations=generated, generated=generated,
+                        forward_passes=jnp.asarray(passes, jnp.int32),
+                        finished=jnp.ones((b,), bool))
+    return out, stats

@@ -1,0 +1,108 @@
+"""What both samplers share: per-row keys, logits -> probabilities, token draws, statistics, and
+input checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sigma_jax import orders as orders_lib
+from sigma_jax.config import ModelConfig
+from sigma_jax.likelihood import check_known
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleStats:
+    """Counters returned by the samplers (arrays, so they stay on device until read).
+
+    iterations: int32[B], loop iterations in which the row was still generating (AR: one per
+      generated token; burst: draft + verify rounds).
+    generated: int32[B], tokens generated (the unknown positions filled).
+    forward_passes: int32[], sequential model calls of the whole kernel, prefill included
+      (AR: 1 + steps; burst: 1 + 2 x iterations).
+    finished: bool[B], every unknown position filled (False only when max_iters stopped the row).
+    """
+
+    iterations: jax.Array
+    generated: jax.Array
+    forward_passes: jax.Array
+    finished: jax.Array
+
+    @property
+    def tokens_per_iteration(self) -> jax.Array:
+        return self.generated / jnp.maximum(self.iterations, 1)
+
+
+def row_keys(key: jax.Array, batch: int) -> jax.Array:
+    """One typed key per row: `key` [B] is used as is; a single key is folded with the row index."""
+    if jnp.issubdtype(key.dtype, jnp.integer):
+        raise ValueError("pass a typed PRNG key (jax.random.key(seed)), not a legacy uint32 key")
+    if key.ndim == 1:
+        if key.shape[0] != batch:
+            raise ValueError(f"got {key.shape[0]} per-row keys for a batch of {batch}")
+        return key
+    if key.ndim != 0:
+        raise ValueError(f"key must be one key or one key per row; got shape {key.shape}")
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def to_probs(logits: jax.Array, temperature: jax.Array, top_k: int | None,
+             top_p: jax.Array | None) -> jax.Array:
+    """Sampling distribution of float32 logits [..., V]: temperature (0 = greedy one-hot), then
+    top-k (static k) and top-p (nucleus, traced) truncation. Returns float32 probs [..., V]."""
+    logits = logits.astype(jnp.float32)
+    neg = jnp.finfo(jnp.float32).min
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    greedy = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
+    t = jnp.maximum(temperature, 1e-6)
+    probs = jax.nn.softmax(logits / t, axis=-1)
+    if top_p is not None:
+        sorted_p = jnp.sort(probs, axis=-1)[..., ::-1]
+        mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+        kept = jnp.where(mass_before < top_p, sorted_p, jnp.inf)  # always keeps the top token
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        probs = jnp.where(probs >= threshold, probs, 0.0)
+        probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    return jnp.where(temperature > 0, probs, greedy)
+
+
+def draw(keys: jax.Array, probs: jax.Array) -> jax.Array:
+    """One token per row from probs [B, ..., V] with keys [B]: int32 [B, ...]."""
+    sample = lambda k, p: jax.random.categorical(k, jnp.log(p), axis=-1)
+    return jax.vmap(sample)(keys, probs).astype(jnp.int32)
+
+
+def uniforms(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """float32 [B, *shape], one independent stream per row."""
+    return jax.vmap(lambda k: jax.random.uniform(k, shape))(keys)
+
+
+def resolve_order(kind_or_order, known: jax.Array, keys: jax.Array) -> jax.Array:
+    """The generation order [B, N] (known positions first) from a kind name or an explicit array;
+    random orders come from each row's own key."""
+    if not isinstance(kind_or_order, str):
+        return jnp.asarray(kind_or_order, jnp.int32)
+    if kind_or_order == "random":
+        return jax.vmap(lambda k, kn: orders_lib.random_order(k, kn[None])[0])(keys, known)
+    return orders_lib.order_from_mask(kind_or_order, known)
+
+
+def check_sampler_inputs(cfg: ModelConfig, tokens, known, order=None) -> None:
+    """One-line errors for bad sampler inputs, before any work."""
+    if isinstance(order, str) and order not in orders_lib.ORDER_KINDS:
+        raise ValueError(f"order must be one of {', '.join(orders_lib.ORDER_KINDS)} or an "
+                         f"int32 [B, N] array; got {order!r}")
+    check_known(cfg, tokens, known, None if isinstance(order, str) else order)
+
+
+def scalar(value, dtype, name: str) -> jax.Array:
+    """A dynamic scalar as a typed array (Python scalars would compile a second time)."""
+    arr = jnp.asarray(value, dtype)
+    if arr.ndim:
+        raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
+    return arr
