@@ -1,0 +1,115 @@
+"""Text tasks: tiny-shakespeare checksum and vocabulary, windows, GPT-2 BPE count, file lookup."""
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sigma_jax.data import DataError, fetch, load_task, text_char
+
+DATA = Path(os.environ.setdefault("SIGMA_JAX_DATA", "/work/shared/data"))
+SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
+RANKS = DATA / "gpt2" / "gpt2.tiktoken"
+needs_text = pytest.mark.skipif(
+    not SHAKESPEARE.is_file(), reason=f"tiny-shakespeare not at {SHAKESPEARE} (set SIGMA_JAX_DATA)")
+needs_ranks = pytest.mark.skipif(not (SHAKESPEARE.is_file() and RANKS.is_file()),
+                                 reason=f"tiny-shakespeare or GPT-2 ranks missing under {DATA}")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SIGMA_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "sigma_jax_cache"))
+
+
+@needs_text
+def test_tiny_shakespeare_checksum_vocab_and_split():
+    assert hashlib.sha256(SHAKESPEARE.read_bytes()).hexdigest() == text_char.TINY_SHAKESPEARE_SHA256
+    task = load_task("shakespeare_char")
+    assert (task.vocab_size, task.seq_len, task.prompt_len) == (65, 256, 0)
+    n = 1_115_394
+    cut = int(n * 0.9)
+    assert len(task.train) == cut - 256 + 1  # every start offset
+    assert len(task.val) == (n - cut - 256) // 256 + 1  # non-overlapping windows
+    text = SHAKESPEARE.read_text()
+    assert task.decode(task.train[0]) == text[:256]
+    assert task.decode(task.train[5]) == text[5:261]
+    assert task.decode(task.val[1]) == text[cut + 256:cut + 512]
+    assert task.decode(task.train[len(task.train) - 1]) == text[cut - 256:cut]
+    x = task.train[123]
+    assert x.dtype == np.int32 and x.min() >= 0 and x.max() < 65
+    assert np.array_equal(task.encode(task.decode(x)), x)
+
+
+@needs_text
+def test_char_encode_rejects_unknown_characters():
+    task = load_task("shakespeare_char", seq_len=32)
+    assert task.seq_len == 32 and task.train[0].shape == (32,)
+    with pytest.raises(DataError, match="vocabulary") as e:
+        task.encode("hello ~ world")
+    assert "\n" not in str(e.value) and "'~'" in str(e.value)
+
+
+def test_char_task_from_any_file(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abcabcabcabcabcabcabcabcabcabcxyz", encoding="utf-8")
+    task = load_task("shakespeare_char", data_path=str(path), seq_len=3)
+    assert task.vocab_size == 6 and task.decode(task.train[1]) == "bca"
+    with pytest.raises(DataError, match="seq_len"):
+        load_task("shakespeare_char", data_path=str(path), seq_len=10)
+
+
+@needs_ranks
+def test_bpe_token_count_and_cache():
+    task = load_task("text_bpe")
+    assert (task.vocab_size, task.seq_len, task.prompt_len) == (50257, 1024, 0)
+    train_tokens = len(task.train) + 1024 - 1
+    val_tokens = task.val.tokens.size
+    assert (train_tokens, val_tokens) == (301_966, 36_059)
+    assert train_tokens + val_tokens == 338_025
+    bins = sorted((fetch.cache_dir() / "bpe").glob("*.bin"))
+    assert len(bins) == 2 and sum(p.stat().st_size for p in bins) == 2 * 338_025
+    x = task.train[0]
+    assert x.dtype == np.int32 and x.max() < 50257
+    assert task.decode(x).startswith("First Citizen:\nBefore we proceed any further")
+    assert np.array_equal(task.encode("Hello world"), [15496, 995])  # GPT-2 ids
+    again = load_task("text_bpe", seq_len=64)  # served from the cache
+    assert np.array_equal(again.train[0], x[:64])
+
+
+def test_missing_file_offline_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIGMA_JAX_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("SIGMA_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(text_char, "TINY_SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    with pytest.raises(DataError) as e:
+        load_task("shakespeare_char")
+    msg = str(e.value)
+    assert "\n" not in msg and "SIGMA_JAX_DATA" in msg and "data_path" in msg
+    assert not (tmp_path / "cache" / "tinyshakespeare" / "input.txt").exists()
+    with pytest.raises(DataError, match="not a file"):
+        load_task("shakespeare_char", data_path=str(tmp_path / "nope.txt"))
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 50)
+    with pytest.raises(DataError, match="bpe_path"):
+        load_task("text_bpe", data_path=str(text), bpe_path=str(tmp_path / "nope"))
+
+
+@needs_text
+def test_download_is_verified(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIGMA_JAX_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("SIGMA_JAX_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "tinyshakespeare" / "input.txt"
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("not shakespeare")
+    monkeypatch.setattr(text_char, "TINY_SHAKESPEARE_URL", wrong.as_uri())
+    with pytest.raises(DataError, match="sha256") as e:
+        load_task("shakespeare_char")
+    assert "\n" not in str(e.value)
+    assert not cached.exists() and list(cached.parent.iterdir()) == []  # nothing kept
+    good = tmp_path / "good.txt"
+    shutil.copy(SHAKESPEARE, good)
+    monkeypatch.setattr(text_char, "TINY_SHAKESPEARE_URL", good.as_uri())
+    assert load_task("shakespeare_char").vocab_size == 65
+    assert fetch.sha256_file(cached) == text_char.TINY_SHAKESPEARE_SHA256
