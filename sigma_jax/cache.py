@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from sigma_jax.config import ModelConfig
+from sigma_jax.sharding import CACHE_KV_AXES, constrain, explicit_spec
 
 
 @jax.tree_util.register_dataclass
@@ -59,10 +60,13 @@ def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) 
     rows = jnp.arange(slots.shape[0])[:, None]  # [B, 1]
 
     def put(buf, new):  # buf [L, B, S, H, hd], new [L, B, T, H, hd]
-        return buf.at[:, rows, slots].set(new.astype(buf.dtype), mode="drop")
+        buf, new = constrain(buf, CACHE_KV_AXES), constrain(new, CACHE_KV_AXES)
+        out = buf.at[:, rows, slots].set(new.astype(buf.dtype), mode="drop",
+                                         out_sharding=explicit_spec(buf.shape, CACHE_KV_AXES))
+        return constrain(out, CACHE_KV_AXES)
 
     return KVCache(
         k=put(cache.k, k_new),
         v=put(cache.v, v_new),
-        length=cache.length + jnp.asarray(n_new, jnp.int32),
+        length=constrain(cache.length + jnp.asarray(n_new, jnp.int32), ("batch",)),
     )

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from sigma_jax.cache import KVCache
 from sigma_jax.config import ModelConfig
+from sigma_jax.sharding import auto_axes_call, constrain
 
 SINUSOID_LEN_MAX = 1e5  # the published `len_max`
 
@@ -58,6 +59,7 @@ class DoublePositionalEmbedding(nn.Module):
                                cfg.storage_dtype)
             encode = lambda p: jnp.take(table, jnp.where(p < 0, cfg.block_size, p), axis=0)
         pe = jnp.concatenate([encode(pos_in), encode(pos_out)], axis=-1)
+        pe = constrain(pe, ("batch", "seq", "act_embed"))
         return pe.astype(cfg.compute_dtype)
 
 
@@ -101,6 +103,7 @@ class CausalSelfAttention(nn.Module):
         b, t, _ = x.shape
         qkv = _dense(cfg, 3 * cfg.n_embd, "c_attn")(x)  # [B, T, 3D]
         q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, -1))
+        q, k, v = (constrain(a, ("batch", "seq", "heads", "head_dim")) for a in (q, k, v))
         k_cache = k_cache.astype(k.dtype)
         v_cache = v_cache.astype(v.dtype)
         p_cache, p_self = attention_weights(q, k_cache, cache_valid, k, mask)
@@ -121,6 +124,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         h = jax.nn.gelu(_dense(cfg, cfg.hidden_dim, "c_fc")(x), approximate=False)
+        h = constrain(h, ("batch", "seq", "ff"))
         y = _dense(cfg, cfg.n_embd, "c_proj", 0.02 / math.sqrt(2 * cfg.n_layer))(h)
         return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y)
 
@@ -153,6 +157,7 @@ class SigmaGPT(nn.Module):
                        embedding_init=nn.initializers.normal(0.02), dtype=cfg.compute_dtype,
                        param_dtype=cfg.storage_dtype, name="wte")
         x = wte(tokens) + DoublePositionalEmbedding(cfg, name="pos")(pos_in, pos_out)
+        x = constrain(x, ("batch", "seq", "act_embed"))
         x = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(x)  # [B, T, D]
         blocks = nn.scan(
             Block,
@@ -169,6 +174,7 @@ class SigmaGPT(nn.Module):
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                               param_dtype=cfg.storage_dtype,
                               kernel_init=nn.initializers.normal(0.02), name="lm_head")(x)
+        logits = constrain(logits, ("batch", "seq", "vocab"))
         return logits.astype(jnp.float32), (k_new, v_new)
 
 
@@ -212,8 +218,14 @@ def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: ja
     model = SigmaGPT(cfg, deterministic=dropout_key is None)
     rngs = None if dropout_key is None else {"dropout": dropout_key}
 
-    logits, (k_new, v_new) = model.apply({"params": params}, tokens, pos_in, pos_out, mask,
-                                         cache.k, cache.v, cache.valid(), rngs=rngs)
+    def apply(params, rngs, *arrays):
+        return model.apply({"params": params}, *arrays, rngs=rngs)
+
+    # Flax layers are not Explicit-sharding clean; under an Explicit mesh this runs with Auto axes.
+    kv_axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
+    logits, (k_new, v_new) = auto_axes_call(
+        apply, (("batch", "seq", "vocab"), (kv_axes, kv_axes)), params, rngs, tokens, pos_in,
+        pos_out, mask, cache.k, cache.v, cache.valid())
     return logits, k_new, v_new
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sigma_jax.config import START_POS
+from sigma_jax.sharding import constrain
 
 ORDER_KINDS = ("left_to_right", "random", "fractal")
 
@@ -147,8 +148,9 @@ def make_batch(tokens: jax.Array, order: jax.Array, *, bos: bool, bos_id: int | 
     if bos_id is None:
         raise ValueError("make_batch with bos=True needs bos_id")
     b = tokens.shape[0]
-    start_tok = jnp.full((b, 1), bos_id, tokens.dtype)
-    start_pos = jnp.full((b, 1), START_POS, order.dtype)
+    # Constrained like the batch, so the concatenation also works under an Explicit mesh.
+    start_tok = constrain(jnp.full((b, 1), bos_id, tokens.dtype), ("batch", "seq"))
+    start_pos = constrain(jnp.full((b, 1), START_POS, order.dtype), ("batch", "seq"))
     inputs = jnp.concatenate([start_tok, s[:, :-1]], axis=1)
     pos_in = jnp.concatenate([start_pos, order[:, :-1]], axis=1)
     return inputs, pos_in, order, s
