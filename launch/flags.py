@@ -1,0 +1,132 @@
+"""Flag helpers shared by the absl launchers (train, sample, bench, evaluate).
+
+- `define_set_flag()`: the repeatable `--set key=value` flag.
+- `apply_overrides(sets, groups)`: parse and type `--set` values against dataclass fields.
+- `die(message)`: one line on stderr, exit code 2. `usage_errors()`: a context manager that turns
+  ValueError / FileNotFoundError (DataError is a ValueError) into `die`.
+
+Launchers validate everything (preset, overrides, configs, data) inside `usage_errors()` before
+doing any work, so a user mistake costs one line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NoReturn
+
+from absl import flags
+
+USAGE_ERROR = 2
+_NONE_WORDS = ("none", "null")
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def define_set_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Define the repeatable --set flag (a no-op if it is already defined)."""
+    if "set" in flag_values:
+        return
+    flags.DEFINE_multi_string(
+        "set", [], "Override a config field: --set key=value (repeatable). Keys are field names "
+        "of the configs; prefix with the group name (e.g. model.dropout, train.seed) when a name "
+        "is ambiguous. Values are typed by the field: int, float, bool (true/false), str, none.",
+        flag_values=flag_values)
+
+
+def die(message: str, code: int = USAGE_ERROR) -> NoReturn:
+    """Print `error: <message>` as exactly one line on stderr and exit with `code` (2)."""
+    line = " ".join(str(message).split())
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn ValueError (incl. DataError) and FileNotFoundError into a one-line `die`."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        die(str(error) or type(error).__name__)
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def parse_value(text: str, annotation, name: str = "value"):
+    """Parse the string `text` as `annotation` (int, float, bool, str, or a union of them with
+    None, e.g. `int | None`). Raises ValueError naming `name` and the expected type."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or (
+        typing.get_origin(annotation) is typing.Union) else (annotation,)
+    if type(None) in options and text.strip().lower() in _NONE_WORDS:
+        return None
+    for kind in (t for t in options if t is not type(None)):
+        word = text.strip()
+        if kind is bool:
+            if word.lower() in _TRUE_WORDS:
+                return True
+            if word.lower() in _FALSE_WORDS:
+                return False
+        elif kind is int:
+            try:
+                return int(word)
+            except ValueError:
+                pass
+        elif kind is float:
+            try:
+                return float(word)
+            except ValueError:
+                pass
+        elif kind is str:
+            return text
+        else:
+            raise ValueError(f"{name} has type {_type_name(kind)}, which --set cannot parse")
+    expected = " or ".join("none" if t is type(None) else _type_name(t) for t in options)
+    raise ValueError(f"{name} must be {expected}; got {text!r}")
+
+
+def apply_overrides(sets: Sequence[str],
+                    groups: Mapping[str, tuple[type, Mapping[str, Any]]]) -> dict[str, dict]:
+    """Apply `--set key=value` strings to groups of dataclass field values.
+
+    groups: {group name: (dataclass type, current field values)}, e.g.
+      {"model": (ModelConfig, {...}), "train": (TrainConfig, {...})}.
+    A key is a field name of exactly one group's dataclass, or `group.field`. Values are typed by
+    the field's annotation (see parse_value). Returns {group name: updated field values} (copies;
+    the configs are then built, and validated, by the caller). Raises ValueError (one line) for a
+    malformed item, an unknown or ambiguous key, or an ill-typed value.
+    """
+    out = {name: dict(values) for name, (_, values) in groups.items()}
+    hints = {name: typing.get_type_hints(cls) for name, (cls, _) in groups.items()}
+    fields = {name: [f.name for f in dataclasses.fields(cls)] for name, (cls, _) in groups.items()}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value; got {item!r}")
+        group, dot, field = key.rpartition(".")
+        if dot:
+            if group not in groups:
+                raise ValueError(f"unknown group {group!r} in --set {key}; groups: "
+                                 f"{', '.join(groups)}")
+            if field not in fields[group]:
+                raise ValueError(f"unknown key {key!r}: {group} has no field {field!r}; valid: "
+                                 f"{', '.join(fields[group])}")
+            owners = [group]
+        else:
+            owners = [g for g in groups if key in fields[g]]
+            if not owners:
+                valid = sorted({f for names in fields.values() for f in names})
+                raise ValueError(f"unknown key {key!r} in --set; valid keys: {', '.join(valid)}")
+            if len(owners) > 1:
+                raise ValueError(f"ambiguous key {key!r} (a field of {' and '.join(owners)}); "
+                                 f"write {' or '.join(f'{g}.{key}' for g in owners)}")
+            field = key
+        owner = owners[0]
+        out[owner][field] = parse_value(text, hints[owner][field], f"{owner}.{field}")
+    return out

@@ -1,0 +1,171 @@
+"""Sample from a trained run: `python -m launch.sample --workdir=DIR [--sampler=burst] ...`.
+
+Also installed as the console script `sigma-sample`. Restores the latest checkpoint of --workdir,
+builds the prompt (literal text with `<missing>N</missing>` gaps, or `FILE:path`), fills every
+unknown position with the chosen sampler, and prints each sample with its iterations and model
+calls. `--animate` redraws the sequence in the terminal as burst iterations fill it in.
+
+Exit code 2 with one line on stderr, before any sampling, for: a missing checkpoint, a prompt
+longer than the block size, characters outside the vocabulary, or bad flag values.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+
+from launch import flags as launch_flags
+from launch.prompt import parse_prompt, read_prompt
+
+SAMPLERS = ("ar", "ar_nocache", "burst", "burst_paper")
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
+flags.DEFINE_enum("sampler", "burst", SAMPLERS, "ar: cached any-order AR; ar_nocache: the "
+                  "uncached oracle; burst: exact burst sampling; burst_paper: the published rule.")
+flags.DEFINE_enum("order", "random", ["random", "left_to_right", "fractal"],
+                  "Generation order of the AR samplers (burst samplers always use random orders).")
+flags.DEFINE_integer("n_orders", 5, "Candidate orders of burst_paper.")
+flags.DEFINE_integer("window", None, "Burst samplers: positions drafted per iteration "
+                     "(default: all remaining).")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
+flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
+flags.DEFINE_integer("num_samples", 4, "Samples to draw.")
+flags.DEFINE_integer("batch_size", None, "Samples per kernel call (default: num_samples).")
+flags.DEFINE_integer("seed", 0, "PRNG seed.")
+flags.DEFINE_string("prompt", "", "Prompt text with <missing>N</missing> gaps, or FILE:path.")
+flags.DEFINE_integer("length", None, "Sequence length (default: the task's sequence length).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_boolean("animate", False, "Redraw the sequence as burst iterations fill it in.")
+
+
+def load_run_config(workdir: str):
+    """(model_cfg, task) recorded in a run's config.json; the task gives encode/decode."""
+    from sigma_jax.config import ModelConfig
+    from sigma_jax.data import load_task
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no training run in {workdir} (no config.json); train first: "
+                                f"python -m launch.train --config=<preset> --workdir={workdir}")
+    configs = json.loads(path.read_text())
+    train = configs["train"]
+    task = load_task(train["task"], seq_len=train.get("seq_len"),
+                     data_path=train.get("data_path"))
+    return ModelConfig(**configs["model"]), task
+
+
+def check_flags() -> None:
+    if not FLAGS.workdir:
+        raise ValueError("--workdir is required (a directory written by launch.train)")
+    for name in ("num_samples", "batch_size", "n_orders", "window", "top_k", "length"):
+        value = getattr(FLAGS, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1; got {value}")
+    if FLAGS.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0; got {FLAGS.temperature}")
+    if FLAGS.top_p is not None and not 0 < FLAGS.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1]; got {FLAGS.top_p}")
+    if FLAGS.animate and not FLAGS.sampler.startswith("burst"):
+        raise ValueError("--animate needs --sampler=burst or burst_paper")
+
+
+def run_sampler(cfg, params, key, tokens, known):
+    """One batch through the chosen sampler: (tokens [B, N], SampleStats)."""
+    from sigma_jax import sample_ar, sample_burst
+
+    common = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+    if FLAGS.sampler.startswith("ar"):
+        return sample_ar(cfg, params, key, tokens, known, order=FLAGS.order,
+                         use_cache=FLAGS.sampler == "ar", **common)
+    mode = "paper" if FLAGS.sampler == "burst_paper" else "exact"
+    return sample_burst(cfg, params, key, tokens, known, mode=mode, n_orders=FLAGS.n_orders,
+                        window=FLAGS.window, **common)
+
+
+def animate(cfg, params, key, tokens, known, decode) -> None:
+    """Burst sampling one iteration at a time, redrawing the first row after each."""
+    from sigma_jax.sample_burst import BurstOptions, burst_step, init_state
+    from sigma_jax.sampling import row_keys
+
+    n = tokens.shape[1]
+    mode = "paper" if FLAGS.sampler == "burst_paper" else "exact"
+    opts = BurstOptions(mode=mode, window=FLAGS.window or n,
+                        n_orders=FLAGS.n_orders if mode == "paper" else 1, top_k=FLAGS.top_k)
+    init = jax.jit(init_state)
+    step = jax.jit(burst_step)
+    temperature = jnp.float32(FLAGS.temperature)
+    top_p = None if FLAGS.top_p is None else jnp.float32(FLAGS.top_p)
+    state = init(cfg, params, row_keys(key, tokens.shape[0]), tokens, known, opts)
+    iteration = 0
+    while True:
+        filled = np.asarray(state.filled[0])
+        text = decode(np.where(filled, np.asarray(state.tokens[0]), 0))
+        shown = "".join(c if f else "_" for c, f in zip(text, filled, strict=False)) \
+            if len(text) == n else text
+        sys.stdout.write(f"\x1b[2J\x1b[H[iteration {iteration}, {int(filled.sum())}/{n} "
+                         f"filled]\n{shown}\n")
+        sys.stdout.flush()
+        if filled.all():
+            break
+        state = step(cfg, params, state, temperature, top_p, opts)
+        iteration += 1
+        time.sleep(0.3)
+
+
+def main(argv) -> None:
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs every restore at INFO
+    if len(argv) > 1:
+        launch_flags.die(f"unexpected arguments: {' '.join(argv[1:])}")
+    with launch_flags.usage_errors():
+        check_flags()
+        cfg, task = load_run_config(FLAGS.workdir)
+        length = FLAGS.length or min(task.seq_len, cfg.block_size)
+        text = read_prompt(FLAGS.prompt)
+        if text and task.encode is None:
+            raise ValueError(f"task {task.name!r} takes no text prompt; drop --prompt")
+        tokens, known = parse_prompt(text, task.encode or (lambda s: []), length, cfg.block_size)
+        if not cfg.bos and not known.any():
+            raise ValueError("this model has no start token: give a non-empty --prompt")
+        from sigma_jax import checkpoint
+
+        cfg, params, step = checkpoint.load(FLAGS.workdir, FLAGS.step)
+    batch = FLAGS.batch_size or FLAGS.num_samples
+    key = jax.random.key(FLAGS.seed)
+    print(f"# {FLAGS.workdir} step {step}: sampler={FLAGS.sampler} length={length} "
+          f"known={int(known.sum())}")
+    if FLAGS.animate:
+        animate(cfg, params, key, jnp.asarray(tokens)[None], jnp.asarray(known)[None],
+                task.decode)
+        return
+    done = 0
+    while done < FLAGS.num_samples:
+        b = min(batch, FLAGS.num_samples - done)
+        keys = jax.random.split(jax.random.fold_in(key, done), b)
+        tok = jnp.broadcast_to(jnp.asarray(tokens), (b, length))
+        kn = jnp.broadcast_to(jnp.asarray(known), (b, length))
+        out, stats = run_sampler(cfg, params, keys, tok, kn)
+        out, its = np.asarray(out), np.asarray(stats.iterations)
+        calls = int(stats.forward_passes)
+        for i in range(b):
+            print(f"--- sample {done + i}: {int(stats.generated[i])} tokens, {its[i]} iterations, "
+                  f"{calls} model calls (batch)")
+            print(task.decode(out[i]))
+        done += b
+
+
+def run() -> None:
+    jax.config.config_with_absl()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

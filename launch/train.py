@@ -1,0 +1,106 @@
+"""Train a preset: `python -m launch.train --config=<preset> [--set key=value ...] [--workdir=DIR]`.
+
+Also installed as the console script `sigma-train`. Presets live in `experiments/presets.py`;
+`--set` overrides any ModelConfig or TrainConfig field (prefix `model.` / `train.` if ambiguous).
+Running again with the same workdir resumes from its latest checkpoint. `--jax_*` flags work.
+
+Exit codes: 0 done; 2 bad usage (unknown preset, unknown or ill-typed key, invalid value, missing
+data), reported as one line on stderr before any work; 143 stopped by SIGTERM after saving a
+checkpoint (rerun the same command to resume).
+
+Examples:
+  python -m launch.train --config=tiny --workdir=/tmp/tiny
+  python -m launch.train --config=shakespeare_char_cpu --set order_policy=curriculum
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+
+import jax
+from absl import app, flags
+from absl import logging as absl_logging
+
+from launch import flags as launch_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Define --config, --workdir and --set (done by `run`, so importing this module for `build`
+    defines no flags and cannot clash with another launcher's)."""
+    if "config" not in FLAGS:
+        flags.DEFINE_string("config", None, "Preset name (experiments/presets.py).")
+        flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); default "
+                            "workdirs/<preset>.")
+    launch_flags.define_set_flag()
+
+PREEMPTED_EXIT = 128 + 15  # the conventional status of a process ended by SIGTERM
+
+
+def build(preset_name: str | None, sets):
+    """(model_cfg, train_cfg, task) for a preset with --set overrides. Raises ValueError,
+    DataError or FileNotFoundError with a one-line message."""
+    from experiments.presets import PRESETS, build_model_config
+    from sigma_jax.config import ModelConfig
+    from sigma_jax.train import TrainConfig, check_task
+
+    if not preset_name:
+        raise ValueError(f"--config is required; presets: {', '.join(PRESETS)}")
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; presets: {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    model_fields = {"vocab_size": None, **preset.model}
+    groups = {"model": (ModelConfig, model_fields),
+              "train": (TrainConfig, dataclasses.asdict(preset.train))}
+    fields = launch_flags.apply_overrides(sets, groups)
+    train_cfg = TrainConfig(**fields["train"])
+    # Validate the model fields now (placeholder vocabulary), before any data is read.
+    build_model_config(fields["model"], fields["model"]["vocab_size"] or 1)
+    from sigma_jax.data import load_task
+
+    task = load_task(train_cfg.task, seq_len=train_cfg.seq_len, data_path=train_cfg.data_path)
+    model_cfg = build_model_config(fields["model"], task.vocab_size)
+    check_task(model_cfg, task)
+    return model_cfg, train_cfg, task
+
+
+def main(argv):
+    if not FLAGS["verbosity"].present:
+        # orbax logs every checkpoint step at INFO through absl: show warnings and up unless
+        # --verbosity is given (--verbosity=0 brings the INFO lines back).
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    if len(argv) > 1:
+        launch_flags.die(f"unexpected arguments: {' '.join(argv[1:])}")
+    from sigma_jax.train import check_workdir, train
+
+    workdir = FLAGS.workdir or os.path.join("workdirs", FLAGS.config or "")
+    with launch_flags.usage_errors():
+        model_cfg, train_cfg, task = build(FLAGS.config, FLAGS.set)
+        check_workdir(workdir, model_cfg, train_cfg)
+    log = functools.partial(print, flush=True)
+    log(f"preset {FLAGS.config}: task {task.name} (V={task.vocab_size}, N={task.seq_len}), "
+        f"{model_cfg.n_layer}x{model_cfg.n_embd} model, {train_cfg.max_steps} steps, "
+        f"workdir {workdir}, devices {jax.devices()}")
+    result = train(model_cfg, train_cfg, workdir, task=task, log=log)
+    summary = {k: result[k] for k in ("step", "loss", "val_loss_train_order",
+                                      "val_loss_left_to_right", "val_loss_random")
+               if k in result}
+    log("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in summary.items()))
+    if result.get("preempted"):
+        sys.exit(PREEMPTED_EXIT)
+
+
+def run():
+    """Console-script entry point (`sigma-train`)."""
+    define_flags()
+    jax.config.config_with_absl()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,83 @@
+"""The sample CLI: prompt syntax, infilling through the launcher, and one-line usage errors."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launch.prompt import parse_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _encode(text):
+    return np.array([ord(c) - ord("a") for c in text])
+
+
+def test_prompt_syntax_matches_the_published_example():
+    tokens, known = parse_prompt("abcd<missing>5</missing>jklm", _encode, 20, 32)
+    assert known.tolist() == [True] * 4 + [False] * 5 + [True] * 4 + [False] * 7
+    np.testing.assert_array_equal(tokens[:4], [0, 1, 2, 3])
+    np.testing.assert_array_equal(tokens[9:13], [9, 10, 11, 12])
+
+
+def test_prompt_errors():
+    with pytest.raises(ValueError, match="more than --length"):
+        parse_prompt("abcdef<missing>10</missing>", _encode, 12, 32)
+    with pytest.raises(ValueError, match="block_size"):
+        parse_prompt("ab", _encode, 40, 32)
+
+
+def _run(*args, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory):
+    """A 2-step character-level run: enough for a checkpoint with the text vocabulary."""
+    workdir = tmp_path_factory.mktemp("char_run")
+    out = _run("-m", "launch.train", "--config=tiny", f"--workdir={workdir}",
+               "--set", "task=shakespeare_char", "--set", "max_steps=2", "--set", "eval_every=2",
+               "--set", "checkpoint_every=2", "--set", "log_every=1", "--set", "warmup_steps=1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return workdir
+
+
+@pytest.mark.parametrize("sampler", ["burst", "ar"])
+def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler):
+    out = _run("-m", "launch.sample", f"--workdir={char_run}", f"--sampler={sampler}",
+               "--prompt=ROMEO<missing>6</missing>the king", "--length=24", "--num_samples=2",
+               "--window=4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    chunks = re.split(r"^--- sample \d+:.*\n", out.stdout, flags=re.M)[1:]
+    samples = [chunk[:-1] for chunk in chunks]  # each sample ends with one newline
+    assert len(samples) == 2
+    for text in samples:
+        assert len(text) == 24 and text.startswith("ROMEO") and text[11:19] == "the king"
+    assert "model calls" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt=" + "x" * 40], "more than --length"),
+    (["--prompt=ROMEO ~ JULIET"], "~"),
+    (["--length=999"], "block_size"),
+    (["--temperature=-1"], "temperature"),
+])
+def test_bad_input_exits_2_with_one_line(char_run, args, message):
+    out = _run("-m", "launch.sample", f"--workdir={char_run}", *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_missing_checkpoint_exits_2(tmp_path):
+    out = _run("-m", "launch.sample", f"--workdir={tmp_path / 'nothing'}")
+    assert out.returncode == 2
+    assert "launch.train" in out.stderr and len(out.stderr.strip().splitlines()) == 1

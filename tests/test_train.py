@@ -1,0 +1,355 @@
+"""Training: schedule, weight-decay mask, orders inside the step, curriculum, gradient
+accumulation, recompilation, and a real 50-step run of the `tiny` preset whose loss must fall.
+
+Most tests share the tiny preset's compiled step (the jit cache ignores TrainConfig fields that do
+not change the step), so the module compiles the model only a few times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments.presets import PRESETS, build_model_config
+from sigma_jax import checkpoint, metrics_log, orders
+from sigma_jax import train as train_lib
+from sigma_jax.data import load_task, make_iterator
+from sigma_jax.model import forward, init_params
+from sigma_jax.train import (
+    TrainConfig,
+    decay_mask,
+    evaluate,
+    init_state,
+    learning_rate,
+    loss_fn,
+    make_optimizer,
+    step_orders,
+    train,
+    train_step,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model_cfg, train_cfg, task) of the tiny preset (product law, N = 32)."""
+    preset = PRESETS["tiny"]
+    task = load_task(preset.train.task, seq_len=preset.train.seq_len)
+    return build_model_config(preset.model, task.vocab_size), preset.train, task
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    _, train_cfg, task = tiny
+    it = make_iterator(task, "train", train_cfg.global_batch, seed=123, num_threads=0)
+    return np.asarray(next(it))  # int32 [16, 32]
+
+
+def _key(seed):
+    """An rbg key for the pure order tests: step_orders works with any key implementation, and
+    rbg compiles several times faster than threefry on CPU (the train state keeps threefry)."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def _copy(state):
+    return jax.tree.map(jnp.copy, state)  # train_step donates its state
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """The tiny preset trained for its 50 steps: (result dict, workdir, logged lines)."""
+    model_cfg, train_cfg, task = tiny
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    lines = []
+    result = train(model_cfg, train_cfg, workdir, task=task, log=lines.append)
+    return result, workdir, lines
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(max_steps=0), "max_steps"),
+    (dict(batch_size=2.5), "batch_size"),
+    (dict(learning_rate=-1.0), "learning_rate"),
+    (dict(min_lr=1.0, learning_rate=0.1), "min_lr"),
+    (dict(beta2=1.0), "beta2"),
+    (dict(grad_clip=float("nan")), "grad_clip"),
+    (dict(order_policy="sideways"), "order_policy"),
+    (dict(order_policy="randcur:150"), "order_policy"),
+    (dict(per_row_curriculum="yes"), "per_row_curriculum"),
+    (dict(warmup_steps=20, max_steps=10), "warmup_steps"),
+    (dict(task=""), "task"),
+])
+def test_train_config_rejects_bad_values_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**changes)
+
+
+def test_train_config_is_static_and_hashable():
+    a, b = TrainConfig(learning_rate=1), TrainConfig(learning_rate=1.0)
+    assert a == b and hash(a) == hash(b) and isinstance(a.learning_rate, float)
+    assert jax.tree_util.tree_leaves(a) == []  # a static pytree: no leaves
+
+
+# ---------------------------------------------------------------- optimiser
+
+
+def test_learning_rate_schedule_at_start_mid_and_end():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100)
+    lr = lambda s: float(learning_rate(cfg, s))
+    assert lr(0) == pytest.approx(1e-3 / 101, rel=1e-6)  # (step + 1) / (warmup + 1)
+    assert lr(49) == pytest.approx(1e-3 * 50 / 101, rel=1e-6)
+    assert lr(100) == pytest.approx(1e-3, rel=1e-6)  # warmup done: the peak
+    assert lr(600) == pytest.approx(5.5e-4, rel=1e-6)  # half-way down the cosine
+    assert lr(1099) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 999 / 1000)) * 9e-4,
+                                     rel=1e-5)  # the last update
+    assert lr(1100) == pytest.approx(1e-4, rel=1e-6) and lr(5000) == pytest.approx(1e-4, rel=1e-6)
+    no_warmup = TrainConfig(learning_rate=2e-3, min_lr=0.0, warmup_steps=0, max_steps=10)
+    assert float(learning_rate(no_warmup, 0)) == pytest.approx(2e-3)
+    assert float(learning_rate(no_warmup, 5)) == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_weight_decay_covers_exactly_the_dense_kernels(tiny):
+    model_cfg, _, _ = tiny
+    params = init_params(model_cfg, jax.random.key(0))
+    mask = decay_mask(params)
+    decayed = {jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
+    assert decayed == {
+        "['h']['attn']['c_attn']['kernel']", "['h']['attn']['c_proj']['kernel']",
+        "['h']['mlp']['c_fc']['kernel']", "['h']['mlp']['c_proj']['kernel']",
+    }  # not: biases (2-D when layer-stacked), LayerNorm scales, wte, wpe
+    untied = decay_mask({"lm_head": {"kernel": 0}, "wte": {"embedding": 0}})
+    assert untied == {"lm_head": {"kernel": True}, "wte": {"embedding": False}}
+    # The optimizer really decays only those leaves: with zero gradients Adam moves nothing, so
+    # the update is -lr * weight_decay * p on the masked leaves and exactly 0 elsewhere.
+    cfg = TrainConfig(learning_rate=1e-2, min_lr=0.0, warmup_steps=0, weight_decay=0.5,
+                      max_steps=10, grad_clip=1.0)
+    tx = make_optimizer(cfg)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    for (path, u), p, m in zip(jax.tree_util.tree_leaves_with_path(updates),
+                               jax.tree.leaves(params), jax.tree.leaves(mask), strict=True):
+        expected = -1e-2 * 0.5 * np.asarray(p) if m else np.zeros_like(p)
+        np.testing.assert_allclose(u, expected, rtol=1e-6, atol=1e-12,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+# ---------------------------------------------------------------- orders and loss
+
+
+def _ce(logits, targets):
+    """Mean cross-entropy in numpy (float64), independent of optax."""
+    logits = np.asarray(logits, np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
+    return float(np.mean(logz - picked))
+
+
+def test_left_to_right_loss_without_bos_is_plain_gpt_loss(tiny, batch):
+    model_cfg, _, _ = tiny
+    cfg = model_cfg.replace(bos=False)
+    # bos=False params are the bos=True ones without the start token's and start position's rows.
+    params = init_params(model_cfg, jax.random.key(1))
+    params = {**params, "wte": {"embedding": params["wte"]["embedding"][:cfg.vocab_size]},
+              "pos": {"wpe": params["pos"]["wpe"][:cfg.block_size]}}
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, jax.eval_shape(init_params, cfg, jax.random.key(1)))
+    b, n = batch.shape
+    got = loss_fn(cfg, params, jnp.asarray(batch), orders.left_to_right(b, n))
+    # Plain GPT: slot t sees x_0..x_t at positions 0..t and predicts x_{t+1} at position t+1.
+    steps = np.broadcast_to(np.arange(n - 1, dtype=np.int32), (b, n - 1))
+    logits = forward(cfg, params, jnp.asarray(batch[:, :-1]), jnp.asarray(steps),
+                     jnp.asarray(steps + 1))
+    assert float(got) == pytest.approx(_ce(logits, batch[:, 1:]), rel=1e-5)
+
+
+def test_train_step_loss_uses_the_orders_drawn_in_the_step(tiny, batch):
+    """The order type reaches the loss (defect B7): the step's loss equals loss_fn on the orders
+    that step_orders draws from fold_in(key, step), and differs from the left-to-right loss."""
+    model_cfg, train_cfg, _ = tiny
+    state = init_state(model_cfg, train_cfg)
+    k_orders, _ = jax.random.split(jax.random.fold_in(state.key, state.step))
+    drawn = step_orders(train_cfg, k_orders, state.step, 16, 32)  # [1, 16, 32]
+    assert not np.array_equal(drawn[0], orders.left_to_right(16, 32))
+    jit_loss = jax.jit(loss_fn)
+    expected = jit_loss(model_cfg, state.params, batch, drawn[0])
+    left_to_right = jit_loss(model_cfg, state.params, batch, orders.left_to_right(16, 32))
+    _, metrics = train_step(model_cfg, train_cfg, _copy(state), batch)
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(metrics["loss"]) != pytest.approx(float(left_to_right), rel=1e-6)
+    assert float(metrics["frac_random"]) == 1.0
+
+
+def test_fixed_policies_draw_the_requested_orders():
+    key, n = _key(3), 12
+    fractal = step_orders(TrainConfig(order_policy="fractal", grad_accum=2), key, 0, 3, n)
+    np.testing.assert_array_equal(fractal, np.broadcast_to(orders.fractal_order(n), (2, 3, n)))
+    kept = step_orders(TrainConfig(order_policy="fractal", keep_prompt_first=True), key, 0, 3, n,
+                       prompt_len=4)
+    np.testing.assert_array_equal(kept[0, 0], np.r_[np.arange(4), 4 + orders.fractal_order(8)])
+    l2r = step_orders(TrainConfig(order_policy="left_to_right"), key, 7, 3, n)
+    np.testing.assert_array_equal(l2r, np.broadcast_to(np.arange(n), (1, 3, n)))
+    rand = np.asarray(step_orders(TrainConfig(order_policy="random"), key, 0, 64, n))[0]
+    np.testing.assert_array_equal(np.sort(rand, axis=1), np.broadcast_to(np.arange(n), (64, n)))
+    assert len({tuple(r) for r in rand}) == 64  # independent permutations per row
+
+
+def test_keep_prompt_first_puts_the_prompt_first():
+    key, n, p = _key(4), 10, 4
+    for policy in ("random", "curriculum", "randcur:50"):
+        cfg = TrainConfig(order_policy=policy, keep_prompt_first=True, max_steps=10,
+                          warmup_steps=0)
+        got = np.asarray(step_orders(cfg, key, 5, 200, n, prompt_len=p)).reshape(-1, n)
+        np.testing.assert_array_equal(got[:, :p], np.broadcast_to(np.arange(p), (200, p)))
+        np.testing.assert_array_equal(np.sort(got[:, p:], 1),
+                                      np.broadcast_to(np.arange(p, n), (200, n - p)))
+    loose = np.asarray(step_orders(TrainConfig(order_policy="random"), key, 0, 200, n,
+                                   prompt_len=p))[0]
+    assert (loose[:, :p] >= p).any()  # without the flag the prompt is shuffled like the rest
+
+
+@pytest.mark.parametrize("policy, per_row", [("curriculum", False), ("randcur:20", False),
+                                             ("curriculum", True)])
+def test_curriculum_fraction_of_random_batches_matches_the_schedule(policy, per_row):
+    """Method doc 4.1: P(random) = s / max_steps (curriculum), P + (1 - P) s / max_steps
+    (randcur:P); one coin per micro-batch, or per row with per_row_curriculum."""
+    cfg = TrainConfig(order_policy=policy, per_row_curriculum=per_row, max_steps=100,
+                      grad_accum=4, warmup_steps=0)
+    n_keys, micro, n = 1000, 2, 6
+    draw = jax.jit(jax.vmap(lambda k, s: step_orders(cfg, k, s, micro, n), in_axes=(0, None)))
+    keys = jax.random.split(_key(5), n_keys)
+    start = 0.2 if policy == "randcur:20" else 0.0
+    for step in (0, 30, 75, 100):
+        got = np.asarray(draw(keys, jnp.int32(step)))  # [keys, accum, micro, n]
+        shuffled = (got != np.arange(n)).any(-1)  # a random row equals arange w.p. 1/720
+        if not per_row:  # the whole micro-batch shares its coin
+            assert (shuffled.all(-1) | ~shuffled.any(-1)).mean() > 0.99
+            shuffled = shuffled.any(-1)
+        p = start + (1 - start) * step / 100
+        assert shuffled.mean() == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / 4000) + 0.01)
+
+
+# ---------------------------------------------------------------- the step
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny, batch):
+    """2 micro-batches of 8 == 1 batch of 16 (dropout 0; same orders, since row permutations do
+    not depend on the split)."""
+    model_cfg, train_cfg, _ = tiny
+    assert model_cfg.dropout == 0
+    state = init_state(model_cfg, train_cfg)
+    one, m_one = train_step(model_cfg, train_cfg, _copy(state), batch)
+    split_cfg = train_cfg.replace(batch_size=8, grad_accum=2)
+    two, m_two = train_step(model_cfg, split_cfg, _copy(state), batch)
+    assert float(m_two["loss"]) == pytest.approx(float(m_one["loss"]), rel=1e-6)
+    assert float(m_two["grad_norm"]) == pytest.approx(float(m_one["grad_norm"]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert int(one.step) == int(two.step) == 1
+
+
+def test_train_step_compiles_once_per_shape(tiny, batch):
+    model_cfg, train_cfg, _ = tiny
+    state = init_state(model_cfg, train_cfg)
+    state, _ = train_step(model_cfg, train_cfg, state, batch)
+    compiled = train_lib._train_step._cache_size()
+    # New data, new steps, and TrainConfig fields that do not change the step: no new compile.
+    other = train_cfg.replace(seed=9, eval_every=7, log_every=3, checkpoint_every=11,
+                              task="anything", eval_batches=5)
+    for i, cfg in enumerate([train_cfg, other, train_cfg]):
+        state, metrics = train_step(model_cfg, cfg, state, (batch + i) % 2)
+    assert int(state.step) == 4 and np.isfinite(float(metrics["loss"]))
+    assert train_lib._train_step._cache_size() == compiled
+
+
+def test_train_step_donates_the_state(tiny, batch):
+    model_cfg, train_cfg, _ = tiny
+    state = init_state(model_cfg, train_cfg)
+    train_step(model_cfg, train_cfg, state, batch)
+    assert jax.tree.leaves(state.params)[0].is_deleted()
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def test_tiny_preset_trains_and_its_loss_falls(trained):
+    result, workdir, lines = trained
+    rows = metrics_log.read_metrics(workdir / "metrics.jsonl")
+    assert rows[0]["step"] == 1 and rows[-1]["step"] == 50 == result["step"]
+    first = rows[0]["loss"]  # the loss of the initial parameters (before any update)
+    # Product law, Bernoulli(0.1): entropy 0.325 nats/token. The initial model is far from it.
+    assert first > 0.5
+    for name in ("val_loss_left_to_right", "val_loss_random", "val_loss_train_order"):
+        assert result[name] < 0.37 and result[name] < first - 0.15, name
+    assert not result["preempted"] and result["resumed_from"] is None
+    for row in rows[1:]:
+        assert {"step", "loss", "tokens_per_s", "lr"} <= set(row)
+    evals = [r for r in rows if "val_loss_left_to_right" in r]
+    assert [r["step"] for r in evals] == [25, 50]
+    assert any(line.startswith("step 50/50 | loss") and "ETA" in line for line in lines)
+    config = json.loads((workdir / "config.json").read_text())
+    model_cfg = build_model_config(PRESETS["tiny"].model, 2)
+    assert config["model"] == dataclasses.asdict(model_cfg)
+    assert config["train"] == dataclasses.asdict(PRESETS["tiny"].train)
+    assert (workdir / "loss.png").stat().st_size > 1000
+    assert list((workdir / "tb").iterdir())  # TensorBoard event files
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [25, 50]
+
+
+def test_load_returns_the_trained_params(tiny, trained):
+    model_cfg, train_cfg, task = tiny
+    result, workdir, _ = trained
+    cfg, params, step = checkpoint.load(workdir)
+    assert cfg == model_cfg and step == 50
+    assert jax.tree.structure(params) == jax.tree.structure(init_params(cfg, jax.random.key(0)))
+    # The loaded params reproduce the run's final evaluation exactly.
+    val = train_lib._val_batches(task, train_cfg)
+    key = jax.random.fold_in(jax.random.key(train_cfg.seed), train_lib.EVAL_STREAM)
+    again = evaluate(cfg, train_cfg, params, val, key, 50)
+    for name, value in again.items():
+        assert value == result[name], name
+    _, params25, step25 = checkpoint.load(workdir, step=25)
+    assert step25 == 25
+    assert not all(np.array_equal(a, b) for a, b in
+                   zip(jax.tree.leaves(params), jax.tree.leaves(params25), strict=True))
+
+
+def test_load_errors_say_what_to_run(tmp_path, trained):
+    with pytest.raises(FileNotFoundError, match="launch.train"):
+        checkpoint.load(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="launch.train"):
+        checkpoint.load(tmp_path)
+    with pytest.raises(ValueError, match="no checkpoint for step 7.*25, 50"):
+        checkpoint.load(trained[1], step=7)
+
+
+def test_resuming_a_finished_run_trains_no_more(tiny, trained):
+    model_cfg, train_cfg, task = tiny
+    result, workdir, _ = trained
+    before = (workdir / "metrics.jsonl").read_text()
+    again = train(model_cfg, train_cfg, workdir, task=task, log=lambda line: None)
+    assert again["resumed_from"] == 50 and again["step"] == 50
+    assert again["val_loss_left_to_right"] == result["val_loss_left_to_right"]
+    assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_a_workdir_refuses_a_different_model(tiny, trained):
+    model_cfg, train_cfg, task = tiny
+    with pytest.raises(ValueError, match="different model.*n_layer"):
+        train(model_cfg.replace(n_layer=3), train_cfg, trained[1], task=task)
+
+
+def test_optax_state_is_the_standard_adamw(tiny):
+    """Guard: the optimizer state layout (what checkpoints hold) is optax's clip + AdamW."""
+    model_cfg, train_cfg, _ = tiny
+    state = init_state(model_cfg, train_cfg)
+    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+    assert len(adam) == 1 and int(adam[0].count) == 0
