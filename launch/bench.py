@@ -1,0 +1,178 @@
+"""Benchmark the samplers, the train step and decode bandwidth: `python -m launch.bench [flags]`.
+
+Also installed as the console script `sigma-bench`. With no flags it runs a small CPU-sized
+benchmark (random weights of the `shakespeare_char_cpu` preset) in a few minutes and writes
+experiments/results/bench_cpu/{sampling,training,roofline}.jsonl, env.json and PNG plots; on a GPU
+the defaults switch to the GPT-2-small preset in bfloat16 and experiments/results/bench_gpu.
+
+Exit codes: 0 done; 2 bad usage (one line on stderr, before any work).
+
+Examples:
+  python -m launch.bench
+  python -m launch.bench --suite=sampling --lengths=64,128 --batches=1,16 --windows=8,none
+  python -m launch.bench --workdir=workdirs/shakespeare_char_cpu --weights=checkpoint,product
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("suite", ["sampling", "training", "roofline"],
+                  "Suites to run: sampling, training, roofline.")
+flags.DEFINE_string("preset", None, "Preset for random weights (experiments/presets.py); default "
+                    "shakespeare_char_cpu on CPU, gpt2_small on GPU.")
+flags.DEFINE_string("workdir", None, "Training run whose latest checkpoint to benchmark "
+                    "(instead of random weights).")
+flags.DEFINE_integer("step", None, "Checkpoint step (with --workdir); default the latest.")
+flags.DEFINE_list("lengths", None, "Sequence lengths N (default CPU 32,64; GPU 64,256,1024).")
+flags.DEFINE_list("batches", None, "Batch sizes (default CPU 1,4; GPU 1,16,256).")
+flags.DEFINE_enum("grid", "axes", ["axes", "cross"], "axes: every length at the first batch and "
+                  "every batch at the last length; cross: every (length, batch) pair.")
+flags.DEFINE_list("windows", None, "Exact-burst windows swept at (last length, first batch); "
+                  "'none' = all remaining positions (default CPU 8,none; GPU 16,none).")
+flags.DEFINE_list("n_orders", ["1", "5"], "Paper-mode order counts swept (at --burst_window); "
+                  "the last one is used for the main grid.")
+flags.DEFINE_string("burst_window", None, "Window of the main-grid burst rows: an integer or "
+                    "'none' (default none on CPU, 64 on GPU).")
+flags.DEFINE_list("weights", None, "Weights for the burst sweep; the first also runs the main "
+                  "grid: init, peaked, product, checkpoint (default: init or checkpoint, then "
+                  "product, peaked).")
+flags.DEFINE_list("samplers", ["ar_cached", "ar_uncached", "burst_exact", "burst_paper"],
+                  "Samplers of the main grid.")
+flags.DEFINE_list("batch_samplers", None, "Samplers measured at the batch sizes after the first "
+                  "(default CPU ar_cached,burst_exact; GPU all of --samplers).")
+flags.DEFINE_integer("repeats", 3, "Timed calls per configuration (after 2 warm-up calls).")
+flags.DEFINE_string("dtype", None, "float32 or bfloat16: inference copies of the weights in this "
+                    "dtype; bfloat16 trains in mixed precision (default: the preset's on CPU, "
+                    "bfloat16 on GPU).")
+flags.DEFINE_integer("max_uncached_tokens", None, "Skip uncached AR where B*N*(N+1) exceeds this "
+                     "(default CPU 10000, GPU 4300000).")
+flags.DEFINE_integer("train_batch", None, "Training suite batch (default CPU 4, GPU 16).")
+flags.DEFINE_integer("train_length", None, "Training sequence length (default: the longest "
+                     "sampling length, at most block_size).")
+flags.DEFINE_float("budget_s", None, "Skip configurations not started within this many seconds "
+                   "of the start (recorded as skipped; default 150 on CPU so the default run "
+                   "stays within 3 minutes on a busy 2-core machine, none on GPU; inf = none).")
+flags.DEFINE_integer("seed", 0, "Seed of the weights and sampler keys.")
+flags.DEFINE_string("out", None, "Output directory (default experiments/results/bench_cpu on CPU, "
+                    "experiments/results/bench_gpu on GPU); 'none' writes nothing.")
+
+
+def _die(message: str) -> None:
+    try:
+        from launch.flags import die
+    except ImportError:
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    die(message)
+
+
+def _ints(name: str, values) -> tuple[int, ...]:
+    out = []
+    for text in values:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"--{name} takes positive integers; got {text!r}") from None
+        if value < 1:
+            raise ValueError(f"--{name} takes positive integers; got {text!r}")
+        out.append(value)
+    if not out:
+        raise ValueError(f"--{name} must not be empty")
+    return tuple(out)
+
+
+def _window(name: str, text: str) -> int | None:
+    if text.strip().lower() in ("none", "all"):
+        return None
+    return _ints(name, [text])[0]
+
+
+def build_config(on_gpu: bool):
+    """BenchConfig from the flags and the platform defaults. Raises ValueError (one line)."""
+    from sigma_jax.bench import BenchConfig, preset_names
+
+    preset = FLAGS.preset or (None if FLAGS.workdir else
+                              ("gpt2_small" if on_gpu else "shakespeare_char_cpu"))
+    if preset and preset not in preset_names():
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(preset_names())}")
+    if FLAGS.workdir:
+        import os
+
+        if not os.path.isdir(FLAGS.workdir):
+            raise FileNotFoundError(f"no workdir {FLAGS.workdir}")
+    lengths = _ints("lengths", FLAGS.lengths or (["64", "256", "1024"] if on_gpu else
+                                                 ["32", "64"]))
+    batches = _ints("batches", FLAGS.batches or (["1", "16", "256"] if on_gpu else
+                                                 ["1", "4"]))
+    windows = tuple(_window("windows", w) for w in
+                    (FLAGS.windows or (["16", "none"] if on_gpu else ["8", "none"])))
+    burst_window = _window("burst_window", FLAGS.burst_window or ("64" if on_gpu else "none"))
+    primary = "checkpoint" if FLAGS.workdir else "init"
+    weights = tuple(FLAGS.weights or (primary, "product", "peaked"))
+    if weights[0] != primary:
+        raise ValueError(f"the first --weights entry must be {primary} (the main grid's weights)")
+    suites = tuple(s.strip() for s in FLAGS.suite)
+    out = FLAGS.out or ("experiments/results/bench_gpu" if on_gpu else
+                        "experiments/results/bench_cpu")
+    pick = lambda value, default: default if value is None else value
+    return BenchConfig(
+        suites=suites, preset=preset, workdir=FLAGS.workdir, step=FLAGS.step,
+        dtype=FLAGS.dtype or ("bfloat16" if on_gpu else None),
+        lengths=lengths, batches=batches, grid=FLAGS.grid, windows=windows,
+        n_orders=_ints("n_orders", FLAGS.n_orders), burst_window=burst_window,
+        weights=weights, samplers=tuple(FLAGS.samplers),
+        batch_samplers=tuple(FLAGS.batch_samplers) if FLAGS.batch_samplers else
+        (None if on_gpu else ("ar_cached", "burst_exact")),
+        repeats=FLAGS.repeats, seed=FLAGS.seed,
+        max_uncached_tokens=pick(FLAGS.max_uncached_tokens, 4_300_000 if on_gpu else 10_000),
+        train_batch=pick(FLAGS.train_batch, 16 if on_gpu else 4), train_length=FLAGS.train_length,
+        matmul_n=8192 if on_gpu else 1024, copy_bytes=(1 << 30) if on_gpu else (128 << 20),
+        budget_s=pick(FLAGS.budget_s, None if on_gpu else 150.0),
+        out=None if out.lower() == "none" else out,
+    )
+
+
+def main(argv):
+    if not FLAGS["verbosity"].present:
+        # jax logs backend probing at INFO through absl: keep stderr to warnings and errors.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    if len(argv) > 1:
+        _die(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        import jax
+
+        on_gpu = jax.default_backend() != "cpu"
+        config = build_config(on_gpu)
+        from sigma_jax import bench
+
+        model = bench.load_model(config)  # checkpoint / preset errors are usage errors too
+    except (ValueError, FileNotFoundError) as error:
+        _die(str(error) or type(error).__name__)
+    from sigma_jax import bench
+
+    argv0 = sys.argv[0].replace("\\", "/")
+    command = (["python", "-m", "launch.bench"] if argv0.endswith("launch/bench.py") else
+               [argv0]) + sys.argv[1:]
+    result = bench.run(config, argv=command, model=model)
+    bench.print_tables(result["rows"])
+    if config.out:
+        print(f"\nwrote {config.out}: " + ", ".join(
+            sorted(f"{s}.jsonl" for s in result["rows"]) + ["env.json"] +
+            [p.rsplit("/", 1)[-1] for p in result["plots"]]))
+    skipped = result["env"]["skipped_for_time"]
+    note = (f"; {skipped} configuration(s) skipped by the time budget (--budget_s="
+            f"{config.budget_s:g})" if skipped else "")
+    print(f"wall time {result['env']['wall_s']:.1f} s{note}")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,221 @@
+"""The benchmark harness: counters from SampleStats, timing fields, JSON rows, plots, the launcher's
+usage errors, and that nothing on the benchmark path needs grain."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from sigma_jax import ModelConfig, bench, init_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
+N, B = 8, 2
+SAMPLING_KEYS = {"suite", "sampler", "length", "batch", "forward_passes", "iterations",
+                 "tokens_per_s", "ms_per_seq", "compile_s", "weights", "tokens_per_iteration"}
+TRAINING_KEYS = {"suite", "tokens_per_s", "mfu", "step_ms", "compile_s", "flops_per_token"}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(TINY, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def sampling_rows(params):
+    specs = [bench.SamplerSpec("ar_cached"), bench.SamplerSpec("burst_exact")]
+    return {s.name: bench.measure_sampler(TINY, params, s, N, B, repeats=2, seed=1)
+            for s in specs}
+
+
+def _check_row(name, row):
+    spec = bench.SamplerSpec(name)
+    expected = bench.expected_forward_passes(spec, N, row["n_known"], row["iterations_max"])
+    assert row["forward_passes_max"] == expected, name
+    assert row["generated_per_seq"] == N and row["finished_frac"] == 1.0
+    assert row["compile_s"] > 0 and row["lower_s"] > 0
+    assert row["tokens_per_s"] > 0 and row["ms_per_seq"] > 0
+    assert row["time_min_s"] <= row["time_median_s"] <= row["time_max_s"]
+    if spec.is_burst:
+        assert 1 <= row["iterations"] <= N
+        assert row["tokens_per_iteration"] == pytest.approx(N / row["iterations"])
+
+
+def _subprocess(code_or_args, **kwargs):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    env.pop("XLA_FLAGS", None)
+    args = code_or_args if isinstance(code_or_args, list) else ["-c", code_or_args]
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=120, **kwargs)
+
+
+def test_sampler_counters_follow_sample_stats(sampling_rows):
+    for name, row in sampling_rows.items():
+        _check_row(name, row)
+        assert row["repeats"] == 2
+    ar = sampling_rows["ar_cached"]
+    assert ar["forward_passes"] == N + 1 and ar["iterations"] == N
+    assert ar["tokens_per_iteration"] == 1.0
+
+
+@pytest.mark.slow
+def test_sampler_counters_uncached_and_paper(params):
+    for spec in (bench.SamplerSpec("ar_uncached"),
+                 bench.SamplerSpec("burst_paper", window=4, n_orders=3)):
+        row = bench.measure_sampler(TINY, params, spec, N, B, repeats=2, seed=1)
+        _check_row(spec.name, row)
+    assert row["window_eff"] == 4 and row["n_orders"] == 3
+
+
+def test_product_law_weights_accept_every_candidate(params):
+    product = bench.variant_params("product", TINY, params)
+    row = bench.measure_sampler(TINY, product, bench.SamplerSpec("burst_exact"), N, B,
+                                repeats=1, warmup=2, weights="product")
+    assert row["iterations_max"] == 1 and row["forward_passes"] == 3
+    assert row["weights"] == "product"
+
+
+def test_kernel_matches_public_function(params):
+    tokens, known = bench.unconditional_inputs(TINY, B, N)
+    key = jax.random.key(5)
+    assert bench.kernel_matches_public(TINY, params, bench.SamplerSpec("burst_exact"), key,
+                                       tokens, known)
+
+
+@pytest.mark.slow
+def test_kernel_matches_public_function_all_samplers(params):
+    tokens, known = bench.unconditional_inputs(TINY, B, N)
+    for spec in (bench.SamplerSpec("ar_cached"), bench.SamplerSpec("ar_uncached"),
+                 bench.SamplerSpec("burst_paper", window=4, n_orders=2)):
+        assert bench.kernel_matches_public(TINY, params, spec, jax.random.key(5), tokens, known)
+
+
+def test_time_calls_warms_up_and_times():
+    calls = []
+    timing, outs = bench.time_calls(lambda i: calls.append(i) or jax.numpy.ones(3) * i, 3,
+                                    warmup=2)
+    assert calls == [0, 1, 2, 3, 4] and len(outs) == 3 and len(timing.times_s) == 3
+    assert float(outs[0][0]) == 2.0
+    with pytest.raises(ValueError):
+        bench.time_calls(lambda i: None, 0)
+
+
+def test_cost_numbers_handles_dict_list_and_missing():
+    class Fake:
+        def __init__(self, cost):
+            self.cost = cost
+
+        def cost_analysis(self):
+            return self.cost
+
+        def memory_analysis(self):
+            return None
+
+    assert bench.cost_numbers(Fake({"flops": 6.0, "bytes accessed": 36.0}))["xla_flops"] == 6.0
+    assert bench.cost_numbers(Fake([{"flops": 2.0}]))["xla_flops"] == 2.0
+    assert bench.cost_numbers(Fake(None))["xla_flops"] is None
+
+
+def test_flops_formula(params):
+    n_matmul = bench.matmul_params(TINY, params)
+    assert n_matmul == bench.count_params(params) - params["pos"]["wpe"].size
+    assert bench.model_flops_per_token(TINY, params, 8) == 6 * n_matmul + 12 * 1 * 16 * 8
+
+
+def test_rows_plots_and_training(tmp_path, sampling_rows):
+    mm = bench.measure_matmul(64, np.float32, repeats=2)
+    assert mm["flops_s"] > 0
+    train = bench.measure_training(TINY, 2, N, repeats=2, matmul_flops_s=mm["flops_s"])
+    assert train["step_ms"] > 0 and train["tokens_per_s"] > 0 and 0 < train["mfu"]
+    assert train["step_source"] == "sigma_jax.train.train_step"
+
+    writer = bench.ResultWriter(tmp_path)
+    for row in [*sampling_rows.values(), train, mm]:
+        writer.add(row)
+    lines = {}
+    for suite in ("sampling", "training", "roofline"):
+        lines[suite] = [json.loads(x) for x in (tmp_path / f"{suite}.jsonl").read_text()
+                        .splitlines()]
+    assert len(lines["sampling"]) == 2
+    for row in lines["sampling"]:
+        assert SAMPLING_KEYS <= row.keys()
+    assert TRAINING_KEYS <= lines["training"][0].keys()
+
+    paths = bench.plot_sampling(writer.rows["sampling"], tmp_path)
+    assert {os.path.basename(p) for p in paths} >= {"calls_vs_length.png",
+                                                     "tokens_per_s_vs_batch.png"}
+    for p in paths:
+        assert os.path.getsize(p) > 1000
+    table = bench.format_table(writer.rows["sampling"], bench.SAMPLING_COLUMNS)
+    assert "burst_exact(W=all)" in table and "tok/s" in table
+
+
+def test_decode_roofline_row(params):
+    row = bench.measure_decode(TINY, params, 2, 7, repeats=2, copy_bytes_s=1e9)
+    assert row["bytes_per_call"] == bench.param_bytes(params) + bench.kv_bytes(TINY, 2, 8)
+    assert row["bw_frac_copy"] > 0 and row["ms_per_call"] > 0
+
+
+def test_bench_config_validation():
+    with pytest.raises(ValueError, match="lengths"):
+        bench.BenchConfig(lengths=(0,))
+    with pytest.raises(ValueError, match="suites"):
+        bench.BenchConfig(suites=("sampling", "nope"))
+    with pytest.raises(ValueError, match="checkpoint"):
+        bench.BenchConfig(weights=("checkpoint",))
+    with pytest.raises(ValueError, match="init"):
+        bench.BenchConfig(workdir="/tmp", weights=("checkpoint", "init"))
+    assert bench.BenchConfig(lengths=(16, 64), batches=(1, 4, 8)).points() == [
+        (16, 1), (64, 1), (64, 4), (64, 8)]
+
+
+@pytest.mark.parametrize("args", [
+    ["--lengths=0"],
+    ["--preset=no_such_preset", "--suite=sampling"],
+])
+def test_launcher_bad_input_exits_2(args):
+    result = _subprocess(["-m", "launch.bench", "--out=none", *args])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+
+
+def test_import_without_grain():
+    code = ("import sys; sys.modules['grain'] = None\n"
+            "import sigma_jax.bench as b, launch.bench\n"
+            "b.preset_model_config('gpt2_small'); b.preset_model_config('tiny')\n"
+            "from sigma_jax import train, checkpoint\n"
+            "print('ok')\n")
+    result = _subprocess(code)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.slow
+def test_run_end_to_end(tmp_path):
+    config = bench.BenchConfig(preset="tiny", lengths=(8, 16), batches=(1, 2), windows=(4, None),
+                               n_orders=(2,), samplers=("ar_cached", "burst_exact", "burst_paper"),
+                               repeats=1, train_batch=2, matmul_n=64, copy_bytes=1 << 20,
+                               out=str(tmp_path))
+    result = bench.run(config, argv=["test"], log=lambda *a: None)
+    assert (tmp_path / "env.json").exists()
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["command"] == "test" and env["device_kind"]
+    rows = result["rows"]["sampling"]
+    assert not [r for r in rows if r.get("error")]
+    assert {r["weights"] for r in rows} == {"init", "product", "peaked"}
+    assert len(result["plots"]) == 3
+
+
+@pytest.mark.slow
+def test_launcher_end_to_end(tmp_path):
+    result = _subprocess(["-m", "launch.bench", "--preset=tiny", "--lengths=8", "--batches=1",
+                          "--windows=none", "--n_orders=2", "--weights=init", "--repeats=1",
+                          "--train_batch=2", f"--out={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "== sampling ==" in result.stdout
+    for name in ("sampling.jsonl", "training.jsonl", "roofline.jsonl", "env.json"):
+        assert (tmp_path / name).exists()
