@@ -5,8 +5,15 @@ builds the prompt (literal text with `<missing>N</missing>` gaps, or `FILE:path`
 unknown position with the chosen sampler, and prints each sample with its iterations and model
 calls. `--animate` redraws the sequence in the terminal as burst iterations fill it in.
 
+Sharded and multi-host (launch/distributed.py, docs/scaling.md): `--mesh=data:fsdp:tensor`
+(default auto), `--mesh_axis_type`, `--distributed`. The params are restored straight onto the
+mesh, each batch is padded to a multiple of the batch axes and sampled by one sharded kernel
+(`sigma_jax.sharding.sample_sharded`), and the samples are gathered from every process and
+printed by process 0 only. `--animate` runs on a single process.
+
 Exit code 2 with one line on stderr, before any sampling, for: a missing checkpoint, a prompt
-longer than the block size, characters outside the vocabulary, or bad flag values.
+longer than the block size, characters outside the vocabulary, bad flag values, or a mesh that
+the devices cannot hold.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
+from launch import distributed
 from launch import flags as launch_flags
 from launch.prompt import parse_prompt, read_prompt
 
@@ -45,6 +53,7 @@ flags.DEFINE_string("prompt", "", "Prompt text with <missing>N</missing> gaps, o
 flags.DEFINE_integer("length", None, "Sequence length (default: the task's sequence length).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_boolean("animate", False, "Redraw the sequence as burst iterations fill it in.")
+distributed.define_flags()
 
 
 def load_run_config(workdir: str):
@@ -76,19 +85,29 @@ def check_flags() -> None:
         raise ValueError(f"--top_p must be in (0, 1]; got {FLAGS.top_p}")
     if FLAGS.animate and not FLAGS.sampler.startswith("burst"):
         raise ValueError("--animate needs --sampler=burst or burst_paper")
+    if FLAGS.animate and jax.process_count() > 1:
+        raise ValueError("--animate runs on a single process; drop it for multi-host sampling")
 
 
-def run_sampler(cfg, params, key, tokens, known):
-    """One batch through the chosen sampler: (tokens [B, N], SampleStats)."""
+def chosen_sampler():
+    """(sampler function, its keyword arguments) for the flags."""
     from sigma_jax import sample_ar, sample_burst
 
     common = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
     if FLAGS.sampler.startswith("ar"):
-        return sample_ar(cfg, params, key, tokens, known, order=FLAGS.order,
-                         use_cache=FLAGS.sampler == "ar", **common)
+        return sample_ar, dict(order=FLAGS.order, use_cache=FLAGS.sampler == "ar", **common)
     mode = "paper" if FLAGS.sampler == "burst_paper" else "exact"
-    return sample_burst(cfg, params, key, tokens, known, mode=mode, n_orders=FLAGS.n_orders,
-                        window=FLAGS.window, **common)
+    return sample_burst, dict(mode=mode, n_orders=FLAGS.n_orders, window=FLAGS.window, **common)
+
+
+def run_sampler(cfg, params, key, tokens, known, mesh):
+    """One batch through the chosen sampler, sharded on `mesh`: (tokens [B, N], SampleStats) as
+    host numpy arrays, gathered from every process (every process must call this)."""
+    from sigma_jax import sharding as sh
+
+    sampler, options = chosen_sampler()
+    return sh.to_host(sh.sample_sharded(sampler, cfg, params, key, tokens, known, mesh=mesh,
+                                        **options))
 
 
 def animate(cfg, params, key, tokens, known, decode) -> None:
@@ -126,7 +145,9 @@ def main(argv) -> None:
     if len(argv) > 1:
         launch_flags.die(f"unexpected arguments: {' '.join(argv[1:])}")
     with launch_flags.usage_errors():
+        distributed.initialize()  # first: before any other JAX call
         check_flags()
+        mesh = distributed.build_mesh()
         cfg, task = load_run_config(FLAGS.workdir)
         length = FLAGS.length or min(task.seq_len, cfg.block_size)
         text = read_prompt(FLAGS.prompt)
@@ -137,11 +158,15 @@ def main(argv) -> None:
             raise ValueError("this model has no start token: give a non-empty --prompt")
         from sigma_jax import checkpoint
 
-        cfg, params, step = checkpoint.load(FLAGS.workdir, FLAGS.step)
+        # --animate samples one row step by step on one device; everything else on the mesh.
+        cfg, params, step = checkpoint.load(FLAGS.workdir, FLAGS.step,
+                                            mesh=None if FLAGS.animate else mesh)
     batch = FLAGS.batch_size or FLAGS.num_samples
     key = jax.random.key(FLAGS.seed)
-    print(f"# {FLAGS.workdir} step {step}: sampler={FLAGS.sampler} length={length} "
-          f"known={int(known.sum())}")
+    primary = distributed.is_primary()
+    if primary:
+        print(f"# {FLAGS.workdir} step {step}: sampler={FLAGS.sampler} length={length} "
+              f"known={int(known.sum())} mesh={distributed.mesh_text(mesh)}")
     if FLAGS.animate:
         animate(cfg, params, key, jnp.asarray(tokens)[None], jnp.asarray(known)[None],
                 task.decode)
@@ -150,12 +175,11 @@ def main(argv) -> None:
     while done < FLAGS.num_samples:
         b = min(batch, FLAGS.num_samples - done)
         keys = jax.random.split(jax.random.fold_in(key, done), b)
-        tok = jnp.broadcast_to(jnp.asarray(tokens), (b, length))
-        kn = jnp.broadcast_to(jnp.asarray(known), (b, length))
-        out, stats = run_sampler(cfg, params, keys, tok, kn)
-        out, its = np.asarray(out), np.asarray(stats.iterations)
-        calls = int(stats.forward_passes)
-        for i in range(b):
+        tok = np.broadcast_to(np.asarray(tokens), (b, length))
+        kn = np.broadcast_to(np.asarray(known), (b, length))
+        out, stats = run_sampler(cfg, params, keys, tok, kn, mesh)
+        its, calls = stats.iterations, int(stats.forward_passes)
+        for i in range(b if primary else 0):
             print(f"--- sample {done + i}: {int(stats.generated[i])} tokens, {its[i]} iterations, "
                   f"{calls} model calls (batch)")
             print(task.decode(out[i]))

@@ -2,15 +2,25 @@
 
 Also installed as the console script `sigma-train`. Presets live in `experiments/presets.py`;
 `--set` overrides any ModelConfig or TrainConfig field (prefix `model.` / `train.` if ambiguous).
-Running again with the same workdir resumes from its latest checkpoint. `--jax_*` flags work.
+Running again with the same workdir resumes from its latest checkpoint (under any mesh: the
+checkpoint is resharded onto the new one). `--jax_*` flags work.
+
+Sharding and multi-host (launch/distributed.py): `--mesh=data:fsdp:tensor` (default auto: every
+device on data; one device on a single CPU host), `--mesh_axis_type=auto|explicit`,
+`--distributed=auto|on|off` (+ `--coordinator_address`, `--num_processes`, `--process_id`).
+Every process of a multi-host job runs this same command; process 0 prints and writes the
+metrics, all processes write the checkpoints together (the workdir must be on a file system
+that every host sees). See docs/scaling.md.
 
 Exit codes: 0 done; 2 bad usage (unknown preset, unknown or ill-typed key, invalid value, missing
-data), reported as one line on stderr before any work; 143 stopped by SIGTERM after saving a
-checkpoint (rerun the same command to resume).
+data, a mesh the devices cannot hold, a batch the mesh cannot split), reported as one line on
+stderr before any work; 143 stopped by SIGTERM after saving a checkpoint (rerun the same command
+to resume).
 
 Examples:
   python -m launch.train --config=tiny --workdir=/tmp/tiny
   python -m launch.train --config=shakespeare_char_cpu --set order_policy=curriculum
+  python -m launch.train --config=shakespeare_char --mesh=2:2:2   # 8 devices
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
+from launch import distributed
 from launch import flags as launch_flags
 
 FLAGS = flags.FLAGS
@@ -37,6 +48,7 @@ def define_flags() -> None:
         flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); default "
                             "workdirs/<preset>.")
     launch_flags.define_set_flag()
+    distributed.define_flags()
 
 PREEMPTED_EXIT = 128 + 15  # the conventional status of a process ended by SIGTERM
 
@@ -75,17 +87,23 @@ def main(argv):
         absl_logging.set_verbosity(absl_logging.WARNING)
     if len(argv) > 1:
         launch_flags.die(f"unexpected arguments: {' '.join(argv[1:])}")
-    from sigma_jax.train import check_workdir, train
+    from sigma_jax.train import check_batch_fits, check_workdir, train
 
+    log = functools.partial(print, flush=True)
     workdir = FLAGS.workdir or os.path.join("workdirs", FLAGS.config or "")
     with launch_flags.usage_errors():
+        distributed.initialize(log)  # first: before any other JAX call
+        if not distributed.is_primary():
+            log = lambda line: None  # noqa: E731 (process 0 reports for everyone)
         model_cfg, train_cfg, task = build(FLAGS.config, FLAGS.set)
+        mesh = distributed.build_mesh()
+        check_batch_fits(train_cfg, mesh)
         check_workdir(workdir, model_cfg, train_cfg)
-    log = functools.partial(print, flush=True)
     log(f"preset {FLAGS.config}: task {task.name} (V={task.vocab_size}, N={task.seq_len}), "
         f"{model_cfg.n_layer}x{model_cfg.n_embd} model, {train_cfg.max_steps} steps, "
-        f"workdir {workdir}, devices {jax.devices()}")
-    result = train(model_cfg, train_cfg, workdir, task=task, log=log)
+        f"workdir {workdir}, mesh {distributed.mesh_text(mesh)} over {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)")
+    result = train(model_cfg, train_cfg, workdir, task=task, log=log, mesh=mesh)
     summary = {k: result[k] for k in ("step", "loss", "val_loss_train_order",
                                       "val_loss_left_to_right", "val_loss_random")
                if k in result}

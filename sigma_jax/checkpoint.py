@@ -10,6 +10,12 @@ Orbax writes a step into a temporary directory and renames it when complete, so 
 save leaves the previous checkpoints untouched and the half-written one invisible. A finalised
 checkpoint that fails to restore (e.g. a truncated file) is skipped with a warning, and moved to
 <workdir>/corrupt_checkpoints/ (never deleted) once an older checkpoint has restored.
+
+Meshes and hosts: a restore takes the shardings of its target (`restore`: the target state's
+arrays; `load`: the params of `mesh`, or one local device), so a checkpoint saved under one mesh
+restores under any other. Under multi-host (`jax.distributed.initialize()`) every process calls
+save and restore (orbax coordinates them; each writes its own shards and its own data-iterator
+state) and the workdir must be on a file system that every host sees.
 """
 
 from __future__ import annotations
@@ -177,13 +183,18 @@ class CheckpointManager:
         self.close()
 
 
-def load(workdir, step: int | None = None) -> tuple[ModelConfig, dict, int]:
+def load(workdir, step: int | None = None, *, mesh=None,
+         rules=None) -> tuple[ModelConfig, dict, int]:
     """The model of a training run, for samplers: (model_cfg, params, step).
 
-    params is the plain nested dict of arrays (no optimizer state is read), placed on the
-    default device. step=None takes the latest checkpoint that restores (skipping unusable ones
-    with a warning). Missing workdir or checkpoint: FileNotFoundError; unknown step: ValueError.
+    params is the plain nested dict of arrays (no optimizer state is read), placed on this
+    process's first device, or, with `mesh`, restored directly onto the mesh by
+    `sharding.param_shardings` (`rules`: a LogicalRules, default the standard table), whatever
+    mesh the checkpoint was saved from; every process of a multi-host run must call it. step=None
+    takes the latest checkpoint that restores (skipping unusable ones with a warning). Missing
+    workdir or checkpoint: FileNotFoundError; unknown step: ValueError.
     """
+    from sigma_jax import sharding as sh
     from sigma_jax.model import init_params
 
     workdir = Path(workdir)
@@ -206,15 +217,18 @@ def load(workdir, step: int | None = None) -> tuple[ModelConfig, dict, int]:
             raise ValueError(f"no checkpoint for step {step} in {directory}; available: "
                              f"{', '.join(map(str, steps))}")
         candidates = [step] if step is not None else list(reversed(steps))
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         last_error = None
         for s in candidates:
             try:
                 config = mngr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
                 model_cfg = ModelConfig(**config["config"]["model"])
                 shapes = jax.eval_shape(init_params, model_cfg, jax.random.key(0))
+                shardings = (jax.tree.map(lambda _: device, shapes) if mesh is None else
+                             sh.param_shardings(shapes, mesh, rules or sh.DEFAULT_RULES))
                 target = jax.tree.map(
-                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                    shardings)
                 out = mngr.restore(s, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(target)))
                 return model_cfg, out["params"], s

@@ -30,17 +30,30 @@ array types; `constrain` then uses `jax.sharding.reshard`. Under Explicit:
 Both axis types are tested on 8 fake CPU devices (tests/test_sharding.py): forward, gradients,
 cache writes; prefill + burst pass under Auto (under Explicit, `orders.make_batch` still needs its
 start column constrained to ("batch", "seq")).
+
+Jobs (docs/scaling.md; tests/test_scale.py, tests/test_multihost.py):
+  - training: `sigma_jax.train.train(..., mesh=...)`, or `init_state(mesh=)` + `train_step(mesh=)`
+    (jax.jit with in/out shardings, state donated); batches enter with `place_local_batch`
+    (`jax.make_array_from_process_local_data`, so each host passes only its own rows);
+  - sampling: `sample_sharded(sample_ar | sample_burst, ...)`: one jitted kernel with in/out
+    shardings, the batch padded to the batch axes and stripped; under an Explicit mesh the
+    sampler runs inside an Auto region (`auto_axes_call`), as the Linen forward does;
+  - host data every process holds in full enters with `place_global`; results leave with
+    `to_host` (`process_allgather` for arrays spread over several processes);
+  - `mesh_config` reads the launchers' --mesh flag ('auto' or data:fsdp:tensor).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -436,3 +449,164 @@ def pad_batch(tree, multiple: int):
 def unpad_batch(tree, batch: int):
     """Undo `pad_batch`: keep the first `batch` rows of every leaf."""
     return jax.tree.map(lambda x: x[:batch], tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher helpers: the mesh flag, placing host data, reading results back (multi-host safe)
+
+
+def mesh_config(text: str, axis_type: str = "auto", *, devices: int | None = None,
+                platform: str | None = None, process_count: int | None = None) -> MeshConfig:
+    """The launchers' --mesh value as a MeshConfig: 'data:fsdp:tensor', or 'auto'.
+
+    'auto' puts every device on "data" (pure data parallelism), except on a single-process CPU
+    host, where it is one device. Several CPU devices there are fake ones (XLA_FLAGS=
+    --xla_force_host_platform_device_count, set for tests) sharing the same cores: whether they
+    help depends on the model (docs/scaling.md measures both ways), and one device keeps a CPU
+    run bit-identical to the unsharded library calls whatever XLA_FLAGS says. Ask for them
+    explicitly, e.g. --mesh=8:1:1. The keyword arguments default to the running JAX
+    (device_count, default_backend, process_count) and exist for tests.
+    """
+    if str(text).strip().lower() != "auto":
+        return MeshConfig.parse(text, axis_type)
+    devices = jax.device_count() if devices is None else devices
+    platform = jax.default_backend() if platform is None else platform
+    process_count = jax.process_count() if process_count is None else process_count
+    data = 1 if platform == "cpu" and process_count == 1 else devices
+    return MeshConfig(data=data, axis_type=axis_type)
+
+
+def batch_spec(shape: Sequence[int], mesh, rules: LogicalRules = DEFAULT_RULES) -> jax.P:
+    """The batch spec (rows over the batch axes) fitted to `shape`."""
+    return fit_spec(logical_to_spec(("batch",), rules), shape, mesh)
+
+
+def place_local_batch(local_batch, mesh, rules: LogicalRules = DEFAULT_RULES) -> jax.Array:
+    """A global batch from this process's rows: `jax.make_array_from_process_local_data`.
+
+    local_batch: [B / process_count, ...], this process's share of the global batch (what the
+    data iterator yields: it reads examples process_index::process_count). The global batch
+    [B, ...] is split over the batch mesh axes; each process's rows go to its own devices. One
+    process: this is just a sharded device_put. B must divide by `batch_multiple` (`check_batch`).
+    """
+    local_batch = np.asarray(local_batch)
+    global_rows = local_batch.shape[0] * jax.process_count()
+    shape = (global_rows, *local_batch.shape[1:])
+    check_batch(global_rows, mesh, rules)
+    sharding = NamedSharding(mesh, batch_spec(shape, mesh, rules))
+    return jax.make_array_from_process_local_data(sharding, local_batch, shape)
+
+
+def place_global(x, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds in full (same values everywhere), placed by
+    `sharding`: each process copies only the slices its own devices hold. Works across hosts,
+    where `jax.device_put` of a host array onto other processes' devices does not. Typed PRNG
+    keys are placed through their key data."""
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        return jax.random.wrap_key_data(place_global(jax.random.key_data(x), sharding), impl=impl)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(tree):
+    """numpy copies of every leaf; arrays spread over several processes are all-gathered first
+    (`process_allgather(tiled=True)`, a collective: every process must call it)."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded sampling
+
+# Sampler keyword arguments that are traced (changing them never recompiles); every other one is
+# static (it selects a compiled kernel).
+_TRACED_SAMPLER_OPTIONS = ("temperature", "top_p", "max_iters")
+
+
+def sample_sharded(sampler, cfg, params, key, tokens, known, *, mesh,
+                   rules: LogicalRules = DEFAULT_RULES, **options):
+    """`sampler(cfg, params, key, tokens, known, **options)` run sharded on `mesh`.
+
+    sampler: `sigma_jax.sample_ar` or `sigma_jax.sample_burst` (or anything with their signature
+    returning (tokens [B, N], SampleStats)). params: a params dict, already placed (e.g. by
+    `shard_params` or `checkpoint.load(..., mesh=mesh)`) or on host; it is placed by
+    `param_shardings`. key: one typed key, or one per row [B]. tokens, known: [B, N] host arrays
+    (the same on every process). options: the sampler's keyword arguments (temperature, top_p and
+    max_iters are traced, the rest static).
+
+    The batch is padded to a multiple of the batch axes (as `pad_batch` does: padding rows
+    repeat the last row, with keys of their own), placed with rows over ("data", "fsdp"), and run
+    by one jitted kernel with in/out shardings (params by the rules, rows over the batch axes,
+    scalars replicated) that strips the padding rows and, when there are none, donates its token
+    buffer to the output. Rows are independent and each row's random stream depends only on its
+    key (threefry is partitionable), so the tokens equal the unsharded sampler's. Under an
+    Explicit mesh the sampler runs inside `auto_axes_call` (Auto axes inside). Every process of
+    a multi-host run must call this with the same arguments. Returns (tokens [B, N], SampleStats)
+    as global jax arrays; read them with `to_host` (multi-host safe).
+    """
+    from sigma_jax.sampling import check_sampler_inputs, row_keys
+
+    tokens, known = np.asarray(tokens, np.int32), np.asarray(known, bool)
+    order = options.pop("order", None)
+    explicit_order = order is not None and not isinstance(order, str)
+    check_sampler_inputs(cfg, tokens, known, np.asarray(order) if explicit_order else order)
+    if order is not None and not explicit_order:
+        options["order"] = order  # a kind name: static
+    batch = tokens.shape[0]
+    keys = row_keys(key, batch)  # [B]: what the sampler itself would use
+    rows_in = [tokens, known] + ([np.asarray(order, np.int32)] if explicit_order else [])
+    pad = -batch % batch_multiple(mesh, rules)
+    if pad:  # padding rows repeat the last row, with keys of their own; they are stripped
+        rows_in = [np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) for x in rows_in]
+        extra = jax.vmap(lambda i: jax.random.fold_in(keys[-1], i))(jnp.arange(1, pad + 1))
+        keys = jnp.concatenate([keys, extra])
+    traced = {k: v for k, v in options.items() if k in _TRACED_SAMPLER_OPTIONS and v is not None}
+    static = tuple(sorted((k, v) for k, v in options.items() if k not in traced))
+    kernel = _sampler_kernel(sampler, cfg, mesh, rules, static, explicit_order, batch, pad)
+    rows = NamedSharding(mesh, logical_to_spec(("batch",), rules))
+    with jax.set_mesh(mesh):
+        return kernel(jax.device_put(params, param_shardings(params, mesh, rules)),
+                      place_global(keys, rows), *(place_global(x, rows) for x in rows_in),
+                      {k: place_global(np.asarray(v), replicated(mesh))
+                       for k, v in traced.items()})
+
+
+@functools.lru_cache(maxsize=32)
+def _sampler_kernel(sampler, cfg, mesh, rules, static, explicit_order, batch, pad):
+    """The jitted sampler for one (sampler, config, mesh, static options, batch) combination:
+    inputs of batch + pad rows, outputs of the first `batch` rows."""
+    from sigma_jax.model import init_params
+    from sigma_jax.sampling import SampleStats
+
+    static = dict(static)
+
+    def run(params, keys, tokens, known, *rest):  # rest: ([order,] traced options)
+        order = {"order": rest[0]} if explicit_order else {}
+        out, stats = sampler(cfg, params, keys, tokens, known, **static, **order, **rest[-1])
+        keep = lambda x: x[:batch] if x.ndim else x  # strip the padding rows
+        return keep(out), jax.tree.map(keep, stats)
+
+    # The samplers' loops are not Explicit-clean (per-row scatters without out_sharding): under
+    # an Explicit mesh they run with Auto axes inside, and their outputs come back explicit.
+    out_axes = (("batch", "seq"), SampleStats(iterations=("batch",), generated=("batch",),
+                                              forward_passes=(), finished=("batch",)))
+    kernel = lambda *args: auto_axes_call(run, out_axes, *args, rules=rules)
+
+    shapes = jax.eval_shape(init_params, cfg, jax.random.key(0))
+    rows = NamedSharding(mesh, logical_to_spec(("batch",), rules))  # batch + pad: a multiple
+    out_rows = NamedSharding(mesh, batch_spec((batch,), mesh, rules))  # may drop batch axes
+    rep = replicated(mesh)
+    stats = SampleStats(iterations=out_rows, generated=out_rows, forward_passes=rep,
+                        finished=out_rows)
+    in_shardings = (param_shardings(shapes, mesh, rules), rows, rows, rows,
+                    *((rows,) if explicit_order else ()), rep)
+    # The tokens buffer is donated to the output tokens when they have the same shape.
+    return jax.jit(kernel, in_shardings=in_shardings, out_shardings=(out_rows, stats),
+                   donate_argnums=() if pad else (2,))

@@ -11,6 +11,10 @@ Everything below `train` is a pure function of (configs, arrays, keys):
 
 `train` is the loop around them: data, checkpoints (`sigma_jax.checkpoint`), metrics files,
 TensorBoard, a progress line, a loss plot, and SIGTERM handling.
+
+Sharding (docs/scaling.md): `init_state(mesh=)`, `train_step(mesh=)` / `sharded_train_step`,
+`evaluate(mesh=)` and `train(mesh=)` run on a ("data", "fsdp", "tensor") mesh, one host or many;
+`state_shardings` says where every leaf of the state lives. Without a mesh nothing changes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import jax
@@ -33,6 +38,7 @@ import optax
 
 from sigma_jax import metrics_log
 from sigma_jax import orders as orders_lib
+from sigma_jax import sharding as sh
 from sigma_jax.config import ModelConfig
 from sigma_jax.model import forward, init_params
 
@@ -148,6 +154,13 @@ def loss_fn(model_cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.
     """Mean cross-entropy of every target when each row of tokens int32 [B, N] is read in the
     order int32 [B, N] (orders.make_batch: with model_cfg.bos all N tokens are targets; without,
     the first token of each order is conditioning only and N - 1 are). Returns float32 []."""
+    # Under an Explicit mesh the batch construction and the loss run with Auto axes (the gathers
+    # of make_batch and of the cross-entropy take no out_sharding); elsewhere this is a plain call.
+    return sh.auto_axes_call(functools.partial(_mean_loss, model_cfg), (), params, tokens, order,
+                             dropout_key)
+
+
+def _mean_loss(model_cfg, params, tokens, order, dropout_key):
     inputs, pos_in, pos_out, targets = orders_lib.make_batch(tokens, order, bos=model_cfg.bos,
                                                              bos_id=model_cfg.bos_id)
     logits = forward(model_cfg, params, inputs, pos_in, pos_out, dropout_key=dropout_key)
@@ -213,13 +226,61 @@ class TrainState:
     key: jax.Array
 
 
-def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainState:
-    """Fresh parameters and optimizer state; everything derives from train_cfg.seed."""
-    k_params, k_train = jax.random.split(jax.random.key(train_cfg.seed))
+def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, *, mesh=None,
+               rules: sh.LogicalRules = sh.DEFAULT_RULES) -> TrainState:
+    """Fresh parameters and optimizer state; everything derives from train_cfg.seed.
+
+    With a mesh, the state is created by one jitted call whose outputs are already sharded by
+    `state_shardings` (each device computes only its own shards: no host ever holds the whole
+    model, and every process of a multi-host run gets the same global state).
+    """
+    if mesh is not None:
+        return _sharded_init(model_cfg, _compiled_config(train_cfg), train_cfg.seed, mesh,
+                             rules)()
+    return _init_state(model_cfg, train_cfg, train_cfg.seed)
+
+
+def _init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, seed) -> TrainState:
+    k_params, k_train = jax.random.split(jax.random.key(seed))
     params = init_params(model_cfg, k_params)
     opt_state = make_optimizer(train_cfg).init(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       key=k_train)
+
+
+def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh,
+                    rules: sh.LogicalRules = sh.DEFAULT_RULES) -> TrainState:
+    """A TrainState of NamedShardings on `mesh`: params by the logical-axis rules
+    (`sharding.param_shardings`), every parameter-shaped optimizer leaf (Adam's mu and nu) like
+    its parameter (`optax.tree_map_params`), and the scalars (step, Adam's count, key)
+    replicated."""
+    shapes = jax.eval_shape(_init_state, model_cfg, train_cfg, 0)
+    params = sh.param_shardings(shapes.params, mesh, rules)
+    rep = sh.replicated(mesh)
+    opt_state = optax.tree_map_params(make_optimizer(train_cfg), lambda _, s: s,
+                                      shapes.opt_state, params,
+                                      transform_non_params=lambda _: rep)
+    return TrainState(step=rep, params=params, opt_state=opt_state, key=rep)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_init(model_cfg, train_cfg, seed, mesh, rules):
+    out = state_shardings(model_cfg, train_cfg, mesh, rules)
+    return jax.jit(functools.partial(_init_state, model_cfg, train_cfg, seed), out_shardings=out)
+
+
+def place_state(state: TrainState, model_cfg: ModelConfig, train_cfg: TrainConfig, mesh,
+                rules: sh.LogicalRules = sh.DEFAULT_RULES) -> TrainState:
+    """A copy of `state` (e.g. an unsharded one, or one on another mesh) placed on `mesh` by
+    `state_shardings`. Single process only (a host value goes onto every device); the copy never
+    aliases the input, so donating it is safe (jax.device_put can alias a typed PRNG key's
+    buffer even with may_alias=False)."""
+    target = state_shardings(model_cfg, train_cfg, mesh, rules)
+    leaves = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s),
+                          dataclasses.replace(state, key=jax.random.key_data(state.key)),
+                          target)
+    impl = jax.random.key_impl(state.key)
+    return dataclasses.replace(leaves, key=jax.random.wrap_key_data(leaves.key, impl=impl))
 
 
 def step_orders(train_cfg: TrainConfig, key: jax.Array, step, micro_batch: int, n: int,
@@ -266,7 +327,8 @@ def loss_and_grads(model_cfg: ModelConfig, train_cfg: TrainConfig, params: dict,
     if total % accum:
         raise ValueError(f"batch of {total} rows does not split into grad_accum={accum} "
                          "micro-batches")
-    micro = batch.reshape(accum, total // accum, n)
+    # Each micro-batch is split over the batch axes (no-op without a mesh).
+    micro = sh.constrain(batch.reshape(accum, total // accum, n), (None, "batch", "seq"))
     k_orders, k_dropout = jax.random.split(key)
     orders = step_orders(train_cfg, k_orders, step, total // accum, n, prompt_len)
     dropout_keys = jax.random.split(k_dropout, accum)
@@ -296,7 +358,8 @@ def _compiled_config(train_cfg: TrainConfig) -> TrainConfig:
 
 
 def train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, state: TrainState,
-               batch: jax.Array, *, prompt_len: int = 0) -> tuple[TrainState, dict]:
+               batch: jax.Array, *, prompt_len: int = 0, mesh=None,
+               rules: sh.LogicalRules = sh.DEFAULT_RULES) -> tuple[TrainState, dict]:
     """One optimizer update on batch int32 [batch_size * grad_accum, N]: jitted, state donated.
 
     The orders are drawn inside the step from fold_in(state.key, state.step) (`step_orders`), so
@@ -304,15 +367,44 @@ def train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, state: TrainState
     prompt_len is the task's prompt length (used only with keep_prompt_first). Returns (new
     state, metrics): loss, grad_norm (before clipping), lr, p_random (scheduled probability of a
     random-order micro-batch), frac_random (rows actually in random order; 0 for fractal).
+
+    mesh: run the step compiled for that mesh (`sharded_train_step`): state sharded by
+    `state_shardings` (place it with `init_state(..., mesh=mesh)` or `place_state`), batch rows
+    over ("data", "fsdp") (place it with `sharding.place_local_batch`), metrics replicated.
+    Call it inside `with jax.set_mesh(mesh):`.
     """
     prompt_len = prompt_len if train_cfg.keep_prompt_first else 0
+    if mesh is not None:
+        step = sharded_train_step(model_cfg, train_cfg, mesh, prompt_len=prompt_len, rules=rules)
+        return step(state, batch)
     return _train_step(model_cfg, _compiled_config(train_cfg), state, batch,
                        prompt_len=prompt_len)
 
 
-@functools.partial(jax.jit, donate_argnames="state", static_argnames="prompt_len")
-def _train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, state: TrainState,
-                batch: jax.Array, *, prompt_len: int) -> tuple[TrainState, dict]:
+def sharded_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh, *,
+                       prompt_len: int = 0, rules: sh.LogicalRules = sh.DEFAULT_RULES):
+    """The train step compiled for `mesh`: `step(state, batch) -> (state, metrics)`.
+
+    `jax.jit` with in_shardings (state_shardings, batch rows over the batch axes), out_shardings
+    (the same state shardings, replicated metrics) and the state donated, so the new state reuses
+    the old state's buffers shard by shard. One jitted function per (configs, mesh, rules,
+    prompt_len); like `train_step`, fields that do not change the step never recompile it.
+    """
+    prompt_len = prompt_len if train_cfg.keep_prompt_first else 0
+    return _sharded_step(model_cfg, _compiled_config(train_cfg), mesh, rules, prompt_len)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_step(model_cfg, train_cfg, mesh, rules, prompt_len):
+    state = state_shardings(model_cfg, train_cfg, mesh, rules)
+    rows = jax.NamedSharding(mesh, sh.logical_to_spec(("batch",), rules))
+    step = functools.partial(_step, model_cfg, train_cfg, prompt_len=prompt_len)
+    return jax.jit(step, in_shardings=(state, rows), out_shardings=(state, sh.replicated(mesh)),
+                   donate_argnums=0)
+
+
+def _step(model_cfg: ModelConfig, train_cfg: TrainConfig, state: TrainState,
+          batch: jax.Array, *, prompt_len: int) -> tuple[TrainState, dict]:
     step_key = jax.random.fold_in(state.key, state.step)
     loss, grads, orders = loss_and_grads(model_cfg, train_cfg, state.params, batch, step_key,
                                          state.step, prompt_len)
@@ -330,6 +422,9 @@ def _train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, state: TrainStat
     }
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=state.key)
     return new_state, metrics
+
+
+_train_step = jax.jit(_step, donate_argnames="state", static_argnames="prompt_len")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -363,15 +458,28 @@ def _eval_losses(model_cfg, train_cfg, params, tokens, key, step, *, keep: int) 
 
 
 def evaluate(model_cfg: ModelConfig, train_cfg: TrainConfig, params: dict, batches,
-             key: jax.Array, step: int, *, prompt_len: int = 0) -> dict[str, float]:
+             key: jax.Array, step: int, *, prompt_len: int = 0, mesh=None,
+             rules: sh.LogicalRules = sh.DEFAULT_RULES) -> dict[str, float]:
     """Mean of `eval_losses` over batches int32 [E, B, N] (batch i uses fold_in(key, i)).
     One host sync at the end. Returns {val_loss_train_order, val_loss_left_to_right,
-    val_loss_random}: floats."""
+    val_loss_random}: floats.
+
+    mesh: params are sharded on it; each batch (a host array that every process holds in full)
+    is placed with its rows over the batch axes, and the keys replicated."""
     step = jnp.asarray(step, jnp.int32)
+    if mesh is not None:
+        step = sh.place_global(step, sh.replicated(mesh))
     totals = None
     for i, tokens in enumerate(batches):
-        losses = eval_losses(model_cfg, train_cfg, params, jnp.asarray(tokens, jnp.int32),
-                             jax.random.fold_in(key, i), step, prompt_len=prompt_len)
+        tokens, batch_key = np.asarray(tokens, np.int32), jax.random.fold_in(key, i)
+        if mesh is None:
+            tokens = jnp.asarray(tokens)
+        else:
+            tokens = sh.place_global(tokens, jax.NamedSharding(
+                mesh, sh.batch_spec(tokens.shape, mesh, rules)))
+            batch_key = sh.place_global(batch_key, sh.replicated(mesh))
+        losses = eval_losses(model_cfg, train_cfg, params, tokens, batch_key, step,
+                             prompt_len=prompt_len)
         totals = losses if totals is None else jax.tree.map(jnp.add, totals, losses)
     return {name: float(value) / len(batches) for name, value in totals.items()}
 
@@ -446,8 +554,28 @@ def _install_sigterm():
     return flag, lambda: signal.signal(signal.SIGTERM, previous)
 
 
+def check_batch_fits(train_cfg: TrainConfig, mesh,
+                     rules: sh.LogicalRules = sh.DEFAULT_RULES) -> None:
+    """One-line ValueError unless the batch can be split on `mesh`: batch_size (one micro-batch,
+    and one evaluation batch) must divide over the batch axes, and the global batch
+    (batch_size * grad_accum) over the processes, which each read their share of it."""
+    try:
+        sh.check_batch(train_cfg.batch_size, mesh, rules)
+    except ValueError as error:
+        raise ValueError(f"batch_size: {error} (mesh {_mesh_text(mesh)})") from None
+    processes = jax.process_count()
+    if train_cfg.global_batch % processes:
+        raise ValueError(f"batch_size * grad_accum = {train_cfg.global_batch} is not divisible "
+                         f"by the {processes} processes; use a multiple of {processes}")
+
+
+def _mesh_text(mesh) -> str:
+    return ":".join(str(mesh.shape.get(a, 1)) for a in sh.MESH_AXES)
+
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir, *, task=None,
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print, mesh=None,
+          rules: sh.LogicalRules = sh.DEFAULT_RULES) -> dict:
     """Train (or resume training) in `workdir` up to train_cfg.max_steps. Returns the final
     metrics row (step, loss, val losses, ...), plus 'preempted' and 'resumed_from'.
 
@@ -459,26 +587,59 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir, *, task=None,
     iterator) and the run continues as if never interrupted; metric rows past the restored step
     are dropped, since they are recomputed identically. SIGTERM: finish the current step, save a
     checkpoint, wait for it, and return with preempted=True.
-    """
-    from sigma_jax import checkpoint
-    from sigma_jax.data import load_task, make_iterator
 
+    mesh: a `jax.sharding.Mesh` or a `sharding.MeshConfig` (None: unsharded, one device). The
+    whole loop then runs under `jax.set_mesh(mesh)`: the state is created sharded
+    (`init_state(mesh=...)`), each process's batch becomes one global batch
+    (`sharding.place_local_batch`), the step is `sharded_train_step`, and checkpoints restore
+    onto the mesh's shardings (so a run saved under one mesh resumes under another).
+    Multi-host (after `jax.distributed.initialize()`, every process calling `train` with the
+    same arguments): each process reads its own share of every batch, checkpoints are saved
+    collectively, and only process 0 logs and writes config.json, metrics and plots; a SIGTERM
+    on any process stops all of them at the next logged step (they agree on it collectively).
+    """
+    from sigma_jax.data import load_task
+
+    if isinstance(mesh, sh.MeshConfig):
+        mesh = sh.make_mesh(mesh)
+    if mesh is not None:
+        check_batch_fits(train_cfg, mesh, rules)
     if task is None:
         task = load_task(train_cfg.task, seq_len=train_cfg.seq_len, data_path=train_cfg.data_path)
     check_task(model_cfg, task)
-    workdir = Path(workdir)
+    with jax.set_mesh(mesh) if mesh is not None else nullcontext():
+        return _train_loop(model_cfg, train_cfg, Path(workdir), task, log, mesh, rules)
+
+
+def _stop_requested(flag, agree: bool) -> bool:
+    """Whether to stop now. agree: every process takes part, and all stop if any got a signal."""
+    stop = flag["signal"] is not None
+    if agree and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        stop = bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
+    return stop
+
+
+def _train_loop(model_cfg, train_cfg, workdir: Path, task, log, mesh, rules) -> dict:
+    from sigma_jax import checkpoint
+    from sigma_jax.data import make_iterator
+
     workdir.mkdir(parents=True, exist_ok=True)
     configs = configs_dict(model_cfg, train_cfg)
     configs["task"] = {"name": task.name, "vocab_size": task.vocab_size,
                        "seq_len": task.seq_len, "prompt_len": task.prompt_len}
     primary = jax.process_index() == 0
+    if not primary:
+        log = lambda line: None  # noqa: E731 (only process 0 reports)
+    multi = jax.process_count() > 1
     changed = check_workdir(workdir, model_cfg, train_cfg)
     if changed:
         log(f"note: train settings changed since the last run in {workdir}: {', '.join(changed)}")
     if primary:
         write_json_atomic(workdir / "config.json", configs)
 
-    state = init_state(model_cfg, train_cfg)
+    state = init_state(model_cfg, train_cfg, mesh=mesh, rules=rules)
     data_iter = make_iterator(task, "train", train_cfg.global_batch, train_cfg.seed)
     val_batches = _val_batches(task, train_cfg)
     eval_key = jax.random.fold_in(jax.random.key(train_cfg.seed), EVAL_STREAM)
@@ -496,20 +657,25 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir, *, task=None,
         if resumed_from is not None:
             log(f"resumed from step {resumed_from} in {workdir}")
         last = {"step": step}
-        saved_step = resumed_from
+        saved_step, stopped = resumed_from, False
         t_start = t_mark = time.perf_counter()
         interval = []  # device metrics of the steps since the last row
         while step < train_cfg.max_steps:
             batch = next(data_iter)
-            state, metrics = train_step(model_cfg, train_cfg, state, batch, prompt_len=prompt_len)
+            if mesh is not None:  # this process's rows -> one global batch
+                batch = sh.place_local_batch(batch, mesh, rules)
+            state, metrics = train_step(model_cfg, train_cfg, state, batch, prompt_len=prompt_len,
+                                        mesh=mesh, rules=rules)
             step += 1
             interval.append(metrics)
             first = step == start_step + 1
             done = step == train_cfg.max_steps
-            stop = flag["signal"] is not None
+            row_due = first or step % train_cfg.log_every == 0
+            # Multi-host: processes agree on stopping at logged steps only (one tiny collective).
+            stop = _stop_requested(flag, agree=row_due) if multi else flag["signal"] is not None
             eval_due = done or (train_cfg.eval_every and step % train_cfg.eval_every == 0)
-            if first or step % train_cfg.log_every == 0 or eval_due or stop:
-                host = jax.device_get(interval)  # the host sync of this interval
+            if row_due or eval_due or stop:
+                host = sh.to_host(interval)  # the host sync of this interval
                 seconds = time.perf_counter() - t_mark
                 row = {"step": step, **{k: float(v) for k, v in host[-1].items()},
                        "loss_avg": float(np.mean([h["loss"] for h in host]))}
@@ -521,7 +687,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir, *, task=None,
                 row["elapsed_s"] = time.perf_counter() - t_start
                 if eval_due:
                     row.update(evaluate(model_cfg, train_cfg, state.params, val_batches,
-                                        eval_key, step, prompt_len=prompt_len))
+                                        eval_key, step, prompt_len=prompt_len, mesh=mesh,
+                                        rules=rules))
                 writer.write(row)
                 log(metrics_log.progress_line(row, train_cfg.max_steps))
                 last = row
@@ -532,11 +699,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir, *, task=None,
                 saved_step = step
                 t_mark += time.perf_counter() - t_save  # keep the blocking save out of tokens/s
             if stop:
-                log(f"signal {flag['signal']} at step {step}: checkpoint saved; exiting")
+                stopped = True
+                got = flag["signal"] if flag["signal"] is not None else "on another process"
+                log(f"signal {got} at step {step}: checkpoint saved; exiting")
                 break
         if step == start_step:  # nothing to train: report the evaluation of the checkpoint
             last = {"step": step, **evaluate(model_cfg, train_cfg, state.params, val_batches,
-                                             eval_key, step, prompt_len=prompt_len)}
+                                             eval_key, step, prompt_len=prompt_len, mesh=mesh,
+                                             rules=rules)}
         elif saved_step != step:
             manager.save(step, state, data_iter=data_iter, configs=configs)
         manager.wait()
@@ -548,5 +718,5 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir, *, task=None,
     if primary:
         metrics_log.plot_losses(metrics_log.read_metrics(workdir / "metrics.jsonl"),
                                 workdir / "loss.png")
-    return {**last, "step": step, "preempted": flag["signal"] is not None,
+    return {**last, "step": step, "preempted": stopped or flag["signal"] is not None,
             "resumed_from": resumed_from}

@@ -1,0 +1,93 @@
+"""Time the sharded train step: `python -m launch.step_time --config=<preset> --meshes=...`.
+
+For each mesh (data:fsdp:tensor) of --meshes: build the sharded state (`init_state(mesh=...)`),
+place one fixed batch of the preset's task, run --warmup steps (compilation included), then time
+--steps steps one by one (each waits for its result) and print the median and the spread. One
+JSON object per mesh goes to --json (appended) if given. The numbers of docs/scaling.md come
+from this script.
+
+Fake CPU devices must be set before JAX starts, so compare device counts across processes:
+  python -m launch.step_time --config=tiny --meshes=1:1:1
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python -m launch.step_time --config=tiny --meshes=1:1:1,8:1:1,2:2:2,1:2:4
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from launch import flags as launch_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "tiny", "Preset name (experiments/presets.py).")
+flags.DEFINE_string("meshes", "1:1:1", "Comma-separated meshes data:fsdp:tensor.")
+flags.DEFINE_string("mesh_axis_type", "auto", "auto or explicit.")
+flags.DEFINE_integer("steps", 30, "Timed steps per mesh.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles).")
+flags.DEFINE_string("json", None, "Append one JSON line per mesh to this file.")
+launch_flags.define_set_flag()
+
+
+def time_mesh(model_cfg, train_cfg, batch: np.ndarray, mesh_text: str) -> dict:
+    """Median seconds per train step on one mesh (see the module docstring)."""
+    from sigma_jax import sharding as sh
+    from sigma_jax.train import check_batch_fits, init_state, train_step
+
+    mesh = sh.make_mesh(sh.MeshConfig.parse(mesh_text, FLAGS.mesh_axis_type))
+    check_batch_fits(train_cfg, mesh)
+    with jax.set_mesh(mesh):
+        state = init_state(model_cfg, train_cfg, mesh=mesh)
+        placed = sh.place_local_batch(batch, mesh)
+        t0 = time.perf_counter()
+        for _ in range(FLAGS.warmup):
+            state, metrics = train_step(model_cfg, train_cfg, state, placed, mesh=mesh)
+            jax.block_until_ready(metrics)
+        warmup_s = time.perf_counter() - t0
+        times = []
+        for _ in range(FLAGS.steps):
+            t0 = time.perf_counter()
+            state, metrics = train_step(model_cfg, train_cfg, state, placed, mesh=mesh)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - t0)
+    times = np.asarray(times)
+    return {"config": FLAGS.config, "mesh": mesh_text, "axis_type": FLAGS.mesh_axis_type,
+            "devices": jax.device_count(), "platform": jax.default_backend(),
+            "batch": int(batch.shape[0]), "seq_len": int(batch.shape[1]),
+            "median_s": float(np.median(times)), "p10_s": float(np.percentile(times, 10)),
+            "p90_s": float(np.percentile(times, 90)), "steps": FLAGS.steps,
+            "warmup_s": warmup_s, "final_loss": float(metrics["loss"])}
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        launch_flags.die(f"unexpected arguments: {' '.join(argv[1:])}")
+    from launch.train import build
+    from sigma_jax.data import make_iterator
+
+    with launch_flags.usage_errors():
+        model_cfg, train_cfg, task = build(FLAGS.config, FLAGS.set)
+        meshes = [m.strip() for m in FLAGS.meshes.split(",") if m.strip()]
+    it = make_iterator(task, "train", train_cfg.global_batch, train_cfg.seed, num_threads=0)
+    batch = np.asarray(next(it), np.int32)
+    print(f"# {FLAGS.config}: {model_cfg.n_layer}x{model_cfg.n_embd} model, batch "
+          f"{batch.shape[0]}x{batch.shape[1]}, {jax.device_count()} {jax.default_backend()} "
+          f"devices; median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up steps")
+    for mesh_text in meshes:
+        with launch_flags.usage_errors():
+            row = time_mesh(model_cfg, train_cfg, batch, mesh_text)
+        print(f"mesh {mesh_text:>7} ({row['axis_type']}): {1e3 * row['median_s']:8.2f} ms/step "
+              f"(p10 {1e3 * row['p10_s']:.2f}, p90 {1e3 * row['p90_s']:.2f}), warm-up "
+              f"{row['warmup_s']:.1f} s", flush=True)
+        if FLAGS.json:
+            with open(FLAGS.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    jax.config.config_with_absl()
+    app.run(main)
