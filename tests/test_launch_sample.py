@@ -81,3 +81,12 @@ def test_missing_checkpoint_exits_2(tmp_path):
     out = _run("-m", "launch.sample", f"--workdir={tmp_path / 'nothing'}")
     assert out.returncode == 2
     assert "launch.train" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_animate_redraws_until_every_position_is_filled(char_run):
+    out = _run("-m", "launch.sample", f"--workdir={char_run}", "--animate", "--window=8",
+               "--prompt=ROMEO:", "--length=24")
+    assert out.returncode == 0, out.stderr[-2000:]
+    frames = re.findall(r"\[iteration (\d+), (\d+)/24 filled\]", out.stdout)
+    assert int(frames[0][0]) == 0 and int(frames[0][1]) == 6  # the prompt is known at the start
+    assert int(frames[-1][1]) == 24 and len(frames) >= 1 + 18 // 8
