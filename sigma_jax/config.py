@@ -40,6 +40,10 @@ class ModelConfig:
     d_ff: MLP hidden width; None means 4 * n_embd.
     pos_encoding: 'learned' (one table of width n_embd/2 used for both positions, as the published
       text code) or 'sinusoidal' (the published non-text formula with len_max 1e5).
+    sinusoidal_scale: amplitude of the sinusoidal encoding (1.0 = published). Against token
+      embeddings of std 0.02, amplitude 1 drowns the token content, and random-order training then
+      stays at the unigram loss for a long time (docs/training_dynamics.md); 0.1 leaves it within
+      a few hundred steps at CPU scale.
     bos: reserve a start token and a start position, so every token of a sequence is predicted and
       unconditional generation works. False is the published text convention (first token unscored).
     dtype / param_dtype: compute and storage dtypes, 'float32' or 'bfloat16'. Logits, softmax and
@@ -55,6 +59,7 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     pos_encoding: str = "learned"
+    sinusoidal_scale: float = 1.0
     bos: bool = True
     tie_embeddings: bool = True
     dtype: str = "float32"
@@ -78,6 +83,12 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        scale = self.sinusoidal_scale
+        if not isinstance(scale, int | float) or isinstance(scale, bool) or not scale > 0:
+            raise ValueError(f"sinusoidal_scale must be a positive float, got {scale!r}")
+        if scale != 1.0 and self.pos_encoding != "sinusoidal":
+            raise ValueError("sinusoidal_scale only applies to pos_encoding='sinusoidal'; "
+                             f"got sinusoidal_scale={scale!r} with {self.pos_encoding!r}")
         _choice("dtype", self.dtype, DTYPES)
         _choice("param_dtype", self.param_dtype, DTYPES)
 

@@ -42,7 +42,9 @@ def sinusoidal_encoding(pos: jax.Array, half_width: int, n_embd: int) -> jax.Arr
 
 
 class DoublePositionalEmbedding(nn.Module):
-    """concat(PE(pos_in), PE(pos_out)): [B, T] x 2 -> [B, T, n_embd], input half first."""
+    """concat(PE(pos_in), PE(pos_out)): [B, T] x 2 -> [B, T, n_embd], input half first.
+
+    Sinusoidal: PE = cfg.sinusoidal_scale * sinusoidal_encoding; learned: rows of one table."""
 
     cfg: ModelConfig
 
@@ -51,7 +53,7 @@ class DoublePositionalEmbedding(nn.Module):
         cfg = self.cfg
         half = cfg.n_embd // 2
         if cfg.pos_encoding == "sinusoidal":
-            encode = lambda p: sinusoidal_encoding(p, half, cfg.n_embd)
+            encode = lambda p: cfg.sinusoidal_scale * sinusoidal_encoding(p, half, cfg.n_embd)
         else:
             # One table for both halves; with a start token, row block_size is the start position.
             rows = cfg.block_size + int(cfg.bos)

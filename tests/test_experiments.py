@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import common, flights, maze, synthetic, text
+from experiments import common, flights, maze, positions, synthetic, text
 from sigma_jax import ModelConfig, init_params
 from sigma_jax.data import load_task
 from sigma_jax.data import maze as maze_lib
@@ -112,6 +112,27 @@ def test_flights_errors_baselines_and_masks():
     assert (interp[known] == refs[known]).all()
 
 
+def test_walk_bayes_loss_matches_brute_force_enumeration():
+    """The closed form (nearest known neighbours, binomial steps mod 16) against counting all
+    16 * 2^(n-1) equally likely walks consistent with what is known."""
+    import itertools
+    import math
+
+    n, v = 5, positions.WALK_V
+    walks = np.array([[(s + sum(steps[:p])) % v for p in range(n)]
+                      for s in range(v) for steps in itertools.product((0, 1), repeat=n - 1)])
+    rng = np.random.default_rng(3)
+    tokens = walks[rng.choice(len(walks), 4)]
+    order = np.stack([rng.permutation(n) for _ in range(4)])
+    total = 0.0
+    for row, perm in zip(tokens, order, strict=True):
+        for t, p in enumerate(perm):
+            consistent = np.all(walks[:, perm[:t]] == row[perm[:t]], axis=1)
+            total -= math.log(np.mean(walks[consistent, p] == row[p]))
+    np.testing.assert_allclose(positions.walk_bayes_loss(tokens, order), total / tokens.size,
+                               rtol=1e-10)
+
+
 # ---------------------------------------------------------------- smoke runs
 
 
@@ -126,6 +147,17 @@ def check_synthetic_rows(rows):
             assert r["iterations_max"] == n and r["forward_passes_mean"] == n + 1
         else:
             assert r["forward_passes_mean"] == 1 + 2 * r["iterations_max"]
+
+
+def test_positions_smoke(tmp_path):
+    record, out = smoke(positions, tmp_path)
+    assert (out / "curves.png").exists()
+    rows = record["rows"]
+    assert [r["encoding"] for r in rows] == list(positions.ENCODINGS) * 2
+    for r in rows:
+        assert len(r["curve"]) == r["steps"] // 2 and np.isfinite(r["val_loss_random"])
+    refs = record["references"]["random walk"]
+    assert 0 < refs["Bayes optimum"] < refs["unigram ln 16"]
 
 
 def test_synthetic_smoke_product(tmp_path):

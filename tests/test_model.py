@@ -120,6 +120,18 @@ def test_double_encoding_puts_the_input_position_first(encoding):
         np.testing.assert_allclose(e_start[:half], sinusoidal_encoding(jnp.array(-1), half, 32))
 
 
+def test_sinusoidal_scale_multiplies_both_halves():
+    from sigma_jax.model import DoublePositionalEmbedding
+
+    cfg = CFG.replace(pos_encoding="sinusoidal", sinusoidal_scale=0.1)
+    got = np.asarray(DoublePositionalEmbedding(cfg).apply({}, jnp.array([[-1, 5]]),
+                                                          jnp.array([[2, 0]])))[0]
+    half = cfg.n_embd // 2
+    pe = lambda p: 0.1 * np.asarray(sinusoidal_encoding(jnp.array(p), half, cfg.n_embd))
+    np.testing.assert_allclose(got, np.stack([np.concatenate([pe(-1), pe(2)]),
+                                              np.concatenate([pe(5), pe(0)])]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("bos", [True, False])
 def test_causality_under_random_orders(bos):
     """The loss at order step t has exactly zero gradient w.r.t. the token and position
@@ -153,7 +165,8 @@ def test_causality_under_random_orders(bos):
 @pytest.mark.parametrize(
     "field, value",
     [("vocab_size", 0), ("n_embd", 30), ("n_head", 5), ("pos_encoding", "rope"),
-     ("dtype", "float16"), ("dropout", 1.5), ("bos", "yes"), ("d_ff", -1)],
+     ("dtype", "float16"), ("dropout", 1.5), ("bos", "yes"), ("d_ff", -1),
+     ("sinusoidal_scale", 0.0), ("sinusoidal_scale", 0.5)],  # 0.5 with learned positions
 )
 def test_bad_config_raises_naming_the_field(field, value):
     kwargs = dict(vocab_size=16, block_size=12, n_embd=32, n_head=4)
