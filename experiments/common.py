@@ -134,6 +134,7 @@ class Run:
     rows: list
     train_s: float
     n_params: int
+    reloaded: bool = False  # a finished run was loaded, not trained by this invocation
 
 
 def count_params(params) -> int:
@@ -171,9 +172,11 @@ def train_run(label: str, preset: str, workdir, task, *, model: dict | None = No
     _, params, _ = checkpoint.load(workdir)
     rows = read_metrics(workdir / "metrics.jsonl")
     elapsed = [r["elapsed_s"] for r in rows if "elapsed_s" in r]
-    train_s = elapsed[-1] if elapsed and final.get("resumed_from") is not None else seconds
+    resumed = final.get("resumed_from") is not None
+    train_s = elapsed[-1] if elapsed and resumed else seconds
     return Run(label=label, model_cfg=model_cfg, train_cfg=train_cfg, params=params,
-               final=final, rows=rows, train_s=float(train_s), n_params=count_params(params))
+               final=final, rows=rows, train_s=float(train_s), n_params=count_params(params),
+               reloaded=resumed)
 
 
 def val_curves(run: Run) -> dict[str, list]:
@@ -187,11 +190,26 @@ def val_curves(run: Run) -> dict[str, list]:
 # ---------------------------------------------------------------- sampling
 
 
+def random_unknown_order(key, known: np.ndarray) -> np.ndarray:
+    """Known positions first in ascending order, then the unknown ones in a uniformly random
+    order, per row: int32 [B, N]. This is the order a model trained with keep_prompt_first saw."""
+    known = np.asarray(known, bool)
+    n = known.shape[1]
+    u = np.asarray(jax.random.uniform(key, known.shape))
+    return np.argsort(np.where(known, np.arange(n) - n, u), axis=1, kind="stable").astype(
+        np.int32)
+
+
 def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strategy: str, *,
            temperature: float = 1.0, chunk: int = 64, window: int | None = None,
-           n_orders: int = 5) -> tuple[np.ndarray, dict]:
+           n_orders: int = 5, known_order: str = "random") -> tuple[np.ndarray, dict]:
     """Fill the unknown positions of tokens[B, N] with one generation strategy (STRATEGIES), in
     chunks of `chunk` rows (the last chunk is padded, so every call has one shape).
+
+    known_order: how 'ar_random' feeds the known tokens: 'random' (the sampler's own random
+    order, right for models trained on uniformly random orders) or 'ascending' (index order, as
+    in training with keep_prompt_first; the burst samplers and the other AR orders always feed
+    them in ascending order).
 
     Returns (samples int32 [B, N], stats): iterations_mean / _max (per row: AR one per token,
     burst draft+verify rounds), generated_mean, forward_passes_mean (sequential model calls per
@@ -200,6 +218,8 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
     """
     from sigma_jax import sample_ar, sample_burst
 
+    if known_order not in ("random", "ascending"):
+        raise ValueError(f"known_order must be 'random' or 'ascending'; got {known_order!r}")
     tokens = np.asarray(tokens, np.int32)
     known = np.asarray(known, bool)
     b = tokens.shape[0]
@@ -210,7 +230,11 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
         idx = np.arange(lo, lo + chunk) % b  # pad the last chunk with rows from the start
         tk, kn = jnp.asarray(tokens[idx]), jnp.asarray(known[idx])
         k = jax.random.fold_in(key, i)
-        if strategy.startswith("ar_"):
+        if strategy == "ar_random" and known_order == "ascending":
+            order = random_unknown_order(jax.random.fold_in(k, 1), known[idx])
+            out, stats = sample_ar(model_cfg, params, k, tk, kn, order=jnp.asarray(order),
+                                   temperature=temperature)
+        elif strategy.startswith("ar_"):
             out, stats = sample_ar(model_cfg, params, k, tk, kn, order=strategy[3:],
                                    temperature=temperature)
         elif strategy.startswith("burst_"):
@@ -284,20 +308,27 @@ def to_jsonable(obj):
 
 
 def write_results(args: argparse.Namespace, title: str, body: str, payload: dict,
-                  hw: dict, wall_s: float) -> dict:
+                  hw: dict, wall_s: float, runs: Sequence[Run] = ()) -> dict:
     """Write <out>/results.json (payload + command, size, hardware, wall time) and
-    <out>/results.md (a header with the same facts, then `body`). Returns the JSON object."""
+    <out>/results.md (a header with the same facts, then `body`). Returns the JSON object.
+    runs: the trained models; when some were reloaded from finished runs (not trained by this
+    invocation) the wall time says so and the training times are in the training tables."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    reloaded = [r.label for r in runs if r.reloaded]
     record = {"experiment": args.name, "size": args.size, "command": command_line(args),
-              "hardware": hw, "wall_s": round(wall_s, 1), **payload}
+              "hardware": hw, "wall_s": round(wall_s, 1), "reloaded_runs": reloaded, **payload}
     record = to_jsonable(record)
     (out / "results.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if reloaded:
+        what = (f"evaluation and plots only: the trained models ({', '.join(reloaded)}) were "
+                "reloaded from finished runs, whose training times are in the training table")
+    else:
+        what = "training, evaluation and plots included"
     header = [f"# {title}", "",
               f"- command: `{command_line(args)}` (size `{args.size}`)",
               f"- hardware: {hardware_line(hw)}",
-              f"- wall time: {wall_s / 60:.1f} min ({wall_s:.0f} s), training, evaluation and "
-              "plots included",
+              f"- wall time: {wall_s / 60:.1f} min ({wall_s:.0f} s), {what}",
               f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", ""]
     (out / "results.md").write_text("\n".join(header) + "\n" + body.rstrip() + "\n")
     return record

@@ -213,7 +213,8 @@ def main(argv=None) -> dict:
         "The published vertical-rate data (1001 tokens, aircraft type and cleared levels) is "
         "private.",
         f"- models (the same for both): {cfg.n_layer} layers x {cfg.n_embd}, {cfg.n_head} heads,"
-        f" dropout {cfg.dropout}, sinusoidal double positions, {sigma.n_params:,} parameters; "
+        f" dropout {cfg.dropout}, sinusoidal double positions (amplitude "
+        f"{cfg.sinusoidal_scale:g}), {sigma.n_params:,} parameters; "
         f"{tc.max_steps} steps x {tc.batch_size} profiles, lr {tc.learning_rate:g} cosine to "
         f"{tc.min_lr:g}. GPT: left-to-right order. σ-GPT: random order of the whole sequence",
         f"- evaluation: every held-out profile {spec['n_rep']} times (independent samples, "
@@ -258,7 +259,8 @@ def main(argv=None) -> dict:
     payload = {"seq_len": n, "prompt_len": p, "n_known": spec["n_known"], "training": train_rows,
                "results": rows, "densities": dens}
     return common.write_results(args, "Flights: altitude prediction and infilling",
-                                "\n".join(body), payload, hw, time.perf_counter() - t_start)
+                                "\n".join(body), payload, hw, time.perf_counter() - t_start,
+                                runs=[gpt, sigma])
 
 
 if __name__ == "__main__":

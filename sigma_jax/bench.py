@@ -219,8 +219,8 @@ TASK_VOCAB = {"product": 2, "step": 2, "maze": 5, "flights": 450, "shakespeare_c
 # Used only when experiments.presets cannot be imported.
 _FALLBACK_PRESETS = {
     "tiny": dict(vocab_size=2, block_size=32, n_layer=2, n_head=2, n_embd=32),
-    "shakespeare_char_cpu": dict(vocab_size=65, block_size=128, n_layer=4, n_head=4, n_embd=128,
-                                 bias=False),
+    "shakespeare_char_cpu": dict(vocab_size=65, block_size=256, n_layer=4, n_head=4, n_embd=128,
+                                 bias=False, pos_encoding="sinusoidal", sinusoidal_scale=0.1),
     "gpt2_small": dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768,
                        bias=False, dtype="bfloat16", param_dtype="float32"),
 }
