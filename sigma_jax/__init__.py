@@ -5,19 +5,22 @@ from sigma_jax.cache import KVCache
 from sigma_jax.config import ModelConfig
 from sigma_jax.likelihood import conditionals, log_prob
 from sigma_jax.model import forward, init_params
-from sigma_jax.sample_ar import sample_ar
-from sigma_jax.sample_burst import sample_burst
-from sigma_jax.sampling import SampleStats
+from sigma_jax.sample_ar import sample_ar, sample_ar_call
+from sigma_jax.sample_burst import sample_burst, sample_burst_call
+from sigma_jax.sampling import SamplerCall, SampleStats
 
 __all__ = [
     "KVCache",
     "ModelConfig",
     "SampleStats",
+    "SamplerCall",
     "conditionals",
     "forward",
     "init_params",
     "log_prob",
     "orders",
     "sample_ar",
+    "sample_ar_call",
     "sample_burst",
+    "sample_burst_call",
 ]

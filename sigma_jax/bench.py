@@ -9,12 +9,12 @@ Harness (jax_practice.md section 10):
 - Counters (forward passes, iterations, tokens per iteration) always come from the `SampleStats`
   the sampler returns, never from timing.
 
-What is timed for the samplers: the jitted kernels `_sample_ar` / `_sample_burst`, compiled AOT and
-called with arguments prepared exactly as the public wrappers prepare them (typed scalars, per-row
-keys, masked tokens). The wrappers do input validation (which reads arrays back to the host) and a
-few small dispatches per call; that is per-call overhead of a Python convenience layer, not of the
-sampler, and would distort the ms-per-sequence of small configurations. `kernel_matches_public` is
-there for the tests: the kernel on the prepared arguments returns what the public function returns.
+What is timed for the samplers: the jitted kernels of `sample_ar_call` / `sample_burst_call` (the
+public prepared calls that `sample_ar` / `sample_burst` run), compiled AOT. Preparing a call
+validates the inputs (which reads arrays back to the host) and splits keys; that is per-call
+overhead of a Python convenience layer, not of the sampler, and would distort the ms-per-sequence
+of small configurations, so it is done before timing. `kernel_matches_public` is there for the
+tests: the compiled kernel on the prepared arguments returns what the public function returns.
 
 Nothing here imports grain (the GPU image has none); presets, checkpoints and the library train step
 are imported lazily and have local fallbacks.
@@ -362,29 +362,17 @@ def unconditional_inputs(cfg: ModelConfig, batch: int, length: int):
 
 def prepare_sampler(cfg: ModelConfig, params: dict, spec: SamplerSpec, key: jax.Array,
                     tokens, known, temperature: float = 1.0):
-    """(jitted kernel, positional args, static kwargs) exactly as `sample_ar` / `sample_burst`
-    build them for (key, tokens, known) with order='random', no top-k / top-p."""
-    from sigma_jax.sampling import check_sampler_inputs, row_keys, scalar
+    """The public prepared call (`sampling.SamplerCall`) of `spec`'s sampler for (key, tokens,
+    known), order='random', no top-k / top-p."""
+    from sigma_jax.sample_ar import sample_ar_call
+    from sigma_jax.sample_burst import sample_burst_call
 
-    known = jnp.asarray(known, bool)
-    tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32), 0)
-    check_sampler_inputs(cfg, tokens, known, "random")
-    b, n = tokens.shape
-    keys = row_keys(key, b)
-    temp = scalar(temperature, jnp.float32, "temperature")
     if not spec.is_burst:
-        from sigma_jax.sample_ar import _sample_ar
-
-        static = dict(kind="random", top_k=None, use_cache=spec.name == "ar_cached")
-        return _sample_ar, (cfg, params, keys, tokens, known, None, temp, None), static
-    from sigma_jax.sample_burst import BurstOptions, _check_options, _sample_burst
-
+        return sample_ar_call(cfg, params, key, tokens, known, temperature=temperature,
+                              use_cache=spec.name == "ar_cached")
     mode = "exact" if spec.name == "burst_exact" else "paper"
-    _check_options(mode, spec.n_orders, spec.window, n, None)
-    opts = BurstOptions(mode=mode, window=spec.window or n,
-                        n_orders=spec.n_orders if mode == "paper" else 1, top_k=None)
-    max_iters = scalar(n, jnp.int32, "max_iters")
-    return _sample_burst, (cfg, params, keys, tokens, known, temp, None, max_iters, opts), {}
+    return sample_burst_call(cfg, params, key, tokens, known, mode=mode, n_orders=spec.n_orders,
+                             window=spec.window, temperature=temperature)
 
 
 def public_sample(cfg, params, spec: SamplerSpec, key, tokens, known):
@@ -400,9 +388,10 @@ def public_sample(cfg, params, spec: SamplerSpec, key, tokens, known):
 
 
 def kernel_matches_public(cfg, params, spec: SamplerSpec, key, tokens, known) -> bool:
-    """True when the kernel on prepared arguments returns the public function's tokens/stats."""
-    jitted, args, static = prepare_sampler(cfg, params, spec, key, tokens, known)
-    ours = jitted(*args, **static)
+    """True when the AOT-compiled kernel on prepared arguments returns the public function's
+    tokens and stats."""
+    call = prepare_sampler(cfg, params, spec, key, tokens, known)
+    ours = compile_aot(call.kernel, call.args, call.static)(*call.args)
     theirs = public_sample(cfg, params, spec, key, tokens, known)
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
                         ours, theirs)
@@ -450,15 +439,13 @@ def measure_sampler(cfg: ModelConfig, params: dict, spec: SamplerSpec, length: i
     if length > cfg.block_size:
         raise ValueError(f"length {length} exceeds the model's block_size {cfg.block_size}")
     tokens, known = unconditional_inputs(cfg, batch, length)
-    arg_sets = []
-    for i in range(warmup + repeats):
-        jitted, args, static = prepare_sampler(cfg, params, spec,
-                                               jax.random.key(seed * 1000 + i), tokens, known)
-        arg_sets.append(args)
+    calls = [prepare_sampler(cfg, params, spec, jax.random.key(seed * 1000 + i), tokens, known)
+             for i in range(warmup + repeats)]
+    arg_sets = [call.args for call in calls]
     cache_key = (spec, cfg, length, batch, _signature(params))
     kernels = {} if kernels is None else kernels
     if cache_key not in kernels:
-        kernels[cache_key] = compile_aot(jitted, arg_sets[0], static)
+        kernels[cache_key] = compile_aot(calls[0].kernel, arg_sets[0], calls[0].static)
     kernel = kernels[cache_key]
     timing, outputs = time_calls(lambda i: kernel(*arg_sets[i]), repeats, warmup)
     stats = [jax.device_get(out[1]) for out in outputs]  # after timing: no effect on it

@@ -14,6 +14,7 @@ from sigma_jax.config import ModelConfig
 from sigma_jax.decode import cache_capacity, extend_pass, prefill
 from sigma_jax.model import forward
 from sigma_jax.sampling import (
+    SamplerCall,
     SampleStats,
     check_sampler_inputs,
     draw,
@@ -38,6 +39,15 @@ def sample_ar(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
     use_cache=False recomputes the whole prefix at every step (the oracle for the cached path).
     Returns (tokens [B, N] with known tokens unchanged, SampleStats).
     """
+    return sample_ar_call(cfg, params, key, tokens, known, order=order, temperature=temperature,
+                          top_k=top_k, top_p=top_p, use_cache=use_cache)()
+
+
+def sample_ar_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
+                   known: jax.Array, *, order="random", temperature=1.0,
+                   top_k: int | None = None, top_p=None, use_cache: bool = True) -> SamplerCall:
+    """`sample_ar`'s arguments checked and prepared, not yet run: a `SamplerCall` (call it to
+    sample, `.lower()` to compile ahead of time). Bad input raises ValueError before any work."""
     known = jnp.asarray(known, bool)
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32), 0)
     check_sampler_inputs(cfg, tokens, known, order)
@@ -45,9 +55,9 @@ def sample_ar(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
     kind = order if isinstance(order, str) else None
     explicit = None if kind else jnp.asarray(order, jnp.int32)
     top_p = None if top_p is None else scalar(top_p, jnp.float32, "top_p")
-    return _sample_ar(cfg, params, keys, tokens, known, explicit,
-                      scalar(temperature, jnp.float32, "temperature"), top_p,
-                      kind=kind, top_k=top_k, use_cache=use_cache)
+    args = (cfg, params, keys, tokens, known, explicit,
+            scalar(temperature, jnp.float32, "temperature"), top_p)
+    return SamplerCall(_sample_ar, args, dict(kind=kind, top_k=top_k, use_cache=use_cache))
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "top_k", "use_cache"))

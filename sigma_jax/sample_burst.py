@@ -32,6 +32,7 @@ from sigma_jax.config import ModelConfig
 from sigma_jax.decode import burst_pass, cache_capacity, extend_pass, prefill
 from sigma_jax.orders import ordered_known_first
 from sigma_jax.sampling import (
+    SamplerCall,
     SampleStats,
     check_sampler_inputs,
     draw,
@@ -98,6 +99,17 @@ def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
     truncated model exactly. Returns (tokens [B, N], SampleStats); rows stopped by max_iters keep
     unfilled positions at 0 and report finished=False.
     """
+    return sample_burst_call(cfg, params, key, tokens, known, mode=mode, n_orders=n_orders,
+                             temperature=temperature, top_k=top_k, top_p=top_p,
+                             max_iters=max_iters, window=window)()
+
+
+def sample_burst_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
+                      known: jax.Array, *, mode: str = "exact", n_orders: int = 5,
+                      temperature=1.0, top_k: int | None = None, top_p=None, max_iters=None,
+                      window: int | None = None) -> SamplerCall:
+    """`sample_burst`'s arguments checked and prepared, not yet run: a `SamplerCall` (call it to
+    sample, `.lower()` to compile ahead of time). Bad input raises ValueError before any work."""
     known = jnp.asarray(known, bool)
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32), 0)
     check_sampler_inputs(cfg, tokens, known)
@@ -108,8 +120,9 @@ def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
     keys = row_keys(key, tokens.shape[0])
     top_p = None if top_p is None else scalar(top_p, jnp.float32, "top_p")
     max_iters = scalar(n if max_iters is None else max_iters, jnp.int32, "max_iters")
-    return _sample_burst(cfg, params, keys, tokens, known,
-                         scalar(temperature, jnp.float32, "temperature"), top_p, max_iters, opts)
+    args = (cfg, params, keys, tokens, known, scalar(temperature, jnp.float32, "temperature"),
+            top_p, max_iters, opts)
+    return SamplerCall(_sample_burst, args, {})
 
 
 @jax.jit

@@ -1,9 +1,10 @@
-"""What both samplers share: per-row keys, logits -> probabilities, token draws, statistics, and
-input checks."""
+"""What both samplers share: per-row keys, logits -> probabilities, token draws, statistics, input
+checks, and the prepared-call type `SamplerCall`."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,24 @@ class SampleStats:
     @property
     def tokens_per_iteration(self) -> jax.Array:
         return self.generated / jnp.maximum(self.iterations, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerCall:
+    """A sampler's jitted kernel with its prepared arguments (inputs checked, keys split per row,
+    scalars as arrays): `call()` samples, `call.lower()` gives the AOT `jax.stages.Lowered`
+    (compile it once, time it apart, or read its cost analysis). Built by `sample_ar_call` /
+    `sample_burst_call`; `sample_ar` / `sample_burst` are exactly `..._call(...)()`."""
+
+    kernel: Callable
+    args: tuple
+    static: dict
+
+    def __call__(self) -> tuple[jax.Array, SampleStats]:
+        return self.kernel(*self.args, **self.static)
+
+    def lower(self) -> jax.stages.Lowered:
+        return self.kernel.lower(*self.args, **self.static)
 
 
 def row_keys(key: jax.Array, batch: int) -> jax.Array:
