@@ -190,16 +190,6 @@ def val_curves(run: Run) -> dict[str, list]:
 # ---------------------------------------------------------------- sampling
 
 
-def random_unknown_order(key, known: np.ndarray) -> np.ndarray:
-    """Known positions first in ascending order, then the unknown ones in a uniformly random
-    order, per row: int32 [B, N]. This is the order a model trained with keep_prompt_first saw."""
-    known = np.asarray(known, bool)
-    n = known.shape[1]
-    u = np.asarray(jax.random.uniform(key, known.shape))
-    return np.argsort(np.where(known, np.arange(n) - n, u), axis=1, kind="stable").astype(
-        np.int32)
-
-
 def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strategy: str, *,
            temperature: float = 1.0, chunk: int = 64, window: int | None = None,
            n_orders: int = 5, known_order: str = "random") -> tuple[np.ndarray, dict]:
@@ -216,7 +206,7 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
     batched call: AR 1 + R, burst 1 + 2 x the slowest row's iterations), tokens_per_iteration,
     finished (fraction), seconds (wall, first call's compilation included).
     """
-    from sigma_jax import sample_ar, sample_burst
+    from sigma_jax import orders, sample_ar, sample_burst
 
     if known_order not in ("random", "ascending"):
         raise ValueError(f"known_order must be 'random' or 'ascending'; got {known_order!r}")
@@ -231,8 +221,8 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
         tk, kn = jnp.asarray(tokens[idx]), jnp.asarray(known[idx])
         k = jax.random.fold_in(key, i)
         if strategy == "ar_random" and known_order == "ascending":
-            order = random_unknown_order(jax.random.fold_in(k, 1), known[idx])
-            out, stats = sample_ar(model_cfg, params, k, tk, kn, order=jnp.asarray(order),
+            order = orders.random_order(jax.random.fold_in(k, 1), kn, known_ascending=True)
+            out, stats = sample_ar(model_cfg, params, k, tk, kn, order=order,
                                    temperature=temperature)
         elif strategy.startswith("ar_"):
             out, stats = sample_ar(model_cfg, params, k, tk, kn, order=strategy[3:],

@@ -139,11 +139,10 @@ def validation_orders(seed: int, shape) -> np.ndarray:
     return np.asarray(orders.random_order(jax.random.key(seed + 7), jnp.zeros(shape, bool)))
 
 
-def run_task(name: str, spec: dict, vocab: int, batches, val: np.ndarray, seed: int,
-             log) -> list[dict]:
+def run_task(name: str, spec: dict, vocab: int, batches, val: np.ndarray, order: np.ndarray,
+             seed: int, log) -> list[dict]:
     """One random-order run per encoding: the same batches (batches() -> next_batch) and the
-    same validation orders for each."""
-    order = validation_orders(seed, val.shape)
+    same validation rows `val` read in `order` for each."""
     rows = []
     for label, encoding in ENCODINGS.items():
         log(f"== {name}: {label}")
@@ -161,19 +160,12 @@ def run_task(name: str, spec: dict, vocab: int, batches, val: np.ndarray, seed: 
     return rows
 
 
-def walk_batches(seed: int, b: int, n: int):
-    """A batch factory: each call starts the same stream, so every encoding sees the same walks."""
+def same_stream(seed: int, draw):
+    """A batch factory: each call restarts one seeded stream of draw(rng) -> int32 [B, N], so
+    every encoding trains on the same batches."""
     def factory():
         rng = np.random.default_rng(seed)
-        return lambda: random_walks(rng, b, n)
-    return factory
-
-
-def text_batches(task, seed: int, b: int):
-    """A batch factory of random training windows, the same stream for every encoding."""
-    def factory():
-        rng = np.random.default_rng(seed)
-        return lambda: np.stack([task.train[i] for i in rng.integers(0, len(task.train), b)])
+        return lambda: draw(rng)
     return factory
 
 
@@ -211,18 +203,20 @@ def main(argv=None) -> dict:
             s["steps"] = args.steps
 
     val_walk = random_walks(np.random.default_rng(args.seed + 1), spec["n_val"], walk["n"])
-    rows = run_task("random walk", walk, WALK_V, walk_batches(args.seed, walk["batch"],
-                                                              walk["n"]),
-                    val_walk, args.seed, log)
+    walk_order = validation_orders(args.seed, val_walk.shape)
+    walks = same_stream(args.seed, lambda rng: random_walks(rng, walk["batch"], walk["n"]))
+    rows = run_task("random walk", walk, WALK_V, walks, val_walk, walk_order, args.seed, log)
     task = load_task("shakespeare_char", seq_len=text["n"])
     rng = np.random.default_rng(args.seed + 2)
     val_text = np.stack([task.val[i] for i in rng.choice(len(task.val), spec["n_val"],
                                                           replace=False)])
     sample_train = np.stack([task.train[i] for i in rng.integers(0, len(task.train), 2000)])
-    rows += run_task("text", text, task.vocab_size, text_batches(task, args.seed, text["batch"]),
-                     val_text, args.seed, log)
+    windows = same_stream(args.seed, lambda rng: np.stack(
+        [task.train[i] for i in rng.integers(0, len(task.train), text["batch"])]))
+    rows += run_task("text", text, task.vocab_size, windows, val_text,
+                     validation_orders(args.seed, val_text.shape), args.seed, log)
 
-    bayes = walk_bayes_loss(val_walk, validation_orders(args.seed, val_walk.shape))
+    bayes = walk_bayes_loss(val_walk, walk_order)
     refs = {"random walk": {"unigram ln 16": math.log(WALK_V), "Bayes optimum": bayes},
             "text": {"unigram": unigram_cross_entropy(sample_train, val_text, task.vocab_size)}}
     out = Path(args.out)

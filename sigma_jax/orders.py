@@ -66,11 +66,14 @@ def _order_from_keys(keys: jax.Array) -> jax.Array:
     return jnp.argsort(keys, axis=-1, stable=True).astype(jnp.int32)
 
 
-def random_order(key: jax.Array, known: jax.Array) -> jax.Array:
-    """Known positions first in uniformly random order, then the unknown ones in uniformly random
+def random_order(key: jax.Array, known: jax.Array, *, known_ascending: bool = False
+                 ) -> jax.Array:
+    """Known positions first in uniformly random order (ascending with known_ascending, as a
+    model trained with keep_prompt_first saw its prompt), then the unknown ones in uniformly random
     order, independently per row. known: bool [B, N] -> int32 [B, N]."""
     u = jax.random.uniform(key, known.shape)
-    return _order_from_keys(jnp.where(known, u, 2.0 + u))
+    first = jnp.arange(known.shape[-1]) / known.shape[-1] if known_ascending else u
+    return _order_from_keys(jnp.where(known, first, 2.0 + u))
 
 
 def ordered_known_first(known: jax.Array) -> jax.Array:

@@ -70,6 +70,19 @@ def test_random_order_is_uniform_over_unknown_positions():
     np.testing.assert_allclose(counts[[1, 2, 4]] / 6000, 1 / 3, atol=0.03)
 
 
+def test_random_order_with_known_ascending_keeps_the_same_unknown_order():
+    known = jax.random.uniform(jax.random.key(4), (50, 9)) < 0.4
+    key = jax.random.key(5)
+    ordered = np.asarray(orders.random_order(key, known, known_ascending=True))
+    shuffled = np.asarray(orders.random_order(key, known))
+    for row, k in zip(ordered, np.asarray(known), strict=True):
+        m = int(k.sum())
+        np.testing.assert_array_equal(row[:m], np.flatnonzero(k))
+    n_known = np.asarray(known).sum(1)
+    for a, b, m in zip(ordered, shuffled, n_known, strict=True):
+        np.testing.assert_array_equal(a[m:], b[m:])
+
+
 def test_permute_unpermute_round_trip_with_trailing_dims():
     x = jax.random.normal(jax.random.key(0), (4, 7, 3))
     order = orders.random_order(jax.random.key(1), jnp.zeros((4, 7), bool))
