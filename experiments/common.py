@@ -196,10 +196,10 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
     """Fill the unknown positions of tokens[B, N] with one generation strategy (STRATEGIES), in
     chunks of `chunk` rows (the last chunk is padded, so every call has one shape).
 
-    known_order: how 'ar_random' feeds the known tokens: 'random' (the sampler's own random
-    order, right for models trained on uniformly random orders) or 'ascending' (index order, as
-    in training with keep_prompt_first; the burst samplers and the other AR orders always feed
-    them in ascending order).
+    known_order: how 'ar_random' and the burst strategies feed the known tokens (the samplers'
+    `known_order`): 'random' (a uniformly random order, right for models trained on uniformly
+    random orders) or 'ascending' (index order, as in training with keep_prompt_first; the other
+    AR orders always feed them in ascending order).
 
     Returns (samples int32 [B, N], stats): iterations_mean / _max (per row: AR one per token,
     burst draft+verify rounds), generated_mean, forward_passes_mean (sequential model calls per
@@ -208,8 +208,7 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
     """
     from sigma_jax import orders, sample_ar, sample_burst
 
-    if known_order not in ("random", "ascending"):
-        raise ValueError(f"known_order must be 'random' or 'ascending'; got {known_order!r}")
+    orders.check_known_order(known_order)
     tokens = np.asarray(tokens, np.int32)
     known = np.asarray(known, bool)
     b = tokens.shape[0]
@@ -220,16 +219,13 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
         idx = np.arange(lo, lo + chunk) % b  # pad the last chunk with rows from the start
         tk, kn = jnp.asarray(tokens[idx]), jnp.asarray(known[idx])
         k = jax.random.fold_in(key, i)
-        if strategy == "ar_random" and known_order == "ascending":
-            order = orders.random_order(jax.random.fold_in(k, 1), kn, known_ascending=True)
-            out, stats = sample_ar(model_cfg, params, k, tk, kn, order=order,
-                                   temperature=temperature)
-        elif strategy.startswith("ar_"):
+        if strategy.startswith("ar_"):
             out, stats = sample_ar(model_cfg, params, k, tk, kn, order=strategy[3:],
-                                   temperature=temperature)
+                                   temperature=temperature, known_order=known_order)
         elif strategy.startswith("burst_"):
             out, stats = sample_burst(model_cfg, params, k, tk, kn, mode=strategy[6:],
-                                      n_orders=n_orders, temperature=temperature, window=window)
+                                      n_orders=n_orders, temperature=temperature, window=window,
+                                      known_order=known_order)
         else:
             raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
         keep = min(chunk, b - lo)

@@ -184,8 +184,8 @@ def main(argv=None) -> dict:
     # Conditional densities from one burst pass (σ-GPT), for both conditioning patterns.
     dens = {}
     for pattern, known in patterns.items():
-        probs = np.asarray(conditionals(sigma.model_cfg, sigma.params,
-                                        jnp.asarray(refs[show]), jnp.asarray(known[show])))
+        probs = np.asarray(conditionals(sigma.model_cfg, sigma.params, jnp.asarray(refs[show]),
+                                        jnp.asarray(known[show]), key))
         plot_density(refs[show], known[show], probs, out_dir / f"density_{pattern}.png",
                      f"σ-GPT: p(altitude at t | known points), {pattern} (log10 scale)")
         unknown = ~known[show]

@@ -53,6 +53,15 @@ _NON_TEXT_TRAIN = dict(learning_rate=1e-4, min_lr=2e-5, warmup_steps=0, weight_d
                        beta1=0.9, beta2=0.999, grad_clip=0.0, order_policy="random",
                        eval_every=2000, eval_batches=40, checkpoint_every=2000, log_every=100)
 
+# The CPU character models: 4 x 128, random order, sinusoidal positions at amplitude 0.1.
+_TEXT_CPU_MODEL = dict(block_size=256, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False,
+                       pos_encoding="sinusoidal", sinusoidal_scale=0.1)
+_TEXT_CPU_TRAIN = TrainConfig(task="shakespeare_char", seq_len=256, max_steps=400, batch_size=16,
+                              learning_rate=3e-3, min_lr=3e-4, warmup_steps=30, weight_decay=0.1,
+                              beta1=0.9, beta2=0.99, grad_clip=1.0, order_policy="random",
+                              eval_every=100, eval_batches=16, checkpoint_every=100,
+                              keep_checkpoints=4, log_every=25)
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         model=dict(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
@@ -80,14 +89,19 @@ PRESETS: dict[str, Preset] = {
         # the curriculum learns left to right only (docs/training_dynamics.md). Batch 8 x 600
         # steps left the plateau later (step ~450, 3.26 nats). Block 256: 256-character burst
         # sampling fits.
-        model=dict(block_size=256, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False,
-                   pos_encoding="sinusoidal", sinusoidal_scale=0.1),
-        train=TrainConfig(task="shakespeare_char", seq_len=256, max_steps=400, batch_size=16,
-                          learning_rate=3e-3, min_lr=3e-4, warmup_steps=30, weight_decay=0.1,
-                          beta1=0.9, beta2=0.99, grad_clip=1.0, order_policy="random",
-                          eval_every=100, eval_batches=16, checkpoint_every=100,
-                          keep_checkpoints=4, log_every=25),
+        model=_TEXT_CPU_MODEL,
+        train=_TEXT_CPU_TRAIN,
         description="random-order shakespeare-char in about 6 minutes on 2 CPU cores",
+    ),
+    "shakespeare_char_ref": Preset(
+        # The shipped reference model (sigma_jax.pretrained): the CPU model at batch 32 for
+        # 4000 updates (about 70 minutes on 2 idle CPU cores at ~1 s per update); everything else
+        # as shakespeare_char_cpu. experiments/results/reference_model/ has the run.
+        model=_TEXT_CPU_MODEL,
+        train=_TEXT_CPU_TRAIN.replace(max_steps=4000, batch_size=32, warmup_steps=100,
+                                      eval_every=250, eval_batches=8, checkpoint_every=250,
+                                      keep_checkpoints=3),
+        description="the shipped random-order reference model, about 70 minutes on 2 CPU cores",
     ),
     "maze": Preset(
         # The 37M model: D 512, 8 heads, 12 blocks, d_ff 2048; 546 tokens (273 maze + 273 path).

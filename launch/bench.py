@@ -52,6 +52,8 @@ flags.DEFINE_string("dtype", None, "float32 or bfloat16: inference copies of the
 flags.DEFINE_integer("max_uncached_tokens", None, "Skip uncached AR where B*N*(N+1) exceeds this "
                      "(default CPU 10000, GPU 4300000).")
 flags.DEFINE_integer("train_batch", None, "Training suite batch (default CPU 4, GPU 16).")
+flags.DEFINE_boolean("train_reference", True, "Also time the fixed reference train step "
+                     "(4x128, block 256, batch 32, random order, float32).")
 flags.DEFINE_integer("train_length", None, "Training sequence length (default: the longest "
                      "sampling length, at most block_size).")
 flags.DEFINE_float("budget_s", None, "Skip configurations not started within this many seconds "
@@ -131,6 +133,7 @@ def build_config(on_gpu: bool):
         repeats=FLAGS.repeats, seed=FLAGS.seed,
         max_uncached_tokens=pick(FLAGS.max_uncached_tokens, 4_300_000 if on_gpu else 10_000),
         train_batch=pick(FLAGS.train_batch, 16 if on_gpu else 4), train_length=FLAGS.train_length,
+        train_reference=FLAGS.train_reference,
         matmul_n=8192 if on_gpu else 1024, copy_bytes=(1 << 30) if on_gpu else (128 << 20),
         budget_s=pick(FLAGS.budget_s, None if on_gpu else 150.0),
         out=None if out.lower() == "none" else out,

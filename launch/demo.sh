@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: train the CPU Shakespeare preset (resumes if interrupted),
-# then fill in a prompt with exact burst sampling and with cached AR, printing model calls.
-# Data: $SIGMA_JAX_DATA/tinyshakespeare/input.txt, else downloaded (sha256-checked) on first use.
+# The main job: fill in a Shakespeare prompt with the shipped random-order model, by exact burst
+# sampling and by cached AR, printing model calls and wall time for each (no data, no training).
+#
+#   bash launch/demo.sh                    # sample from the shipped model (about a minute on 2 cores)
+#   bash launch/demo.sh --train [WORKDIR]  # retrain it from scratch (shakespeare_char_ref, about
+#                                          # 70 min on 2 cores; resumes if interrupted), sample from it
+# Training data: $SIGMA_JAX_DATA/tinyshakespeare/input.txt, else downloaded (sha256-checked) once.
 set -euo pipefail
-workdir="${1:-workdirs/shakespeare_char_cpu}"
-python -m launch.train --config=shakespeare_char_cpu --workdir="$workdir"
-prompt='ROMEO:<missing>60</missing>
-JULIET:'
-python -m launch.sample --workdir="$workdir" --sampler=burst --prompt="$prompt" --length=128 \
-  --num_samples=2 --temperature=0.8
-python -m launch.sample --workdir="$workdir" --sampler=ar --prompt="$prompt" --length=128 \
-  --num_samples=2 --temperature=0.8
+if [[ "${1:-}" == "--train" ]]; then
+  workdir="${2:-workdirs/shakespeare_char_ref}"
+  python -m launch.train --config=shakespeare_char_ref --workdir="$workdir"
+  model=(--workdir="$workdir")
+elif [[ $# -gt 0 ]]; then
+  echo "usage: bash launch/demo.sh [--train [WORKDIR]]" >&2
+  exit 2
+else
+  model=(--pretrained=shakespeare_char)
+fi
+prompt='ROMEO:
+<missing>100</missing>
+JULIET:
+<missing>60</missing>
+'
+for sampler in burst ar; do
+  echo "=== sampler: $sampler ==="
+  python -m launch.sample "${model[@]}" --sampler="$sampler" --prompt="$prompt" --length=192 \
+    --num_samples=2 --batch_size=1 --temperature=0.8
+done

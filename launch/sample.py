@@ -1,9 +1,11 @@
-"""Sample from a trained run: `python -m launch.sample --workdir=DIR [--sampler=burst] ...`.
+"""Sample from a trained run or a shipped model: `python -m launch.sample --workdir=DIR ...` or
+`python -m launch.sample --pretrained=shakespeare_char ...`.
 
-Also installed as the console script `sigma-sample`. Restores the latest checkpoint of --workdir,
-builds the prompt (literal text with `<missing>N</missing>` gaps, or `FILE:path`), fills every
-unknown position with the chosen sampler, and prints each sample with its iterations and model
-calls. `--animate` redraws the sequence in the terminal as burst iterations fill it in.
+Also installed as the console script `sigma-sample`. Restores the latest checkpoint of --workdir
+(or loads the shipped model named by --pretrained, which needs no data), builds the prompt
+(literal text with `<missing>N</missing>` gaps, or `FILE:path`), fills every unknown position
+with the chosen sampler, and prints each sample with its iterations and model calls. `--animate`
+redraws the sequence in the terminal as burst iterations fill it in.
 
 Sharded and multi-host (launch/distributed.py, docs/scaling.md): `--mesh=data:fsdp:tensor`
 (default auto), `--mesh_axis_type`, `--distributed`. The params are restored straight onto the
@@ -11,7 +13,8 @@ mesh, each batch is padded to a multiple of the batch axes and sampled by one sh
 (`sigma_jax.sharding.sample_sharded`), and the samples are gathered from every process and
 printed by process 0 only. `--animate` runs on a single process.
 
-Exit code 2 with one line on stderr, before any sampling, for: a missing checkpoint, a prompt
+Exit code 2 with one line on stderr, before any sampling, for: a missing checkpoint, an unknown
+shipped model, both or neither of --workdir and --pretrained, a prompt
 longer than the block size, characters outside the vocabulary, bad flag values, or a mesh that
 the devices cannot hold.
 """
@@ -36,6 +39,8 @@ from launch.prompt import parse_prompt, read_prompt
 SAMPLERS = ("ar", "ar_nocache", "burst", "burst_paper")
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
+flags.DEFINE_string("pretrained", None, "A shipped model instead of --workdir "
+                    "(sigma_jax.pretrained.MODELS: shakespeare_char).")
 flags.DEFINE_enum("sampler", "burst", SAMPLERS, "ar: cached any-order AR; ar_nocache: the "
                   "uncached oracle; burst: exact burst sampling; burst_paper: the published rule.")
 flags.DEFINE_enum("order", "random", ["random", "left_to_right", "fractal"],
@@ -72,9 +77,30 @@ def load_run_config(workdir: str):
     return ModelConfig(**configs["model"]), task
 
 
+def load_model(mesh):
+    """(cfg, params, encode, decode, source text, default length) of --pretrained or of
+    --workdir's checkpoint, params placed on `mesh` (None: the first device). encode is None for
+    tasks without text."""
+    if FLAGS.pretrained:
+        from sigma_jax import pretrained
+        from sigma_jax import sharding as sh
+
+        cfg, params, encode, decode = pretrained.load(FLAGS.pretrained)
+        if mesh is not None:
+            params = sh.shard_params(params, mesh)
+        return cfg, params, encode, decode, f"pretrained {FLAGS.pretrained}", cfg.block_size
+    from sigma_jax import checkpoint
+
+    _, task = load_run_config(FLAGS.workdir)
+    cfg, params, step = checkpoint.load(FLAGS.workdir, FLAGS.step, mesh=mesh)
+    return (cfg, params, task.encode, task.decode, f"{FLAGS.workdir} step {step}",
+            min(task.seq_len, cfg.block_size))
+
+
 def check_flags() -> None:
-    if not FLAGS.workdir:
-        raise ValueError("--workdir is required (a directory written by launch.train)")
+    if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
+        raise ValueError("give exactly one of --workdir (a directory written by launch.train) "
+                         "and --pretrained (a shipped model, e.g. shakespeare_char)")
     for name in ("num_samples", "batch_size", "n_orders", "window", "top_k", "length"):
         value = getattr(FLAGS, name)
         if value is not None and value < 1:
@@ -148,28 +174,24 @@ def main(argv) -> None:
         distributed.initialize()  # first: before any other JAX call
         check_flags()
         mesh = distributed.build_mesh()
-        cfg, task = load_run_config(FLAGS.workdir)
-        length = FLAGS.length or min(task.seq_len, cfg.block_size)
+        # --animate samples one row step by step on one device; everything else on the mesh.
+        cfg, params, encode, decode, source, default_length = load_model(
+            None if FLAGS.animate else mesh)
+        length = FLAGS.length or default_length
         text = read_prompt(FLAGS.prompt)
-        if text and task.encode is None:
-            raise ValueError(f"task {task.name!r} takes no text prompt; drop --prompt")
-        tokens, known = parse_prompt(text, task.encode or (lambda s: []), length, cfg.block_size)
+        if text and encode is None:
+            raise ValueError("this task takes no text prompt; drop --prompt")
+        tokens, known = parse_prompt(text, encode or (lambda s: []), length, cfg.block_size)
         if not cfg.bos and not known.any():
             raise ValueError("this model has no start token: give a non-empty --prompt")
-        from sigma_jax import checkpoint
-
-        # --animate samples one row step by step on one device; everything else on the mesh.
-        cfg, params, step = checkpoint.load(FLAGS.workdir, FLAGS.step,
-                                            mesh=None if FLAGS.animate else mesh)
     batch = FLAGS.batch_size or FLAGS.num_samples
     key = jax.random.key(FLAGS.seed)
     primary = distributed.is_primary()
     if primary:
-        print(f"# {FLAGS.workdir} step {step}: sampler={FLAGS.sampler} length={length} "
+        print(f"# {source}: sampler={FLAGS.sampler} length={length} "
               f"known={int(known.sum())} mesh={distributed.mesh_text(mesh)}")
     if FLAGS.animate:
-        animate(cfg, params, key, jnp.asarray(tokens)[None], jnp.asarray(known)[None],
-                task.decode)
+        animate(cfg, params, key, jnp.asarray(tokens)[None], jnp.asarray(known)[None], decode)
         return
     done = 0
     while done < FLAGS.num_samples:
@@ -177,12 +199,15 @@ def main(argv) -> None:
         keys = jax.random.split(jax.random.fold_in(key, done), b)
         tok = np.broadcast_to(np.asarray(tokens), (b, length))
         kn = np.broadcast_to(np.asarray(known), (b, length))
+        start = time.perf_counter()
         out, stats = run_sampler(cfg, params, keys, tok, kn, mesh)
+        wall = time.perf_counter() - start
         its, calls = stats.iterations, int(stats.forward_passes)
+        compiled = " incl. compilation" if done == 0 else ""
         for i in range(b if primary else 0):
             print(f"--- sample {done + i}: {int(stats.generated[i])} tokens, {its[i]} iterations, "
-                  f"{calls} model calls (batch)")
-            print(task.decode(out[i]))
+                  f"{calls} model calls (batch), {wall:.2f} s (batch{compiled})")
+            print(decode(out[i]))
         done += b
 
 

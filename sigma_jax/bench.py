@@ -221,6 +221,8 @@ _FALLBACK_PRESETS = {
     "tiny": dict(vocab_size=2, block_size=32, n_layer=2, n_head=2, n_embd=32),
     "shakespeare_char_cpu": dict(vocab_size=65, block_size=256, n_layer=4, n_head=4, n_embd=128,
                                  bias=False, pos_encoding="sinusoidal", sinusoidal_scale=0.1),
+    "shakespeare_char_ref": dict(vocab_size=65, block_size=256, n_layer=4, n_head=4, n_embd=128,
+                                 bias=False, pos_encoding="sinusoidal", sinusoidal_scale=0.1),
     "gpt2_small": dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768,
                        bias=False, dtype="bfloat16", param_dtype="float32"),
 }
@@ -754,7 +756,8 @@ SAMPLING_COLUMNS = [("weights", "weights"), ("label", "sampler"), ("length", "N"
                     ("tokens_per_iteration", "tok/iter"), ("tokens_per_s", "tok/s"),
                     ("ms_per_seq", "ms/seq"), ("compile_s", "compile_s"),
                     ("speedup_vs_ar", "x AR tok/s"), ("passes_vs_ar", "passes/AR")]
-TRAINING_COLUMNS = [("batch", "B"), ("length", "T"), ("params", "params"), ("dtype", "dtype"),
+TRAINING_COLUMNS = [("config", "config"), ("batch", "B"), ("length", "T"), ("params", "params"),
+                    ("dtype", "dtype"),
                     ("step_ms", "step_ms"), ("tokens_per_s", "tok/s"),
                     ("flops_per_token", "flop/tok"), ("mfu", "MFU(meas)"),
                     ("mfu_datasheet", "MFU(sheet)"), ("compile_s", "compile_s")]
@@ -904,6 +907,7 @@ class BenchConfig:
     max_uncached_tokens: int = 10_000
     train_batch: int = 4
     train_length: int | None = None
+    train_reference: bool = True
     matmul_n: int = 1024
     copy_bytes: int = 128 << 20
     roofline_batches: tuple[int, ...] | None = None
@@ -1083,27 +1087,47 @@ def run_sampling_suite(config: BenchConfig, cfg, params, primary: str, writer: R
     return rows
 
 
+# The fixed training-throughput configuration: the shipped reference model's step (4 x 128,
+# block 256, batch 32, random order, float32), comparable across machines and commits.
+TRAIN_REFERENCE = dict(preset="shakespeare_char_ref", batch=32, length=256)
+
+
 def run_training_suite(config: BenchConfig, cfg, writer: ResultWriter, baselines: dict,
                        clock: _Clock, log=print) -> list[dict]:
+    """The train step of the benchmarked model at (train_batch, train_length) and, with
+    `train_reference`, of the TRAIN_REFERENCE configuration."""
     seq = config.train_length or min(cfg.block_size, max(config.lengths))
     train_cfg = cfg
     if config.dtype == "bfloat16":  # mixed precision: bf16 compute, float32 master weights
         train_cfg = cfg.replace(dtype="bfloat16", param_dtype="float32")
-    base = dict(suite="training", batch=config.train_batch, length=seq)
-    if clock.over():
-        return [writer.add({**base, "skipped": "time budget"})]
-    try:
-        row = measure_training(train_cfg, config.train_batch, seq, repeats=max(config.repeats, 3),
-                               warmup=config.warmup, preset=config.preset,
-                               matmul_flops_s=baselines.get("matmul_flops_s"),
-                               peak_flops_s=baselines.get("peak_flops_s"))
-    except Exception as error:
-        log(f"  training failed: {_first_line(error)}")
-        return [writer.add({**base, "error": _first_line(error)})]
-    row["device_kind"] = device_kind()
-    log(f"  train step B={config.train_batch} T={seq}: {row['step_ms']:.4g} ms, "
-        f"{row['tokens_per_s']:.4g} tok/s, MFU {_fmt(row['mfu'])}")
-    return [writer.add(row)]
+    jobs = [("benchmarked model", train_cfg, config.train_batch, seq, config.preset)]
+    if config.train_reference:
+        ref = TRAIN_REFERENCE
+        jobs.append(("reference 4x128 B32 T256 random f32",
+                     preset_model_config(ref["preset"], ref["length"]), ref["batch"],
+                     ref["length"], ref["preset"]))
+    rows = []
+    for label, model_cfg, batch, length, preset in jobs:
+        base = dict(suite="training", config=label, batch=batch, length=length)
+        if clock.over():
+            rows.append(writer.add({**base, "skipped": "time budget"}))
+            continue
+        try:
+            row = measure_training(model_cfg, batch, length, repeats=max(config.repeats, 3),
+                                   warmup=config.warmup, preset=preset,
+                                   matmul_flops_s=baselines.get("matmul_flops_s"),
+                                   peak_flops_s=baselines.get("peak_flops_s"))
+        except Exception as error:
+            log(f"  training ({label}) failed: {_first_line(error)}")
+            rows.append(writer.add({**base, "error": _first_line(error)}))
+            continue
+        row.update(config=label, device_kind=device_kind())
+        log(f"  train step [{label}] B={batch} T={length}: {row['step_ms']:.4g} ms, "
+            f"{row['tokens_per_s']:.4g} tok/s, {row['model_flops_s'] / 1e9:.3g} GFLOP/s "
+            f"(matmul {_fmt((row['matmul_flops_s'] or 0) / 1e9)} GFLOP/s, "
+            f"MFU {_fmt(row['mfu'])}), compile {row['compile_s']:.2f}s")
+        rows.append(writer.add(row))
+    return rows
 
 
 def measure_baselines(config: BenchConfig, writer: ResultWriter, log=print) -> dict:

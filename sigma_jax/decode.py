@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from sigma_jax import orders as orders_lib
+from sigma_jax.attention import DIAGONAL, SelfMask
 from sigma_jax.cache import KVCache, init_cache, write
 from sigma_jax.config import START_POS, ModelConfig
-from sigma_jax.model import causal_mask, forward_masked
+from sigma_jax.model import forward_masked
 
 
 def cache_capacity(cfg: ModelConfig, n: int, headroom: int = 0) -> int:
@@ -36,8 +37,7 @@ def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.Array,
     """
     inputs, pos_in, pos_out, targets = orders_lib.make_batch(tokens, order, bos=cfg.bos,
                                                              bos_id=cfg.bos_id)
-    _, k_new, v_new = forward_masked(cfg, params, inputs, pos_in, pos_out,
-                                     causal_mask(inputs.shape[1]))
+    _, k_new, v_new = forward_masked(cfg, params, inputs, pos_in, pos_out)
     n_hist = n_known + int(cfg.bos)  # [B]
     cache = write(init_cache(cfg, tokens.shape[0], capacity), k_new, v_new, n_hist - 1)
     last_tok, last_pos = history_entry(cfg, tokens, order, n_hist - 1)
@@ -61,23 +61,24 @@ def burst_pass(cfg: ModelConfig, params: dict, cache: KVCache, last_tok: jax.Arr
     """Every target's conditional given the history, in one pass: logits float32 [B, Q, V].
 
     Query j is (last_tok, last_pos, targets[:, j]); it attends to the cache and to itself only
-    (identity mask), so the Q x Q block costs nothing beyond its diagonal. Writes nothing.
+    (DIAGONAL: one self score per query, never a Q x Q block). Writes nothing.
     """
     b, q = targets.shape
     tok = jnp.broadcast_to(last_tok[:, None], (b, q))
     pos = jnp.broadcast_to(last_pos[:, None], (b, q))
-    mask = jnp.eye(q, dtype=bool)[None]
-    logits, _, _ = forward_masked(cfg, params, tok, pos, targets, mask, cache=cache)
+    logits, _, _ = forward_masked(cfg, params, tok, pos, targets, DIAGONAL, cache=cache)
     return logits
 
 
 def extend_pass(cfg: ModelConfig, params: dict, cache: KVCache, tokens: jax.Array,
-                pos_in: jax.Array, pos_out: jax.Array, mask: jax.Array | None = None):
+                pos_in: jax.Array, pos_out: jax.Array, blocks: int = 1):
     """Feed new slots on top of the cache: (logits [B, T, V], k_new, v_new [L, B, T, H, hd]).
 
-    The default mask is causal (cached decoding, the verify pass); K candidate orders of T/K slots
-    each use a block-diagonal causal mask and share the one cache. Commit with `cache.write`.
+    The new slots are causal (cached decoding, the verify pass); with `blocks` = K they are K
+    independent causal blocks of T/K slots (K candidate orders) that share the one cache. Commit
+    with `cache.write`.
     """
-    if mask is None:
-        mask = causal_mask(tokens.shape[1])
-    return forward_masked(cfg, params, tokens, pos_in, pos_out, mask, cache=cache)
+    if tokens.shape[1] % blocks:
+        raise ValueError(f"{tokens.shape[1]} new slots do not split into {blocks} blocks")
+    return forward_masked(cfg, params, tokens, pos_in, pos_out, SelfMask(blocks=blocks),
+                          cache=cache)

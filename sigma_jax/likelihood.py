@@ -1,5 +1,10 @@
 """Density estimation: log p(x_unknown | x_known) for any known subset, and every per-position
-conditional p(x_j | x_known) in one burst pass."""
+conditional p(x_j | x_known) in one burst pass.
+
+Without an explicit order, both feed the known tokens by the known-first convention of
+`sigma_jax.orders` (`orders.random_order`, from the caller's key), as the samplers do: a σ-GPT is
+not order-consistent, so the value depends on the order, and the convention is what makes these
+densities those of the samplers' law."""
 
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from sigma_jax.decode import burst_pass, prefill
 from sigma_jax.model import forward
 
 
-def _is_concrete(*xs) -> bool:
+def is_concrete(*xs) -> bool:
+    """True unless one of xs is a tracer (its value unknown until the traced call runs)."""
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
@@ -29,7 +35,7 @@ def check_known(cfg: ModelConfig, tokens, known, order=None) -> None:
                          f"{cfg.block_size}")
     if order is not None and order.shape != tokens.shape:
         raise ValueError(f"order must be [B, N] like tokens; got {order.shape}")
-    if not _is_concrete(tokens, known, order):
+    if not is_concrete(tokens, known, order):
         return
     tokens, known = np.asarray(tokens), np.asarray(known, bool)
     if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= cfg.vocab_size:
@@ -57,26 +63,30 @@ def _log_prob_in_order(cfg: ModelConfig, params: dict, tokens, known, order):
     return jnp.sum(jnp.where(scored, token_logp, 0.0), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames="n_orders")
-def _random_orders(key, known, n_orders: int):
-    """[B, n_orders, N] independent random orders, known positions first."""
-    keys = jax.random.split(key, n_orders)
-    return jnp.moveaxis(jax.vmap(orders_lib.random_order, (0, None))(keys, known), 0, 1)
+@functools.partial(jax.jit, static_argnames=("n_orders", "known_order"))
+def _random_orders(key, known, n_orders: int, known_order: str):
+    """[B, n_orders, N] independent known-first orders of the convention."""
+    one = lambda k: orders_lib.random_order(k, known, known_order=known_order)
+    return jnp.moveaxis(jax.vmap(one)(jax.random.split(key, n_orders)), 0, 1)
 
 
 def log_prob(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.Array,
              key: jax.Array | None = None, *, order: jax.Array | None = None,
-             n_orders: int = 1) -> jax.Array:
+             n_orders: int = 1, known_order: str = "random") -> jax.Array:
     """log p(x_unknown | x_known), one teacher-forced pass per order: float32 [B, n_orders].
 
     tokens: int32 [B, N]; known: bool [B, N] (any subset per row; with bos=False at least one).
     order: int32 [B, N] listing each row's known positions first (then n_orders must be 1);
-    otherwise `n_orders` random orders are drawn from `key`. With bos=True an empty known set
+    otherwise `n_orders` orders of the known-first convention are drawn from `key`
+    (`orders.random_order`: the known tokens in uniformly random order, or ascending with
+    known_order='ascending', then the unknown ones in uniformly random order), the orders under
+    which `sample_ar(order='random')` and `sample_burst` sample. With bos=True an empty known set
     gives the full-sequence log-likelihood. A model that is consistent across orders gives the
     same value for every order; the spread over orders is a consistency diagnostic.
     """
     known = jnp.asarray(known, bool)
     check_known(cfg, tokens, known, order)
+    orders_lib.check_known_order(known_order)
     if order is not None:
         if n_orders != 1:
             raise ValueError("pass either an explicit order or n_orders > 1, not both")
@@ -84,7 +94,7 @@ def log_prob(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.Array
     else:
         if key is None:
             raise ValueError("log_prob needs a PRNG key to draw random orders (or pass order=)")
-        orders = _random_orders(key, known, n_orders)
+        orders = _random_orders(key, known, n_orders, known_order)
     b, k, n = orders.shape
     flat = lambda x: jnp.broadcast_to(x[:, None], (b, k, n)).reshape(b * k, n)
     out = _log_prob_in_order(cfg, params, flat(tokens), flat(known), orders.reshape(b * k, n))
@@ -102,16 +112,25 @@ def _conditionals(cfg: ModelConfig, params: dict, tokens, known, order):
     return jnp.where(known[..., None], one_hot, probs)
 
 
-def conditionals(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.Array, *,
-                 order: jax.Array | None = None) -> jax.Array:
+def conditionals(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.Array,
+                 key: jax.Array | None = None, *, order: jax.Array | None = None,
+                 known_order: str = "random") -> jax.Array:
     """p(x_j | x_known) for every position j, in one burst pass: float32 [B, N, V].
 
-    Rows of known positions are the one-hot of the known token. The known tokens are fed in the
-    order of `order`'s known prefix when given, else by ascending position; the values of
-    `tokens` at unknown positions are ignored.
+    The known tokens are fed in the order of `order`'s known prefix when given, else by the
+    known-first convention (`orders.random_order`): in a uniformly random order drawn from `key`,
+    independently per row (the first conditional of the samplers' law, given that order), or
+    ascending with known_order='ascending' (no key needed). Rows of known positions are the
+    one-hot of the known token; the values of `tokens` at unknown positions are ignored.
     """
     known = jnp.asarray(known, bool)
     check_known(cfg, tokens, known, order)
+    orders_lib.check_known_order(known_order)
     if order is None:
-        order = orders_lib.ordered_known_first(known)
+        if key is None and known_order == "random":
+            raise ValueError("conditionals needs a PRNG key to draw the order of the known "
+                             "tokens (or pass order= or known_order='ascending')")
+        # With 'ascending' the key only orders the unknown positions, which one burst pass ignores.
+        key = jax.random.key(0) if key is None else key
+        order = orders_lib.random_order(key, known, known_order=known_order)
     return _conditionals(cfg, params, tokens, known, order)

@@ -4,11 +4,11 @@ Slot t of the input holds (token, pos_in = the position that token occupies, pos
 of the token to predict). The embedding is wte[token] + concat(PE(pos_in), PE(pos_out)), each half
 n_embd/2 wide; the rest is nanoGPT (pre-LayerNorm blocks, GELU MLP, final LayerNorm, tied head).
 
-One attention code path serves every use: the new tokens attend to (a) the valid slots of a KV cache
-and (b) each other under an explicit [T, T] mask. Training is "empty cache + causal mask"; cached
-decoding is "cache + one token"; the burst pass is "cache + identity mask" (each query sees the
-cache and itself only); the verify pass is "cache + causal mask"; K candidate orders are a
-block-diagonal causal mask over K blocks that all share the one cache.
+The new tokens attend to (a) the valid slots of a KV cache and (b) the new tokens that a static
+`attention.SelfMask` lets them see. Training and prefill are "no cache + CAUSAL"; cached decoding
+is "cache + one token"; the burst pass is "cache + DIAGONAL" (each query sees the cache and
+itself only); the verify pass is "cache + CAUSAL"; K candidate orders are "cache +
+SelfMask(blocks=K)", K causal blocks that all share the one cache (sigma_jax/attention.py).
 
 Public functions are pure: `init_params(cfg, key) -> params` (a plain nested dict) and
 `forward` / `forward_masked`, functions of (cfg, params, arrays).
@@ -21,9 +21,12 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from sigma_jax.cache import KVCache
-from sigma_jax.config import ModelConfig
+from sigma_jax.attention import CAUSAL, SelfMask, cached_attention, causal_attention
+from sigma_jax.cache import KVCache, init_cache
+from sigma_jax.config import START_POS, ModelConfig
+from sigma_jax.layers import Linear
 from sigma_jax.sharding import auto_axes_call, constrain
 
 SINUSOID_LEN_MAX = 1e5  # the published `len_max`
@@ -60,15 +63,18 @@ class DoublePositionalEmbedding(nn.Module):
             table = self.param("wpe", nn.initializers.normal(0.02), (rows, half),
                                cfg.storage_dtype)
             encode = lambda p: jnp.take(table, jnp.where(p < 0, cfg.block_size, p), axis=0)
+        in_range = lambda p: ((p >= START_POS) & (p < cfg.block_size))[..., None]
         pe = jnp.concatenate([encode(pos_in), encode(pos_out)], axis=-1)
+        pe = jnp.where(in_range(pos_in) & in_range(pos_out), pe, jnp.nan)  # out of range: NaN
         pe = constrain(pe, ("batch", "seq", "act_embed"))
         return pe.astype(cfg.compute_dtype)
 
 
-def _dense(cfg: ModelConfig, features: int, name: str, std: float = 0.02) -> nn.Dense:
-    return nn.Dense(features, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-                    param_dtype=cfg.storage_dtype, kernel_init=nn.initializers.normal(std),
-                    name=name)
+def _dense(cfg: ModelConfig, features: int, name: str, std: float = 0.02,
+           bias: bool | None = None) -> Linear:
+    return Linear(features, use_bias=cfg.bias if bias is None else bias, dtype=cfg.compute_dtype,
+                  param_dtype=cfg.storage_dtype, kernel_init=nn.initializers.normal(std),
+                  name=name)
 
 
 def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
@@ -76,43 +82,27 @@ def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
                         param_dtype=cfg.storage_dtype, name=name)
 
 
-def attention_weights(q, k_cache, cache_valid, k_self, mask):
-    """Softmax over [cache slots | new tokens], in float32.
-
-    q, k_self: [B, T, H, hd]; k_cache: [B, S, H, hd]; cache_valid: bool[B, S];
-    mask: bool[B or 1, T, T] (query t may attend to new token u). Returns ([B,H,T,S], [B,H,T,T]).
-    Every query must see at least one key (the samplers always let a query see itself).
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    s_cache = jnp.einsum("bthd,bshd->bhts", q, k_cache, preferred_element_type=jnp.float32)
-    s_self = jnp.einsum("bthd,buhd->bhtu", q, k_self, preferred_element_type=jnp.float32)
-    neg = jnp.finfo(jnp.float32).min
-    s_cache = jnp.where(cache_valid[:, None, None, :], s_cache * scale, neg)
-    s_self = jnp.where(mask[:, None, :, :], s_self * scale, neg)
-    probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], axis=-1), axis=-1)
-    n_cache = k_cache.shape[1]
-    return probs[..., :n_cache], probs[..., n_cache:]
-
-
 class CausalSelfAttention(nn.Module):
+    """x [B,T,D] -> (y [B,T,D], (k, v) [B,T,H,hd]) attending to the valid cache slots and to the
+    new tokens that `mask` lets each new token see. Dropout applies to the cache-free causal
+    pass (training) only."""
+
     cfg: ModelConfig
     deterministic: bool
+    mask: SelfMask = CAUSAL
 
     @nn.compact
-    def __call__(self, x, mask, k_cache, v_cache, cache_valid):
-        """x [B,T,D] -> (y [B,T,D], (k, v) [B,T,H,hd]) attending to cache slots and new tokens."""
+    def __call__(self, x, k_cache, v_cache, cache_valid):
         cfg = self.cfg
         b, t, _ = x.shape
         qkv = _dense(cfg, 3 * cfg.n_embd, "c_attn")(x)  # [B, T, 3D]
         q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, -1))
         q, k, v = (constrain(a, ("batch", "seq", "heads", "head_dim")) for a in (q, k, v))
-        k_cache = k_cache.astype(k.dtype)
-        v_cache = v_cache.astype(v.dtype)
-        p_cache, p_self = attention_weights(q, k_cache, cache_valid, k, mask)
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        p_cache, p_self = dropout(p_cache), dropout(p_self)
-        y = (jnp.einsum("bhts,bshd->bthd", p_cache.astype(v.dtype), v_cache)
-             + jnp.einsum("bhtu,buhd->bthd", p_self.astype(v.dtype), v))  # [B, T, H, hd]
+        if self.mask == CAUSAL and k_cache.shape[1] == 0:
+            y = causal_attention(q, k, v, dropout if cfg.dropout > 0 else None)
+        else:
+            y = cached_attention(q, k, v, k_cache, v_cache, cache_valid, self.mask)
         std = 0.02 / math.sqrt(2 * cfg.n_layer)
         y = _dense(cfg, cfg.n_embd, "c_proj", std)(y.reshape(b, t, cfg.n_embd))
         return dropout(y), (k, v)
@@ -132,15 +122,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; scanned over layers (params stacked on axis 0)."""
+    """Pre-LayerNorm transformer block; scanned over layers (params stacked on axis 0), with the
+    scan unrolled: no stacked per-layer residuals and no loop carry copies in training."""
 
     cfg: ModelConfig
     deterministic: bool
+    mask: SelfMask = CAUSAL
 
     @nn.compact
-    def __call__(self, x, mask, k_cache, v_cache, cache_valid):
-        attn = CausalSelfAttention(self.cfg, self.deterministic, name="attn")
-        y, kv = attn(_layer_norm(self.cfg, "ln_1")(x), mask, k_cache, v_cache, cache_valid)
+    def __call__(self, x, k_cache, v_cache, cache_valid):
+        attn = CausalSelfAttention(self.cfg, self.deterministic, self.mask, name="attn")
+        y, kv = attn(_layer_norm(self.cfg, "ln_1")(x), k_cache, v_cache, cache_valid)
         x = x + y
         x = x + MLP(self.cfg, self.deterministic, name="mlp")(_layer_norm(self.cfg, "ln_2")(x))
         return x, kv
@@ -151,9 +143,10 @@ class SigmaGPT(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    mask: SelfMask = CAUSAL
 
     @nn.compact
-    def __call__(self, tokens, pos_in, pos_out, mask, k_cache, v_cache, cache_valid):
+    def __call__(self, tokens, pos_in, pos_out, k_cache, v_cache, cache_valid):
         cfg = self.cfg
         wte = nn.Embed(cfg.input_vocab_size, cfg.n_embd,
                        embedding_init=nn.initializers.normal(0.02), dtype=cfg.compute_dtype,
@@ -165,31 +158,31 @@ class SigmaGPT(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, 0, 0, nn.broadcast),
+            in_axes=(0, 0, nn.broadcast),
             length=cfg.n_layer,
-        )(cfg, self.deterministic, name="h")
-        x, (k_new, v_new) = blocks(x, mask, k_cache, v_cache, cache_valid)
+            unroll=cfg.n_layer,
+        )(cfg, self.deterministic, self.mask, name="h")
+        x, (k_new, v_new) = blocks(x, k_cache, v_cache, cache_valid)
         x = _layer_norm(cfg, "ln_f")(x)
         if cfg.tie_embeddings:
             logits = wte.attend(x)[..., : cfg.vocab_size]
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.storage_dtype,
-                              kernel_init=nn.initializers.normal(0.02), name="lm_head")(x)
+            logits = _dense(cfg, cfg.vocab_size, "lm_head", bias=False)(x)
         logits = constrain(logits, ("batch", "seq", "vocab"))
         return logits.astype(jnp.float32), (k_new, v_new)
 
 
-def causal_mask(t: int) -> jax.Array:
-    """bool[1, T, T]: query t sees new tokens u <= t."""
-    return jnp.tril(jnp.ones((t, t), bool))[None]
-
-
-def empty_cache(cfg: ModelConfig, batch: int) -> KVCache:
-    """A zero-slot cache: forward passes without history."""
-    shape = (cfg.n_layer, batch, 0, cfg.n_head, cfg.head_dim)
-    zeros = jnp.zeros(shape, cfg.compute_dtype)
-    return KVCache(k=zeros, v=zeros, length=jnp.zeros((batch,), jnp.int32))
+def check_positions(cfg: ModelConfig, *positions) -> None:
+    """One-line ValueError unless every position lies in [-1, block_size) (-1 = the start
+    position); skipped for traced values, where an out-of-range position instead makes its own
+    slot's logits NaN and leaves every other slot unchanged."""
+    for pos in positions:
+        if isinstance(pos, jax.core.Tracer):
+            continue
+        pos = np.asarray(pos)
+        if pos.size and (pos.min() < START_POS or pos.max() >= cfg.block_size):
+            raise ValueError(f"positions must lie in [{START_POS}, {cfg.block_size}) (-1 = the "
+                             f"start position); got values in [{pos.min()}, {pos.max()}]")
 
 
 @jax.jit
@@ -197,27 +190,28 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     """Fresh parameters: a plain nested dict (nanoGPT init: N(0, 0.02), residual projections
     N(0, 0.02/sqrt(2 n_layer)), zero biases). Per-layer params are stacked on a leading axis."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    cache = empty_cache(cfg, 1)
-    variables = SigmaGPT(cfg).init(key, tokens, tokens, tokens, causal_mask(1), cache.k, cache.v,
-                                   cache.valid())
+    cache = init_cache(cfg, 1, 0)
+    variables = SigmaGPT(cfg).init(key, tokens, tokens, tokens, cache.k, cache.v, cache.valid())
     return variables["params"]
 
 
 def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: jax.Array,
-                   pos_out: jax.Array, mask: jax.Array, *, cache: KVCache | None = None,
+                   pos_out: jax.Array, mask: SelfMask = CAUSAL, *, cache: KVCache | None = None,
                    dropout_key: jax.Array | None = None):
     """The general model call.
 
     tokens, pos_in, pos_out: int32 [B, T] (pos -1 = start position; token cfg.bos_id = start token).
-    mask: bool [B or 1, T, T], which new tokens each new token attends to (diagonal True).
+    mask: which new tokens each new token attends to (static: CAUSAL, DIAGONAL or K causal
+      blocks; see sigma_jax/attention.py).
     cache: the history every new token also attends to (its valid slots); None = no history.
     dropout_key: None = deterministic (inference); a key turns dropout on.
     Returns (logits float32 [B, T, V], k_new, v_new [L, B, T, H, hd]). Nothing is written to the
     cache: callers commit what they accept with `cache.write`.
     """
+    check_positions(cfg, pos_in, pos_out)
     if cache is None:
-        cache = empty_cache(cfg, tokens.shape[0])
-    model = SigmaGPT(cfg, deterministic=dropout_key is None)
+        cache = init_cache(cfg, tokens.shape[0], 0)
+    model = SigmaGPT(cfg, deterministic=dropout_key is None, mask=mask)
     rngs = None if dropout_key is None else {"dropout": dropout_key}
 
     def apply(params, rngs, *arrays):
@@ -227,18 +221,22 @@ def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: ja
     kv_axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
     logits, (k_new, v_new) = auto_axes_call(
         apply, (("batch", "seq", "vocab"), (kv_axes, kv_axes)), params, rngs, tokens, pos_in,
-        pos_out, mask, cache.k, cache.v, cache.valid())
+        pos_out, cache.k, cache.v, cache.valid())
     return logits, k_new, v_new
 
 
-@jax.jit
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: jax.Array,
             pos_out: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """Causal teacher-forced pass: tokens, pos_in, pos_out int32 [B, T] -> logits float32 [B, T, V].
 
-    Slot t predicts the token at position pos_out[t], having seen slots <= t.
+    Slot t predicts the token at position pos_out[t], having seen slots <= t. Positions outside
+    [-1, block_size) raise ValueError when concrete (`check_positions`).
     """
-    mask = causal_mask(tokens.shape[1])
-    logits, _, _ = forward_masked(cfg, params, tokens, pos_in, pos_out, mask,
-                                  dropout_key=dropout_key)
+    check_positions(cfg, pos_in, pos_out)
+    return _forward(cfg, params, tokens, pos_in, pos_out, dropout_key=dropout_key)
+
+
+@jax.jit
+def _forward(cfg, params, tokens, pos_in, pos_out, *, dropout_key=None):
+    logits, _, _ = forward_masked(cfg, params, tokens, pos_in, pos_out, dropout_key=dropout_key)
     return logits

@@ -3,6 +3,17 @@
 An order is int32 [B, N]: order[b, t] is the position generated at step t of row b. Orders built
 from a `known` mask (bool [B, N], True = known/conditioning) put the known positions first, per row,
 so rows may know different numbers of tokens at arbitrary (non-prefix) positions.
+
+The known-first convention. Whenever a random order conditions on known tokens — sample_ar with
+order='random', sample_burst (both modes), log_prob and conditionals without an explicit order —
+the order comes from `random_order`: the known positions first, in a uniformly random order drawn
+from the caller's key (known_order='random', the default), then the unknown ones in a uniformly
+random order. A σ-GPT is not order-consistent, so the order in which the known tokens are fed
+changes the law; a model trained on uniformly random orders saw every order of a conditioning set
+equally often, so the law of the samplers is the average over those orders (for sample_ar and
+exact burst: the uniform-random-order AR law given the known set, averaged over the known orders).
+known_order='ascending' feeds them in index order instead, as a model trained with
+keep_prompt_first saw its prompt; all four functions take the option and mean the same law by it.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from sigma_jax.config import START_POS
 from sigma_jax.sharding import constrain
 
 ORDER_KINDS = ("left_to_right", "random", "fractal")
+KNOWN_ORDERS = ("random", "ascending")  # how random orders list the known positions
 
 
 # ---------------------------------------------------------------- fractal (bisection) orders
@@ -66,14 +78,29 @@ def _order_from_keys(keys: jax.Array) -> jax.Array:
     return jnp.argsort(keys, axis=-1, stable=True).astype(jnp.int32)
 
 
-def random_order(key: jax.Array, known: jax.Array, *, known_ascending: bool = False
+def random_order(key: jax.Array, known: jax.Array, *, known_order: str = "random"
                  ) -> jax.Array:
-    """Known positions first in uniformly random order (ascending with known_ascending, as a
-    model trained with keep_prompt_first saw its prompt), then the unknown ones in uniformly random
-    order, independently per row. known: bool [B, N] -> int32 [B, N]."""
-    u = jax.random.uniform(key, known.shape)
-    first = jnp.arange(known.shape[-1]) / known.shape[-1] if known_ascending else u
+    """The known-first order of the convention (module docstring): int32 [B, N].
+
+    The known positions of each row come first, in a uniformly random order (known_order='random')
+    or ascending (known_order='ascending'); then its unknown positions in a uniformly random order.
+    key: one typed key for the batch, or one per row ([B]; row b then depends only on key[b]).
+    known: bool [B, N].
+    """
+    check_known_order(known_order)
+    if key.ndim == 1:  # one key per row
+        one_row = lambda k, kn: random_order(k, kn[None], known_order=known_order)[0]
+        return jax.vmap(one_row)(key, known)
+    u = jax.random.uniform(key, known.shape)  # [B, N]
+    first = jnp.arange(known.shape[-1]) / known.shape[-1] if known_order == "ascending" else u
     return _order_from_keys(jnp.where(known, first, 2.0 + u))
+
+
+def check_known_order(known_order: str) -> None:
+    """A one-line ValueError unless known_order is one of KNOWN_ORDERS."""
+    if known_order not in KNOWN_ORDERS:
+        raise ValueError(f"known_order must be one of {', '.join(map(repr, KNOWN_ORDERS))}; "
+                         f"got {known_order!r}")
 
 
 def ordered_known_first(known: jax.Array) -> jax.Array:
@@ -94,16 +121,18 @@ def fractal_known_first(known: jax.Array) -> jax.Array:
     return _order_from_keys(jnp.where(known, jnp.arange(n) - n, step))
 
 
-def order_from_mask(kind: str, known: jax.Array, key: jax.Array | None = None) -> jax.Array:
+def order_from_mask(kind: str, known: jax.Array, key: jax.Array | None = None, *,
+                    known_order: str = "random") -> jax.Array:
     """Known positions first, then the unknown ones in the named kind of order (per row).
 
-    kind: 'left_to_right' (both groups ascending), 'random' (both groups uniformly shuffled; needs a
-    key) or 'fractal' (known ascending, unknown in bisection order).
+    kind: 'left_to_right' (both groups ascending), 'random' (`random_order`: the known group as
+    `known_order` says, the unknown one shuffled; needs a key, one or one per row) or 'fractal'
+    (known ascending, unknown in bisection order).
     """
     if kind == "random":
         if key is None:
             raise ValueError("order 'random' needs a PRNG key")
-        return random_order(key, known)
+        return random_order(key, known, known_order=known_order)
     if kind == "left_to_right":
         return ordered_known_first(known)
     if kind == "fractal":
@@ -206,9 +235,7 @@ def training_orders(key: jax.Array, policy: str, step, max_steps: int, batch: in
     if kind == "fractal":
         return fractal_known_first(known)
     k_coin, k_order = jax.random.split(key)
-    shuffled = random_order(k_order, known)
-    if prompt_len:
-        shuffled = jnp.concatenate([left_to_right(batch, prompt_len), shuffled[:, prompt_len:]], 1)
+    shuffled = random_order(k_order, known, known_order="ascending")  # the prompt in index order
     p_random = random_order_probability(policy, step, max_steps)
     coin = jax.random.uniform(k_coin, (batch if per_row else 1, 1)) < p_random
     return jnp.where(coin, shuffled, left_to_right(batch, n))

@@ -1,5 +1,9 @@
 """Any-order autoregressive sampling: one token per model call, in any order, with a KV cache
-(prefill, then one slot per step) or without (a full forward every step: the test oracle)."""
+(prefill, then one slot per step) or without (a full forward every step: the test oracle).
+
+order='random' follows the known-first convention of `sigma_jax.orders` (the known tokens in a
+uniformly random order drawn from the row's key, then the unknown ones in a uniformly random
+order): its law is the one `sample_burst(mode='exact')` samples and `log_prob` scores."""
 
 from __future__ import annotations
 
@@ -20,53 +24,60 @@ from sigma_jax.sampling import (
     draw,
     resolve_order,
     row_keys,
-    scalar,
     to_probs,
+    truncation_options,
 )
 
 
 def sample_ar(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
               known: jax.Array, *, order="random", temperature=1.0, top_k: int | None = None,
-              top_p=None, use_cache: bool = True) -> tuple[jax.Array, SampleStats]:
+              top_p=None, use_cache: bool = True, known_order: str = "random"
+              ) -> tuple[jax.Array, SampleStats]:
     """Fill every unknown position, one token per model call, in the given order.
 
     tokens: int32 [B, N] (values at unknown positions are ignored); known: bool [B, N], any subset
     per row (without a start token, at least one known token per row).
     key: one typed key, or one per row ([B]); with per-row keys each row depends only on its own
-    inputs and key. order: 'random' | 'left_to_right' | 'fractal' (known positions first, then the
-    unknown ones in that kind of order, per row) or an explicit int32 [B, N] order listing each
-    row's known positions first. temperature (0 = greedy) and top_p are traced; top_k is static.
+    inputs and key. order: 'random' (the known-first convention: the known positions in uniformly
+    random order, or ascending with known_order='ascending', then the unknown ones in uniformly
+    random order, per row from its key), 'left_to_right' | 'fractal' (known positions ascending,
+    then the unknown ones in that kind of order) or an explicit int32 [B, N] order listing each
+    row's known positions first. temperature (>= 0; 0 = greedy) and top_p (in (0, 1]) are traced;
+    top_k (in [1, V]) is static; concrete out-of-range values raise ValueError.
     use_cache=False recomputes the whole prefix at every step (the oracle for the cached path).
     Returns (tokens [B, N] with known tokens unchanged, SampleStats).
     """
     return sample_ar_call(cfg, params, key, tokens, known, order=order, temperature=temperature,
-                          top_k=top_k, top_p=top_p, use_cache=use_cache)()
+                          top_k=top_k, top_p=top_p, use_cache=use_cache,
+                          known_order=known_order)()
 
 
 def sample_ar_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
                    known: jax.Array, *, order="random", temperature=1.0,
-                   top_k: int | None = None, top_p=None, use_cache: bool = True) -> SamplerCall:
+                   top_k: int | None = None, top_p=None, use_cache: bool = True,
+                   known_order: str = "random") -> SamplerCall:
     """`sample_ar`'s arguments checked and prepared, not yet run: a `SamplerCall` (call it to
     sample, `.lower()` to compile ahead of time). Bad input raises ValueError before any work."""
     known = jnp.asarray(known, bool)
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32), 0)
-    check_sampler_inputs(cfg, tokens, known, order)
+    check_sampler_inputs(cfg, tokens, known, order, known_order)
+    temperature, top_k, top_p = truncation_options(cfg, temperature, top_k, top_p)
     keys = row_keys(key, tokens.shape[0])
     kind = order if isinstance(order, str) else None
     explicit = None if kind else jnp.asarray(order, jnp.int32)
-    top_p = None if top_p is None else scalar(top_p, jnp.float32, "top_p")
-    args = (cfg, params, keys, tokens, known, explicit,
-            scalar(temperature, jnp.float32, "temperature"), top_p)
-    return SamplerCall(_sample_ar, args, dict(kind=kind, top_k=top_k, use_cache=use_cache))
+    args = (cfg, params, keys, tokens, known, explicit, temperature, top_p)
+    static = dict(kind=kind, top_k=top_k, use_cache=use_cache,
+                  known_order=known_order if kind == "random" else "random")
+    return SamplerCall(_sample_ar, args, static)
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "top_k", "use_cache"))
+@functools.partial(jax.jit, static_argnames=("kind", "top_k", "use_cache", "known_order"))
 def _sample_ar(cfg, params, keys, tokens, known, explicit_order, temperature, top_p, *, kind,
-               top_k, use_cache):
+               top_k, use_cache, known_order):
     b, n = tokens.shape
     split = jax.vmap(jax.random.split)(keys)  # [B, 2]: one stream for the order, one for tokens
     order_keys, keys = split[:, 0], split[:, 1]
-    order = resolve_order(kind if kind else explicit_order, known, order_keys)
+    order = resolve_order(kind if kind else explicit_order, known, order_keys, known_order)
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)  # [B]
     seq = orders_lib.permute(tokens, order)  # tokens in generation order
 

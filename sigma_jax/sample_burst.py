@@ -12,6 +12,11 @@ min(1, q_k/p_k); at the first rejection the position is resampled from normalize
 Candidate 0 is always accepted (its q equals p), so every iteration commits >= 1 token. Samples
 follow exactly the law of `sample_ar(order='random')` (the uniform-random-order AR law).
 
+The known tokens are prefilled by the known-first convention of `sigma_jax.orders`, as
+`sample_ar(order='random')` and `log_prob` feed them: in a uniformly random order drawn from the
+row's key (or ascending, known_order='ascending'). Exact mode then samples the random-order AR law
+given that order, so over keys both samplers draw from the same mixture over the known orders.
+
 mode='paper' (the published rule, not exact): K candidate orders share one uniform per candidate;
 accept while u < q/p, no residual draw; keep the order that accepted most. Kept, labelled, to
 reproduce published step counts.
@@ -30,7 +35,7 @@ import jax.numpy as jnp
 from sigma_jax.cache import KVCache, write
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import burst_pass, cache_capacity, extend_pass, prefill
-from sigma_jax.orders import ordered_known_first
+from sigma_jax.orders import random_order
 from sigma_jax.sampling import (
     SamplerCall,
     SampleStats,
@@ -39,6 +44,7 @@ from sigma_jax.sampling import (
     row_keys,
     scalar,
     to_probs,
+    truncation_options,
     uniforms,
 )
 
@@ -70,58 +76,60 @@ class BurstOptions:
     window: int
     n_orders: int
     top_k: int | None
+    known_order: str = "random"
 
 
-def _check_options(mode, n_orders, window, n, top_k):
+def _check_options(mode, n_orders, window, n):
     if mode not in MODES:
         raise ValueError(f"mode must be 'exact' or 'paper'; got {mode!r}")
     if not isinstance(n_orders, int) or n_orders < 1:
         raise ValueError(f"n_orders must be a positive integer; got {n_orders!r}")
     if window is not None and (not isinstance(window, int) or not 1 <= window <= n):
         raise ValueError(f"window must be None or an integer in [1, {n}]; got {window!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive integer; got {top_k!r}")
 
 
 def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
                  known: jax.Array, *, mode: str = "exact", n_orders: int = 5, temperature=1.0,
                  top_k: int | None = None, top_p=None, max_iters=None,
-                 window: int | None = None) -> tuple[jax.Array, SampleStats]:
+                 window: int | None = None, known_order: str = "random"
+                 ) -> tuple[jax.Array, SampleStats]:
     """Fill every unknown position by burst rejection sampling.
 
     tokens: int32 [B, N] (values at unknown positions ignored); known: bool [B, N], any subset per
     row (nothing known works through the start token). key: one typed key or one per row [B].
+    The known tokens are prefilled in the known-first convention (`orders.random_order`): a
+    uniformly random order from the row's key, or ascending with known_order='ascending'.
     mode: 'exact' or 'paper' (see the module docstring). n_orders: candidate orders of the paper
     mode (exact mode uses one order: more would need a multi-draft verifier to stay exact).
     window: draft only the next `window` positions of a random order (static; None = all N).
-    temperature (0 = greedy), top_p and max_iters (default N) are traced: changing them never
-    recompiles; top_k is static. The same truncation applies to p and q, so exact mode samples the
-    truncated model exactly. Returns (tokens [B, N], SampleStats); rows stopped by max_iters keep
-    unfilled positions at 0 and report finished=False.
+    temperature (>= 0; 0 = greedy), top_p (in (0, 1]) and max_iters (default N) are traced:
+    changing them never recompiles; top_k (in [1, V]) is static; concrete out-of-range values
+    raise ValueError. The same truncation applies to p and q, so exact mode samples the truncated
+    model exactly. Returns (tokens [B, N], SampleStats); rows stopped by max_iters keep unfilled
+    positions at 0 and report finished=False.
     """
     return sample_burst_call(cfg, params, key, tokens, known, mode=mode, n_orders=n_orders,
                              temperature=temperature, top_k=top_k, top_p=top_p,
-                             max_iters=max_iters, window=window)()
+                             max_iters=max_iters, window=window, known_order=known_order)()
 
 
 def sample_burst_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
                       known: jax.Array, *, mode: str = "exact", n_orders: int = 5,
                       temperature=1.0, top_k: int | None = None, top_p=None, max_iters=None,
-                      window: int | None = None) -> SamplerCall:
+                      window: int | None = None, known_order: str = "random") -> SamplerCall:
     """`sample_burst`'s arguments checked and prepared, not yet run: a `SamplerCall` (call it to
     sample, `.lower()` to compile ahead of time). Bad input raises ValueError before any work."""
     known = jnp.asarray(known, bool)
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32), 0)
-    check_sampler_inputs(cfg, tokens, known)
+    check_sampler_inputs(cfg, tokens, known, known_order=known_order)
     n = tokens.shape[1]
-    _check_options(mode, n_orders, window, n, top_k)
+    _check_options(mode, n_orders, window, n)
+    temperature, top_k, top_p = truncation_options(cfg, temperature, top_k, top_p)
     opts = BurstOptions(mode=mode, window=window or n, n_orders=n_orders if mode == "paper" else 1,
-                        top_k=top_k)
+                        top_k=top_k, known_order=known_order)
     keys = row_keys(key, tokens.shape[0])
-    top_p = None if top_p is None else scalar(top_p, jnp.float32, "top_p")
     max_iters = scalar(n if max_iters is None else max_iters, jnp.int32, "max_iters")
-    args = (cfg, params, keys, tokens, known, scalar(temperature, jnp.float32, "temperature"),
-            top_p, max_iters, opts)
+    args = (cfg, params, keys, tokens, known, temperature, top_p, max_iters, opts)
     return SamplerCall(_sample_burst, args, {})
 
 
@@ -144,14 +152,16 @@ def _sample_burst(cfg, params, keys, tokens, known, temperature, top_p, max_iter
 
 
 def init_state(cfg: ModelConfig, params: dict, keys, tokens, known, opts: BurstOptions):
-    """Prefill the known tokens (ascending positions) into a cache with room for one W block."""
+    """Prefill the known tokens, in the known-first convention drawn from each row's key, into a
+    cache with room for one W block. keys [B]: split into the order stream and the loop's."""
     n = tokens.shape[1]
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)
     capacity = cache_capacity(cfg, n, headroom=opts.window)
-    cache, last_tok, last_pos = prefill(cfg, params, tokens, ordered_known_first(known), n_known,
-                                        capacity)
+    split = jax.vmap(jax.random.split)(keys)  # [B, 2]
+    order = random_order(split[:, 0], known, known_order=opts.known_order)  # [B, N]
+    cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known, capacity)
     return BurstState(tokens=tokens, filled=known, cache=cache, last_tok=last_tok,
-                      last_pos=last_pos, keys=keys,
+                      last_pos=last_pos, keys=split[:, 1],
                       iterations=jnp.zeros(tokens.shape[:1], jnp.int32),
                       step=jnp.zeros((), jnp.int32))
 
@@ -234,7 +244,7 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
 
 def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, probs, opts):
     """The published rule: K orders of the candidates verified in one pass over the shared cache
-    (block-diagonal causal mask), one uniform per candidate shared by the orders, accept while
+    (K independent causal blocks), one uniform per candidate shared by the orders, accept while
     u < q/p (the first always), keep the order with the longest accepted prefix."""
     b, w = draft.shape
     k = opts.n_orders
@@ -247,11 +257,8 @@ def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, pr
     last_pos = jnp.broadcast_to(state.last_pos[:, None, None], (b, k, 1))
     tok_in = jnp.concatenate([last_tok, c_tok[..., :-1]], axis=-1).reshape(b, k * w)
     pos_in = jnp.concatenate([last_pos, c_pos[..., :-1]], axis=-1).reshape(b, k * w)
-    idx = jnp.arange(k * w)
-    same_order = (idx[:, None] // w) == (idx[None, :] // w)
-    block_causal = (same_order & (idx[:, None] >= idx[None, :]))[None]  # [1, KW, KW]
     logits_q, k_new, v_new = extend_pass(cfg, params, state.cache, tok_in, pos_in,
-                                         c_pos.reshape(b, k * w), block_causal)
+                                         c_pos.reshape(b, k * w), blocks=k)
     q_draft = _pick(probs(logits_q).reshape(b, k, w, -1), c_tok)  # [B, K, W]
     first = jnp.arange(w)[None, None, :] == 0
     accept = ((c_u * c_p < q_draft) | first) & c_valid

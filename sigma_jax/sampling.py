@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from sigma_jax import orders as orders_lib
 from sigma_jax.config import ModelConfig
-from sigma_jax.likelihood import check_known
+from sigma_jax.likelihood import check_known, is_concrete
 
 
 @jax.tree_util.register_dataclass
@@ -70,8 +70,10 @@ def row_keys(key: jax.Array, batch: int) -> jax.Array:
 
 def to_probs(logits: jax.Array, temperature: jax.Array, top_k: int | None,
              top_p: jax.Array | None) -> jax.Array:
-    """Sampling distribution of float32 logits [..., V]: temperature (0 = greedy one-hot), then
-    top-k (static k) and top-p (nucleus, traced) truncation. Returns float32 probs [..., V]."""
+    """Sampling distribution of float32 logits [..., V]: temperature (<= 0 = greedy one-hot), then
+    top-k (static k) and top-p (nucleus, traced) truncation. The most probable token is always
+    kept, so every traced top_p (even <= 0) gives a distribution. Returns float32 probs [..., V].
+    """
     logits = logits.astype(jnp.float32)
     neg = jnp.finfo(jnp.float32).min
     if top_k is not None:
@@ -83,7 +85,8 @@ def to_probs(logits: jax.Array, temperature: jax.Array, top_k: int | None,
     if top_p is not None:
         sorted_p = jnp.sort(probs, axis=-1)[..., ::-1]
         mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
-        kept = jnp.where(mass_before < top_p, sorted_p, jnp.inf)  # always keeps the top token
+        kept = jnp.where(mass_before < top_p, sorted_p, jnp.inf)  # [..., V]
+        kept = kept.at[..., 0].set(sorted_p[..., 0])  # the top token, even for top_p <= 0
         threshold = jnp.min(kept, axis=-1, keepdims=True)
         probs = jnp.where(probs >= threshold, probs, 0.0)
         probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
@@ -101,22 +104,42 @@ def uniforms(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda k: jax.random.uniform(k, shape))(keys)
 
 
-def resolve_order(kind_or_order, known: jax.Array, keys: jax.Array) -> jax.Array:
+def resolve_order(kind_or_order, known: jax.Array, keys: jax.Array,
+                  known_order: str = "random") -> jax.Array:
     """The generation order [B, N] (known positions first) from a kind name or an explicit array;
-    random orders come from each row's own key."""
+    random orders follow the known-first convention (`orders.random_order`) with each row's key."""
     if not isinstance(kind_or_order, str):
         return jnp.asarray(kind_or_order, jnp.int32)
-    if kind_or_order == "random":
-        return jax.vmap(lambda k, kn: orders_lib.random_order(k, kn[None])[0])(keys, known)
-    return orders_lib.order_from_mask(kind_or_order, known)
+    return orders_lib.order_from_mask(kind_or_order, known, keys, known_order=known_order)
 
 
-def check_sampler_inputs(cfg: ModelConfig, tokens, known, order=None) -> None:
+def check_sampler_inputs(cfg: ModelConfig, tokens, known, order=None,
+                         known_order: str = "random") -> None:
     """One-line errors for bad sampler inputs, before any work."""
     if isinstance(order, str) and order not in orders_lib.ORDER_KINDS:
         raise ValueError(f"order must be one of {', '.join(orders_lib.ORDER_KINDS)} or an "
                          f"int32 [B, N] array; got {order!r}")
+    orders_lib.check_known_order(known_order)
     check_known(cfg, tokens, known, None if isinstance(order, str) else order)
+
+
+def truncation_options(cfg: ModelConfig, temperature, top_k, top_p):
+    """The sampling options checked and prepared: (temperature float32[], top_k, top_p float32[] or
+    None). One-line ValueErrors, before any work, for top_k outside [1, V] (static, always
+    checked), and, when their values are concrete, a negative or NaN temperature and top_p outside
+    (0, 1]. Traced values pass unchecked: `to_probs` keeps the top token whatever they are."""
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                              or not 1 <= top_k <= cfg.vocab_size):
+        raise ValueError(f"top_k must be None or an integer in [1, {cfg.vocab_size}]; "
+                         f"got {top_k!r}")
+    temperature = scalar(temperature, jnp.float32, "temperature")
+    if is_concrete(temperature) and not float(temperature) >= 0.0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {float(temperature):g}")
+    if top_p is not None:
+        top_p = scalar(top_p, jnp.float32, "top_p")
+        if is_concrete(top_p) and not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p must be None or in (0, 1]; got {float(top_p):g}")
+    return temperature, top_k, top_p
 
 
 def scalar(value, dtype, name: str) -> jax.Array:

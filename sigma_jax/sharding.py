@@ -541,8 +541,9 @@ def sample_sharded(sampler, cfg, params, key, tokens, known, *, mesh,
     (the same on every process). options: the sampler's keyword arguments (temperature, top_p and
     max_iters are traced, the rest static).
 
-    The batch is padded to a multiple of the batch axes (as `pad_batch` does: padding rows
-    repeat the last row, with keys of their own), placed with rows over ("data", "fsdp"), and run
+    The batch is padded to a multiple of the batch axes with copies of the last row marked fully
+    known (with keys of their own): they generate nothing, so the loop runs exactly as long as
+    the unsharded call's and every statistic equals its. Rows are placed over ("data", "fsdp"), run
     by one jitted kernel with in/out shardings (params by the rules, rows over the batch axes,
     scalars replicated) that strips the padding rows and, when there are none, donates its token
     buffer to the output. Rows are independent and each row's random stream depends only on its
@@ -551,20 +552,24 @@ def sample_sharded(sampler, cfg, params, key, tokens, known, *, mesh,
     a multi-host run must call this with the same arguments. Returns (tokens [B, N], SampleStats)
     as global jax arrays; read them with `to_host` (multi-host safe).
     """
-    from sigma_jax.sampling import check_sampler_inputs, row_keys
+    from sigma_jax.sampling import check_sampler_inputs, row_keys, truncation_options
 
     tokens, known = np.asarray(tokens, np.int32), np.asarray(known, bool)
     order = options.pop("order", None)
     explicit_order = order is not None and not isinstance(order, str)
-    check_sampler_inputs(cfg, tokens, known, np.asarray(order) if explicit_order else order)
+    check_sampler_inputs(cfg, tokens, known, np.asarray(order) if explicit_order else order,
+                         options.get("known_order", "random"))
+    truncation_options(cfg, options.get("temperature", 1.0), options.get("top_k"),
+                       options.get("top_p"))
     if order is not None and not explicit_order:
         options["order"] = order  # a kind name: static
     batch = tokens.shape[0]
     keys = row_keys(key, batch)  # [B]: what the sampler itself would use
     rows_in = [tokens, known] + ([np.asarray(order, np.int32)] if explicit_order else [])
     pad = -batch % batch_multiple(mesh, rules)
-    if pad:  # padding rows repeat the last row, with keys of their own; they are stripped
+    if pad:  # fully known copies of the last row, with keys of their own; they are stripped
         rows_in = [np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) for x in rows_in]
+        rows_in[1][batch:] = True  # nothing to generate: no padding row extends the loop
         extra = jax.vmap(lambda i: jax.random.fold_in(keys[-1], i))(jnp.arange(1, pad + 1))
         keys = jnp.concatenate([keys, extra])
     traced = {k: v for k, v in options.items() if k in _TRACED_SAMPLER_OPTIONS and v is not None}

@@ -198,8 +198,8 @@ def test_import_without_grain():
 def test_run_end_to_end(tmp_path):
     config = bench.BenchConfig(preset="tiny", lengths=(8, 16), batches=(1, 2), windows=(4, None),
                                n_orders=(2,), samplers=("ar_cached", "burst_exact", "burst_paper"),
-                               repeats=1, train_batch=2, matmul_n=64, copy_bytes=1 << 20,
-                               out=str(tmp_path))
+                               repeats=1, train_batch=2, train_reference=False, matmul_n=64,
+                               copy_bytes=1 << 20, out=str(tmp_path))
     result = bench.run(config, argv=["test"], log=lambda *a: None)
     assert (tmp_path / "env.json").exists()
     env = json.loads((tmp_path / "env.json").read_text())
@@ -214,7 +214,7 @@ def test_run_end_to_end(tmp_path):
 def test_launcher_end_to_end(tmp_path):
     result = _subprocess(["-m", "launch.bench", "--preset=tiny", "--lengths=8", "--batches=1",
                           "--windows=none", "--n_orders=2", "--weights=init", "--repeats=1",
-                          "--train_batch=2", f"--out={tmp_path}"])
+                          "--train_batch=2", "--notrain_reference", f"--out={tmp_path}"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "== sampling ==" in result.stdout
     for name in ("sampling.jsonl", "training.jsonl", "roofline.jsonl", "env.json"):

@@ -1,13 +1,11 @@
 """The sample CLI: prompt syntax, infilling through the launcher, and one-line usage errors."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_module
 
 from launch.prompt import parse_prompt
 
@@ -32,18 +30,11 @@ def test_prompt_errors():
         parse_prompt("ab", _encode, 40, 32)
 
 
-def _run(*args, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory):
     """A 2-step character-level run: enough for a checkpoint with the text vocabulary."""
     workdir = tmp_path_factory.mktemp("char_run")
-    out = _run("-m", "launch.train", "--config=tiny", f"--workdir={workdir}",
+    out = run_module("-m", "launch.train", "--config=tiny", f"--workdir={workdir}",
                "--set", "task=shakespeare_char", "--set", "max_steps=2", "--set", "eval_every=2",
                "--set", "checkpoint_every=2", "--set", "log_every=1", "--set", "warmup_steps=1")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -52,7 +43,7 @@ def char_run(tmp_path_factory):
 
 @pytest.mark.parametrize("sampler", ["burst", "ar"])
 def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler):
-    out = _run("-m", "launch.sample", f"--workdir={char_run}", f"--sampler={sampler}",
+    out = run_module("-m", "launch.sample", f"--workdir={char_run}", f"--sampler={sampler}",
                "--prompt=ROMEO<missing>6</missing>the king", "--length=24", "--num_samples=2",
                "--window=4")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -71,20 +62,20 @@ def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler):
     (["--temperature=-1"], "temperature"),
 ])
 def test_bad_input_exits_2_with_one_line(char_run, args, message):
-    out = _run("-m", "launch.sample", f"--workdir={char_run}", *args)
+    out = run_module("-m", "launch.sample", f"--workdir={char_run}", *args)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.stderr
 
 
 def test_missing_checkpoint_exits_2(tmp_path):
-    out = _run("-m", "launch.sample", f"--workdir={tmp_path / 'nothing'}")
+    out = run_module("-m", "launch.sample", f"--workdir={tmp_path / 'nothing'}")
     assert out.returncode == 2
     assert "launch.train" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_animate_redraws_until_every_position_is_filled(char_run):
-    out = _run("-m", "launch.sample", f"--workdir={char_run}", "--animate", "--window=8",
+    out = run_module("-m", "launch.sample", f"--workdir={char_run}", "--animate", "--window=8",
                "--prompt=ROMEO:", "--length=24")
     assert out.returncode == 0, out.stderr[-2000:]
     frames = re.findall(r"\[iteration (\d+), (\d+)/24 filled\]", out.stdout)

@@ -4,6 +4,7 @@
   with one line on stderr, before any work.
 - A run SIGKILLed after its step-20 checkpoint resumes (same command, same workdir) and ends
   bit-identical to an uninterrupted run of the tiny preset (50 steps).
+- A run sent SIGTERM checkpoints the step it was on and exits (status 128 + 15) within 30 s.
 
 The subprocesses share a persistent compilation cache in a temporary directory, so only the first
 of them compiles the tiny model; the uninterrupted reference runs in this process.
@@ -122,6 +123,39 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(env, tmp_path):
     assert rows[-1]["loss"] == reference["loss"]
     assert rows[-1]["val_loss_left_to_right"] == reference["val_loss_left_to_right"]
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
+
+
+def test_sigterm_saves_the_last_finished_step_and_exits_promptly(env, tmp_path):
+    """SIGTERM mid-run: the launcher finishes the step under way, checkpoints it, and exits with
+    128 + 15 well within 30 s; the checkpoint is that step, and it loads."""
+    workdir, log_path = tmp_path / "term", tmp_path / "term.log"
+    sets = ["max_steps=100000", "checkpoint_every=100000", "eval_every=0", "log_every=5"]
+    args = ["--config=tiny", *(a for item in sets for a in ("--set", item))]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "launch.train", *args,
+                                 f"--workdir={workdir}"], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "step 25/" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "training never reached step 25"
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log_path.read_text()
+    assert code == 128 + signal.SIGTERM, out
+    assert seconds < 30, f"exit took {seconds:.1f} s after SIGTERM"
+    line = next(x for x in out.splitlines() if x.startswith("signal "))
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert step >= 25 and "checkpoint saved" in line
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [step]
+    assert checkpoint.load(workdir)[2] == step
 
 
 # ---------------------------------------------------------------- --set parsing (in process)

@@ -91,7 +91,8 @@ def test_conditionals_equal_full_forward_conditionals(bos):
         known[3] = False  # nothing known: unconditional marginals
     else:
         known[3, [8]] = True
-    probs = np.asarray(conditionals(cfg, params, tokens, jnp.asarray(known)))
+    probs = np.asarray(conditionals(cfg, params, tokens, jnp.asarray(known),
+                                    known_order="ascending"))
     assert probs.shape == (b, n, cfg.vocab_size)
     for row in range(b):
         for j in range(n):
@@ -117,6 +118,60 @@ def test_conditionals_follow_the_known_prefix_of_a_given_order():
         np.testing.assert_allclose(probs[0, j], np.asarray(expected), atol=1e-5)
 
 
+KNOWN = jnp.array([False, True, False, True])  # two scattered known positions: 1 and 3
+
+
+def _teacher_forced(cfg, params, tokens, order):
+    """log-softmax of one teacher-forced pass in `order`: [B, T, V]."""
+    inp, pin, pout, _ = orders.make_batch(tokens, order, bos=True, bos_id=cfg.bos_id)
+    return jax.nn.log_softmax(forward(cfg, params, inp, pin, pout), axis=-1)
+
+
+def test_log_prob_draws_its_orders_by_the_known_first_convention():
+    """Every value of log_prob(key) is the teacher-forced value of one known-first order; both
+    orders of the two known tokens occur about equally often (known_order='random'), only the
+    ascending one with known_order='ascending'."""
+    params = _params(TINY, 4)
+    tokens = ALL_SEQS[40:41]
+    known = KNOWN[None]
+    firsts = {k: [list(k) + list(u) for u in itertools.permutations([0, 2])]
+              for k in itertools.permutations([1, 3])}
+    by_first = {k: np.asarray([float(log_prob(TINY, params, tokens, known, order=jnp.array([o]))
+                                     [0, 0]) for o in os]) for k, os in firsts.items()}
+    assert np.abs(by_first[(1, 3)][:, None] - by_first[(3, 1)][None]).min() > 1e-3
+    for known_order, share in (("random", 0.5), ("ascending", 1.0)):
+        lp = np.asarray(log_prob(TINY, params, tokens, known, jax.random.key(1), n_orders=400,
+                                 known_order=known_order))[0]
+        ascending = np.abs(lp[:, None] - by_first[(1, 3)][None]).min(1) < 1e-5
+        descending = np.abs(lp[:, None] - by_first[(3, 1)][None]).min(1) < 1e-5
+        assert (ascending | descending).all()
+        np.testing.assert_allclose(ascending.mean(), share, atol=0.08)
+
+
+def test_conditionals_feed_the_known_tokens_by_the_known_first_convention():
+    """Each row of conditionals(key) is the next-token law after one order of the two known
+    tokens, computed by a teacher-forced pass; over 200 rows both orders occur."""
+    params = _params(TINY, 5)
+    b = 200
+    tokens = jnp.broadcast_to(ALL_SEQS[50], (b, 4))
+    known = jnp.broadcast_to(KNOWN, (b, 4))
+    got = np.asarray(conditionals(TINY, params, tokens, known, jax.random.key(2)))
+    asc = np.asarray(conditionals(TINY, params, tokens[:1], known[:1], known_order="ascending"))
+    want = {}
+    for first in itertools.permutations([1, 3]):
+        for j in (0, 2):
+            order = jnp.array([list(first) + [j, 2 - j]])
+            want[first, j] = np.exp(np.asarray(_teacher_forced(TINY, params, tokens[:1], order)
+                                               [0, 2]))
+    for j in (0, 2):
+        np.testing.assert_allclose(asc[0, j], want[(1, 3), j], atol=1e-5)
+        err = {f: np.abs(got[:, j] - want[f, j]).max(-1) for f in ((1, 3), (3, 1))}
+        assert (np.minimum(err[(1, 3)], err[(3, 1)]) < 1e-5).all()
+        assert 0.3 < (err[(1, 3)] < 1e-5).mean() < 0.7
+    np.testing.assert_allclose(want[(1, 3), 0].sum(), 1.0, atol=1e-5)
+    assert np.abs(want[(1, 3), 0] - want[(3, 1), 0]).max() > 1e-3  # the order matters
+
+
 def test_bad_inputs_raise_one_line_errors():
     params = _params(TINY)
     known = jnp.zeros((2, 4), bool)
@@ -131,3 +186,7 @@ def test_bad_inputs_raise_one_line_errors():
         log_prob(TINY.replace(bos=False), params, ALL_SEQS[:2], known, jax.random.key(0))
     with pytest.raises(ValueError, match="block_size"):
         conditionals(TINY, params, jnp.zeros((1, 5), jnp.int32), jnp.zeros((1, 5), bool))
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        conditionals(TINY, params, ALL_SEQS[:2], known)
+    with pytest.raises(ValueError, match="known_order"):
+        log_prob(TINY, params, ALL_SEQS[:2], known, jax.random.key(0), known_order="sorted")

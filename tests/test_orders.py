@@ -73,7 +73,7 @@ def test_random_order_is_uniform_over_unknown_positions():
 def test_random_order_with_known_ascending_keeps_the_same_unknown_order():
     known = jax.random.uniform(jax.random.key(4), (50, 9)) < 0.4
     key = jax.random.key(5)
-    ordered = np.asarray(orders.random_order(key, known, known_ascending=True))
+    ordered = np.asarray(orders.random_order(key, known, known_order="ascending"))
     shuffled = np.asarray(orders.random_order(key, known))
     for row, k in zip(ordered, np.asarray(known), strict=True):
         m = int(k.sum())
@@ -81,6 +81,21 @@ def test_random_order_with_known_ascending_keeps_the_same_unknown_order():
     n_known = np.asarray(known).sum(1)
     for a, b, m in zip(ordered, shuffled, n_known, strict=True):
         np.testing.assert_array_equal(a[m:], b[m:])
+
+
+def test_random_order_with_one_key_per_row_and_its_known_order_law():
+    """Per-row keys: row b depends only on keys[b]. With two known positions, each of their two
+    orders comes first in about half of the rows; a bad known_order is a one-line error."""
+    known = jnp.array([[False, True, False, True, False]] * 4000)
+    keys = jax.random.split(jax.random.key(6), 4000)
+    order = np.asarray(orders.random_order(keys, known))
+    for row in (0, 17, 3999):
+        alone = orders.random_order(keys[row], known[row : row + 1])[0]
+        np.testing.assert_array_equal(order[row], alone)
+    assert set(map(tuple, order[:, :2])) == {(1, 3), (3, 1)}
+    np.testing.assert_allclose((order[:, 0] == 1).mean(), 0.5, atol=0.03)
+    with pytest.raises(ValueError, match="known_order"):
+        orders.random_order(keys, known, known_order="sorted")
 
 
 def test_permute_unpermute_round_trip_with_trailing_dims():

@@ -14,7 +14,7 @@ from sigma_jax.sample_ar import sample_ar
 @pytest.mark.parametrize("order", ["left_to_right", "random", "fractal"])
 def test_cached_equals_uncached_at_temperature_one(order, bos):
     cfg = SMALL.replace(bos=bos)
-    params = peaked_params(cfg, 1, scale=3.0)
+    params = peaked_params(cfg, 1)
     b, n = 5, 10
     tokens = jax.random.randint(jax.random.key(2), (b, n), 0, cfg.vocab_size)
     known = ragged_known(3, b, n, bos)
@@ -50,7 +50,7 @@ def test_explicit_order_is_followed():
 
 
 def test_per_row_keys_make_rows_independent_of_the_batch():
-    params = peaked_params(SMALL, 2, scale=3.0)
+    params = peaked_params(SMALL, 2)
     b, n = 6, 10
     tokens = jax.random.randint(jax.random.key(0), (b, n), 0, SMALL.vocab_size)
     known = ragged_known(1, b, n)

@@ -1,5 +1,8 @@
-"""Burst rejection sampling: exactness (chi-square against enumeration), mechanics, per-row
-independence, infilling, and no recompilation."""
+"""Burst rejection sampling: exactness and the known-first convention (chi-square against
+enumeration), greedy decoding against enumerated greedy AR, mechanics, per-row independence,
+infilling, input checks and no recompilation."""
+
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -8,61 +11,105 @@ import pytest
 from sampler_helpers import (
     SMALL,
     chi_square_pvalue,
-    enumerated_random_order_law,
+    enumerated_law,
     peaked_params,
     product_law_params,
     ragged_known,
 )
 
 from sigma_jax import ModelConfig
-from sigma_jax.sample_ar import sample_ar
+from sigma_jax.sample_ar import _sample_ar, sample_ar
 from sigma_jax.sample_burst import _sample_burst, sample_burst
 
 TINY = ModelConfig(vocab_size=3, block_size=4, n_layer=2, n_head=2, n_embd=16)
+KNOWN = {0: 2, 2: 1}  # two scattered known tokens: their feeding order changes the law
+N_SAMPLES = 20000
 
 
 @pytest.fixture(scope="module")
-def tiny_law():
-    params = peaked_params(TINY, 11, scale=4.0)
-    seqs, probs = enumerated_random_order_law(TINY, params, 4)
-    return params, seqs, probs
+def tiny_laws():
+    """A peaked tiny model and its enumerated laws: nothing known, and KNOWN fed in the
+    convention (every order of the known tokens) or ascending."""
+    params = peaked_params(TINY, 11, scale=6.0, sharpness=2.0)
+    laws = {"none": enumerated_law(TINY, params, 4),
+            "random": enumerated_law(TINY, params, 4, KNOWN),
+            "ascending": enumerated_law(TINY, params, 4, KNOWN, known_order="ascending")}
+    return params, laws
 
 
-def _draw(params, mode, n_samples, seed, **kw):
-    tokens = jnp.zeros((n_samples, 4), jnp.int32)
-    known = jnp.zeros((n_samples, 4), bool)
-    return sample_burst(TINY, params, jax.random.key(seed), tokens, known, mode=mode, **kw)
+def _tiny_inputs(known_tokens):
+    tokens = np.zeros((N_SAMPLES, 4), np.int32)
+    known = np.zeros((N_SAMPLES, 4), bool)
+    for pos, tok in known_tokens.items():
+        tokens[:, pos], known[:, pos] = tok, True
+    return jnp.asarray(tokens), jnp.asarray(known)
 
 
-def test_enumerated_law_is_normalised(tiny_law):
-    _, _, probs = tiny_law
-    np.testing.assert_allclose(probs.sum(), 1.0, atol=1e-5)
+def _sample_tiny(params, sampler, known_tokens, seed, **kw):
+    tokens, known = _tiny_inputs(known_tokens)
+    if sampler == "ar":
+        return sample_ar(TINY, params, jax.random.key(seed), tokens, known, **kw)
+    return sample_burst(TINY, params, jax.random.key(seed), tokens, known, **kw)
+
+
+def test_enumerated_laws_are_normalised(tiny_laws):
+    _, laws = tiny_laws
+    for _, probs in laws.values():
+        np.testing.assert_allclose(probs.sum(), 1.0, atol=1e-5)
+    assert 0.5 * np.abs(laws["random"][1] - laws["ascending"][1]).sum() > 0.03  # they differ
 
 
 @pytest.mark.parametrize("window", [None, 2])
-def test_exact_mode_follows_the_random_order_law(tiny_law, window):
-    params, _, probs = tiny_law
-    samples, stats = _draw(params, "exact", 20000, 0, window=window)
-    p_value, chi2, df = chi_square_pvalue(np.asarray(samples), probs, 3)
+def test_exact_mode_follows_the_random_order_law(tiny_laws, window):
+    params, laws = tiny_laws
+    samples, stats = _sample_tiny(params, "burst", {}, 0, mode="exact", window=window)
+    p_value, chi2, df = chi_square_pvalue(samples, *laws["none"])
     assert p_value > 1e-3, (p_value, chi2, df)
     assert bool(stats.finished.all())
 
 
-def test_paper_mode_is_biased_on_a_peaked_model(tiny_law):
+def test_random_order_ar_follows_the_same_law(tiny_laws):
+    params, laws = tiny_laws
+    samples, _ = _sample_tiny(params, "ar", {}, 1)
+    p_value, chi2, df = chi_square_pvalue(samples, *laws["none"])
+    assert p_value > 1e-3, (p_value, chi2, df)
+
+
+@pytest.mark.parametrize("sampler, known_order", [("burst", "random"), ("ar", "random"),
+                                                  ("burst", "ascending"), ("ar", "ascending")])
+def test_samplers_follow_the_known_first_convention(tiny_laws, sampler, known_order):
+    """With two scattered known tokens, exact burst and random-order AR both sample the
+    enumerated law of the convention (the average over the known tokens' orders, or the
+    ascending one), and the same test rejects the other law: it can tell them apart."""
+    params, laws = tiny_laws
+    kw = dict(mode="exact") if sampler == "burst" else {}
+    samples, _ = _sample_tiny(params, sampler, KNOWN, 2, known_order=known_order, **kw)
+    other = "ascending" if known_order == "random" else "random"
+    p_value, chi2, df = chi_square_pvalue(samples, *laws[known_order])
+    assert p_value > 1e-3, (p_value, chi2, df)
+    assert chi_square_pvalue(samples, *laws[other])[0] < 1e-3
+
+
+def test_paper_mode_is_biased_on_a_peaked_model(tiny_laws):
     """Negative control: the published rule (best of K orders, no residual) fails the same test,
     so the test above has the power to catch a non-exact sampler."""
-    params, _, probs = tiny_law
-    samples, _ = _draw(params, "paper", 20000, 0, n_orders=5)
-    p_value, _, _ = chi_square_pvalue(np.asarray(samples), probs, 3)
-    assert p_value < 1e-3
+    params, laws = tiny_laws
+    samples, _ = _sample_tiny(params, "burst", {}, 0, mode="paper", n_orders=5)
+    assert chi_square_pvalue(samples, *laws["none"])[0] < 1e-3
 
 
-def test_random_order_ar_follows_the_same_law(tiny_law):
-    params, _, probs = tiny_law
-    tokens = jnp.zeros((20000, 4), jnp.int32)
-    samples, _ = sample_ar(TINY, params, jax.random.key(1), tokens, jnp.zeros((20000, 4), bool))
-    p_value, _, _ = chi_square_pvalue(np.asarray(samples), probs, 3)
-    assert p_value > 1e-3
+def test_exact_mode_in_bfloat16_follows_the_bfloat16_model_law():
+    """The same chi-square test with bfloat16 activations, cache and weights, against the law
+    that teacher-forced bfloat16 passes enumerate."""
+    cfg = TINY.replace(dtype="bfloat16", param_dtype="bfloat16")
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                          peaked_params(TINY, 11, scale=6.0, sharpness=2.0))
+    seqs, probs = enumerated_law(cfg, params, 4)
+    tokens, known = _tiny_inputs({})
+    samples, stats = sample_burst(cfg, params, jax.random.key(3), tokens, known, window=2)
+    p_value, chi2, df = chi_square_pvalue(samples, seqs, probs)
+    assert p_value > 1e-3, (p_value, chi2, df)
+    assert bool(stats.finished.all()) and int(stats.forward_passes) > 3
 
 
 @pytest.mark.parametrize("mode", ["exact", "paper"])
@@ -78,10 +125,22 @@ def test_a_product_law_finishes_in_one_iteration(mode):
     assert bool(stats.finished.all())
 
 
+def test_peaked_params_are_really_peaked():
+    """Exact burst on the shared peaked model needs >= N/3 iterations on average (N = 10,
+    nothing known): most drafts are rejected, so the tests exercise the rejection path."""
+    b, n = 6, 10
+    tokens, known = jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), bool)
+    for seed in range(5):
+        params = peaked_params(SMALL, seed)
+        its = [np.asarray(sample_burst(SMALL, params, jax.random.key(k), tokens, known)[1]
+                          .iterations) for k in range(6)]
+        assert np.mean(its) >= n / 3, (seed, np.mean(its))
+
+
 @pytest.mark.parametrize("mode, window", [("exact", None), ("exact", 3), ("paper", None),
                                           ("paper", 4)])
 def test_mechanics_on_a_peaked_model(mode, window):
-    params = peaked_params(SMALL, 3, scale=3.0)
+    params = peaked_params(SMALL, 3)
     b, n = 6, 10
     tokens = jax.random.randint(jax.random.key(1), (b, n), 0, SMALL.vocab_size)
     known = ragged_known(4, b, n)
@@ -92,12 +151,14 @@ def test_mechanics_on_a_peaked_model(mode, window):
     assert int(out.min()) >= 0 and int(out.max()) < SMALL.vocab_size
     np.testing.assert_array_equal(stats.generated, r)
     its = np.asarray(stats.iterations)
-    assert (its <= r).all() and (its >= np.ceil(r / (window or n))).all()
+    fewest = np.ceil(r / (window or n))
+    assert (its <= r).all() and (its >= fewest).all()
+    assert (its > fewest).any()  # some draft was rejected
     assert int(stats.forward_passes) == 1 + 2 * int(its.max())
 
 
 def test_max_iters_stops_and_reports_unfinished_rows():
-    params = peaked_params(SMALL, 3, scale=3.0)
+    params = peaked_params(SMALL, 3)
     tokens = jnp.zeros((3, 10), jnp.int32)
     known = jnp.zeros((3, 10), bool).at[2].set(True)
     out, stats = sample_burst(SMALL, params, jax.random.key(0), tokens, known, window=2,
@@ -108,7 +169,7 @@ def test_max_iters_stops_and_reports_unfinished_rows():
 
 
 def test_unconditional_generation_and_per_row_independence():
-    params = peaked_params(SMALL, 4, scale=3.0)
+    params = peaked_params(SMALL, 4)
     b, n = 5, 10
     tokens = jax.random.randint(jax.random.key(0), (b, n), 0, SMALL.vocab_size)
     known = ragged_known(5, b, n)  # row 0 knows nothing
@@ -123,38 +184,92 @@ def test_unconditional_generation_and_per_row_independence():
             assert int(astats.iterations[0]) == int(bstats.iterations[row])
 
 
-def test_greedy_exact_burst_of_an_order_free_model_equals_greedy_ar():
-    """With a context-free model, greedy burst and greedy AR both give the argmax everywhere."""
-    params = product_law_params(SMALL, 3)
-    tokens = jnp.zeros((2, 10), jnp.int32)
-    known = jnp.zeros((2, 10), bool).at[1, 4].set(True)
-    burst, _ = sample_burst(SMALL, params, jax.random.key(0), tokens, known, temperature=0.0)
-    ar, _ = sample_ar(SMALL, params, jax.random.key(1), tokens, known, temperature=0.0)
-    np.testing.assert_array_equal(burst, ar)
+def test_greedy_exact_burst_is_greedy_ar_in_some_known_first_order():
+    """On a context-dependent model, greedy exact burst commits, in the order it happens to
+    follow, exactly what greedy AR would: each sample equals greedy AR in one of the
+    enumerated known-first orders (2 known orders x 4! unknown orders), while different orders
+    give different greedy completions."""
+    n, known_pos = 6, [1, 4]
+    params = peaked_params(SMALL, 7)
+    base = np.array([0, 3, 0, 0, 8, 0], np.int32)
+    unknown_pos = [i for i in range(n) if i not in known_pos]
+    all_orders = [list(k) + list(u) for k in itertools.permutations(known_pos)
+                  for u in itertools.permutations(unknown_pos)]
+    m = len(all_orders)  # 48
+    known = np.zeros((m, n), bool)
+    known[:, known_pos] = True
+    ar, _ = sample_ar(SMALL, params, jax.random.key(0), np.tile(base, (m, 1)), known,
+                      order=jnp.array(all_orders, jnp.int32), temperature=0.0)
+    greedy = {tuple(row) for row in np.asarray(ar).tolist()}
+    assert len(greedy) >= 3  # the model is context-dependent: the order matters
+    b = 16
+    burst, stats = sample_burst(SMALL, params, jax.random.key(1), np.tile(base, (b, 1)),
+                                known[:b], temperature=0.0)
+    missing = [row for row in np.asarray(burst).tolist() if tuple(row) not in greedy]
+    assert not missing, f"not greedy AR in any known-first order: {missing}"
+    assert int(np.asarray(stats.iterations).max()) > 1  # rejections happened
 
 
-def test_no_recompilation_when_only_values_change():
-    params = peaked_params(SMALL, 6, scale=3.0)
+@pytest.mark.parametrize("sampler", ["ar", "burst"])
+def test_no_recompilation_when_only_values_change(sampler):
+    """New keys, tokens, masks, temperatures, top_p values and iteration caps reuse the kernel."""
+    params = peaked_params(SMALL, 6)
     tokens = jax.random.randint(jax.random.key(0), (4, 10), 0, SMALL.vocab_size)
     known = ragged_known(1, 4, 10)
-    sample_burst(SMALL, params, jax.random.key(0), tokens, known, window=3)
-    before = _sample_burst._cache_size()
-    sample_burst(SMALL, params, jax.random.key(5), (tokens + 1) % 11, ragged_known(2, 4, 10),
-                 window=3, temperature=0.7, max_iters=4, top_p=None)
-    sample_burst(SMALL, params, jax.random.split(jax.random.key(3), 4), tokens, known, window=3,
-                 temperature=1.3)
-    assert _sample_burst._cache_size() == before
+    if sampler == "ar":
+        run, kernel, extra = sample_ar, _sample_ar, {}
+    else:
+        run, kernel, extra = sample_burst, _sample_burst, dict(window=3)
+    run(SMALL, params, jax.random.key(0), tokens, known, top_p=0.9, **extra)
+    before = kernel._cache_size()
+    run(SMALL, params, jax.random.key(5), (tokens + 1) % 11, ragged_known(2, 4, 10),
+        temperature=0.7, top_p=0.5, **extra)
+    run(SMALL, params, jax.random.split(jax.random.key(3), 4), tokens, known, temperature=1.3,
+        top_p=1.0, **extra)
+    if sampler == "burst":
+        run(SMALL, params, jax.random.key(4), tokens, known, top_p=0.3, max_iters=4, **extra)
+    assert kernel._cache_size() == before
 
 
-def test_bad_options_raise_one_line_errors():
+@pytest.mark.parametrize("sampler", ["ar", "burst"])
+def test_bad_options_raise_one_line_errors(sampler):
     params = peaked_params(SMALL, 6)
     tokens = jnp.zeros((1, 10), jnp.int32)
     known = jnp.zeros((1, 10), bool)
-    for kwargs, match in [(dict(mode="fast"), "mode"), (dict(window=0), "window"),
-                          (dict(window=11), "window"), (dict(n_orders=0), "n_orders"),
-                          (dict(top_k=0), "top_k")]:
-        with pytest.raises(ValueError, match=match):
-            sample_burst(SMALL, params, jax.random.key(0), tokens, known, **kwargs)
+    cases = [(dict(top_k=0), "top_k"), (dict(top_k=12), "top_k"), (dict(top_k=2.0), "top_k"),
+             (dict(top_p=0.0), "top_p"), (dict(top_p=-0.5), "top_p"), (dict(top_p=1.5), "top_p"),
+             (dict(top_p=jnp.float32(0.0)), "top_p"), (dict(temperature=-1.0), "temperature"),
+             (dict(temperature=float("nan")), "temperature"),
+             (dict(known_order="sorted"), "known_order")]
+    if sampler == "burst":
+        run = sample_burst
+        cases += [(dict(mode="fast"), "mode"), (dict(window=0), "window"),
+                  (dict(window=11), "window"), (dict(n_orders=0), "n_orders")]
+    else:
+        run = sample_ar
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match) as err:
+            run(SMALL, params, jax.random.key(0), tokens, known, **kwargs)
+        assert "\n" not in str(err.value)
+
+
+def test_a_traced_top_p_of_zero_keeps_the_top_token():
+    """Unchecked (traced) top_p <= 0 reaches the kernel: the top token is kept, so sampling
+    at temperature 1 with top_p = 0 is greedy decoding, never NaN."""
+    from sigma_jax import sample_burst_call
+
+    params = peaked_params(SMALL, 6)
+    tokens = jax.random.randint(jax.random.key(0), (4, 10), 0, SMALL.vocab_size)
+    known = ragged_known(1, 4, 10)
+    call = sample_burst_call(SMALL, params, jax.random.key(2), tokens, known, window=3,
+                             top_p=0.9)
+    args = list(call.args)
+    args[6] = jnp.float32(0.0)  # top_p, as a traced value the kernel cannot check
+    out, stats = call.kernel(*args, **call.static)
+    greedy, _ = sample_burst(SMALL, params, jax.random.key(2), tokens, known, window=3,
+                             temperature=0.0, top_p=1.0)
+    np.testing.assert_array_equal(out, greedy)
+    assert bool(stats.finished.all())
 
 
 @pytest.mark.parametrize("sampler", ["ar", "burst"])
@@ -165,7 +280,7 @@ def test_prepared_call_compiles_ahead_of_time_and_matches_the_public_sampler(sam
 
     prepare, public = ((sample_ar_call, sample_ar) if sampler == "ar"
                        else (sample_burst_call, sample_burst))
-    params = peaked_params(SMALL, 6, scale=3.0)
+    params = peaked_params(SMALL, 6)
     tokens = jax.random.randint(jax.random.key(0), (4, 10), 0, SMALL.vocab_size)
     cases = [(jax.random.key(1), tokens, ragged_known(1, 4, 10), 1.0),
              (jax.random.key(2), (tokens + 3) % 11, ragged_known(2, 4, 10), 0.6)]

@@ -1,0 +1,147 @@
+"""Attention kernels of the σ-GPT passes: new tokens attend to a KV cache and to each other.
+
+Which new tokens a new token sees is a static `SelfMask`, never a [T, T] mask array, so each pass
+computes only the scores it needs:
+
+  CAUSAL               training, prefill, cached decoding, the exact verify pass;
+  DIAGONAL             the burst pass (each query sees the cache and itself): one score per query;
+  SelfMask(blocks=K)   the published verify pass: K independent causal blocks of T/K tokens that
+                       share the cache (K candidate orders), never a (K·T/K)² block.
+
+With an empty cache the causal kernel skips the all-masked key blocks after each query block. With
+a cache, queries go through in chunks of `QUERY_CHUNK` (a sequential `lax.map`), so the scores in
+memory at once are chunk × (cache + keys): memory grows linearly with the sequence length.
+
+Masked keys never leak into a query: their probabilities are exactly zero, and non-finite keys or
+values of new tokens are replaced by zero before they meet other queries' probabilities (0 · NaN
+would otherwise be NaN); a token whose own input is non-finite keeps it in its residual stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Queries per block of the cache-free causal kernel: block i scores keys [0, (i + 1) * block).
+CAUSAL_QUERY_BLOCK = 64
+# Queries per chunk of the cached kernel (the chunks run one after another).
+QUERY_CHUNK = 128
+NEG = float(jnp.finfo(jnp.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfMask:
+    """Static: new token t sees new token u iff they lie in the same of `blocks` equal consecutive
+    blocks and u <= t (blocks=1: causal), or, with `diagonal`, iff u == t."""
+
+    blocks: int = 1
+    diagonal: bool = False
+
+
+CAUSAL = SelfMask()
+DIAGONAL = SelfMask(diagonal=True)
+
+
+def finite_or_zero(x: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
+def softmax_last(scores: jax.Array) -> jax.Array:
+    """softmax over the last axis, normalised by one reciprocal per row (float32 scores)."""
+    e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout=None,
+                     block: int = CAUSAL_QUERY_BLOCK) -> jax.Array:
+    """Causal self-attention with no cache: q, k, v [B, T, H, hd] -> [B, T, H, hd].
+
+    Queries go in blocks of `block`; block i scores only keys [0, end_i), so the all-masked keys
+    after a block are never computed (about half the scores for long T). `dropout`, if given, is
+    applied to each block's probabilities.
+    """
+    t = q.shape[1]
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
+    k_seen, v_seen = finite_or_zero(k), finite_or_zero(v)
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        s = jnp.einsum("bthd,buhd->bhtu", q[:, start:end], k_seen[:, :end],
+                       preferred_element_type=jnp.float32)  # [B, H, end-start, end]
+        seen = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]  # [end-start, end]
+        probs = softmax_last(jnp.where(seen, s, NEG))
+        if dropout is not None:
+            probs = dropout(probs)
+        outs.append(jnp.einsum("bhtu,buhd->bthd", probs.astype(v.dtype), v_seen[:, :end]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
+                     v_cache: jax.Array, cache_valid: jax.Array, mask: SelfMask,
+                     chunk: int = QUERY_CHUNK) -> jax.Array:
+    """New tokens attend to the valid cache slots and to the new tokens `mask` lets them see.
+
+    q, k, v: [B, T, H, hd]; k_cache, v_cache: [B, S, H, hd]; cache_valid: bool [B, S]. Returns
+    [B, T, H, hd]. One softmax over [cache | new] per query, in float32. Every query sees itself.
+    """
+    b, t, h, hd = q.shape
+    q = q * (1.0 / math.sqrt(hd))
+    k_seen, v_seen = finite_or_zero(k), finite_or_zero(v)
+    k_cache, v_cache = k_cache.astype(k.dtype), v_cache.astype(v.dtype)
+    if mask.diagonal:
+        one = lambda i, qc, kc, vc: _diagonal_chunk(qc, kc, vc, k_cache, v_cache, cache_valid)
+        y = _map_chunks(one, (q, k_seen, v_seen), chunk)
+    elif mask.blocks > 1:  # independent causal blocks, one block per step
+        one = lambda i, qb, kb, vb: _causal_chunk(qb, kb, vb, k_cache, v_cache, cache_valid, 0)
+        y = _map_chunks(one, (q, k_seen, v_seen), t // mask.blocks)
+    else:  # causal over all new tokens: query chunks against every new key, masked
+        chunk = min(chunk, t)
+        one = lambda i, qc: _causal_chunk(qc, k_seen, v_seen, k_cache, v_cache, cache_valid,
+                                          i * chunk)
+        y = _map_chunks(one, (q,), chunk)
+    return y
+
+
+def _map_chunks(f, arrays, chunk: int):
+    """f(index, *chunks) over consecutive chunks of `chunk` tokens (axis 1 of every array), run
+    one after another by `lax.map`; the outputs [B, chunk, ...] are concatenated back to
+    [B, T, ...]. A last partial chunk is zero-padded and its padding dropped."""
+    t = arrays[0].shape[1]
+    if t <= chunk:
+        return f(0, *arrays)
+    n = -(-t // chunk)
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (a.ndim - 2))
+    split = lambda a: jnp.moveaxis(pad(a).reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
+    out = jax.lax.map(lambda xs: f(xs[0], *xs[1:]), (jnp.arange(n), *map(split, arrays)))
+    return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], n * chunk, *out.shape[3:])[:, :t]
+
+
+def _cache_scores(q, k_cache, cache_valid):
+    s = jnp.einsum("bthd,bshd->bhts", q, k_cache, preferred_element_type=jnp.float32)
+    return jnp.where(cache_valid[:, None, None, :], s, NEG)  # [B, H, Tq, S]
+
+
+def _diagonal_chunk(q, k, v, k_cache, v_cache, cache_valid):
+    """q, k, v [B, c, H, hd]: each query sees the cache and its own key only."""
+    s_cache = _cache_scores(q, k_cache, cache_valid)
+    s_self = jnp.einsum("bthd,bthd->bht", q, k, preferred_element_type=jnp.float32)
+    probs = softmax_last(jnp.concatenate([s_cache, s_self[..., None]], axis=-1))
+    p_cache, p_self = probs[..., :-1], probs[..., -1]  # [B, H, c, S], [B, H, c]
+    y = jnp.einsum("bhts,bshd->bthd", p_cache.astype(v.dtype), v_cache)
+    return y + jnp.swapaxes(p_self, 1, 2)[..., None].astype(v.dtype) * v
+
+
+def _causal_chunk(q, k, v, k_cache, v_cache, cache_valid, start):
+    """q [B, c, H, hd] (new tokens start .. start+c-1) against the cache and new keys k, v
+    [B, U, H, hd] (new tokens 0 .. U-1), causal: query start+i sees key u iff u <= start+i."""
+    s_cache = _cache_scores(q, k_cache, cache_valid)
+    s_self = jnp.einsum("bthd,buhd->bhtu", q, k, preferred_element_type=jnp.float32)
+    seen = jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(q.shape[1])[:, None]
+    probs = softmax_last(jnp.concatenate([s_cache, jnp.where(seen, s_self, NEG)], axis=-1))
+    s = k_cache.shape[1]
+    p_cache, p_self = probs[..., :s].astype(v.dtype), probs[..., s:].astype(v.dtype)
+    return (jnp.einsum("bhts,bshd->bthd", p_cache, v_cache)
+            + jnp.einsum("bhtu,buhd->bthd", p_self, v))

@@ -1,0 +1,240 @@
+"""Published σ-GPT PyTorch checkpoints: read without torch, same weights, same logits, sampled.
+
+The fixtures (tests/fixtures/official/README.md says how they were made) are checkpoints written
+by the published PyTorch code's own train.py, and the logits and mean loss its own forward pass
+computed on validation rows read in random orders. Nothing here imports torch.
+"""
+
+import io
+import json
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cli_helpers import run_module
+
+from sigma_jax import checkpoint
+from sigma_jax.convert import (
+    COMPILED_PREFIX,
+    CheckpointError,
+    convert_state_dict,
+    from_official,
+    load_torch_file,
+    read_official,
+)
+from sigma_jax.model import forward, init_params
+from sigma_jax.train import loss_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "official"
+MODELS = ("nobias", "bias")  # bias: trained with torch.compile, so its keys carry _orig_mod.
+
+
+def _published(name):
+    data = np.load(FIXTURES / f"{name}_logits.npz")
+    return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def converted(request):
+    cfg, params = from_official(FIXTURES / f"{request.param}.pt")
+    return request.param, cfg, params
+
+
+def test_the_config_is_the_published_text_model(converted):
+    name, cfg, _ = converted
+    assert (cfg.pos_encoding, cfg.bos, cfg.tie_embeddings, cfg.bias) == (
+        "learned", False, True, name == "bias")
+    assert cfg.vocab_size == 65 and cfg.n_layer == 2 and cfg.n_head == 2
+
+
+def test_params_have_the_tree_shapes_and_dtypes_of_init_params(converted):
+    _, cfg, params = converted
+    expected = jax.eval_shape(init_params, cfg, jax.random.key(0))
+    assert jax.tree.structure(params) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype)
+    # one learned table of width n_embd / 2, one row per position, no start row
+    assert params["pos"]["wpe"].shape == (cfg.block_size, cfg.n_embd // 2)
+
+
+def test_logits_match_the_published_forward(converted):
+    name, cfg, params = converted
+    ref = _published(name)
+    rows, order = jnp.asarray(ref["rows"]), jnp.asarray(ref["order"])  # [B, N]
+    tokens = jnp.take_along_axis(rows, order, axis=1)[:, :-1]  # slot t holds x[order[t]]
+    logits = forward(cfg, params, tokens, order[:, :-1], order[:, 1:])  # [B, N-1, V]
+    assert logits.shape == ref["logits"].shape
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], rtol=0, atol=1e-5)
+
+
+def test_mean_loss_matches_the_published_loss(converted):
+    name, cfg, params = converted
+    ref = _published(name)
+    loss = loss_fn(cfg, params, jnp.asarray(ref["rows"]), jnp.asarray(ref["order"]))
+    assert abs(float(loss) - float(ref["loss"])) < 1e-6
+
+
+def test_with_and_without_the_compiled_prefix_the_params_are_the_same():
+    ckpt = load_torch_file(FIXTURES / "nobias.pt")
+    assert not any(k.startswith(COMPILED_PREFIX) for k in ckpt["model"])
+    prefixed = {COMPILED_PREFIX + k: v for k, v in ckpt["model"].items()}
+    cfg, params = from_official(FIXTURES / "nobias.pt")
+    cfg2, params2 = convert_state_dict(ckpt["model_args"], prefixed)
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    # and the other way round: the compiled run's file, its keys stripped by hand
+    compiled = load_torch_file(FIXTURES / "bias.pt")
+    assert all(k.startswith(COMPILED_PREFIX) for k in compiled["model"])
+    stripped = {k.removeprefix(COMPILED_PREFIX): v for k, v in compiled["model"].items()}
+    jax.tree.map(np.testing.assert_array_equal, convert_state_dict(compiled["model_args"],
+                                                                   stripped)[1],
+                 from_official(FIXTURES / "bias.pt")[1])
+
+
+def test_reader_keeps_the_rest_of_the_checkpoint_plain():
+    ckpt = load_torch_file(FIXTURES / "nobias.pt")
+    assert ckpt["iter_num"] == read_official(FIXTURES / "nobias.pt").iter_num > 0
+    assert ckpt["config"]["dataset"] == "shakespeare_char"
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert isinstance(group["betas"], tuple) and isinstance(group["params"], list)
+    assert ckpt["best_val_loss"].numpy().shape == ()
+
+
+def _unsafe_archive(path: Path, marker: Path) -> None:
+    """A zip laid out like a torch checkpoint whose pickle calls os.system when loaded."""
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("ckpt/data.pkl", pickle.dumps({"model": Exploit()}, protocol=2))
+        z.writestr("ckpt/version", "3\n")
+
+
+def test_restricted_reader_refuses_any_other_global(tmp_path):
+    marker = tmp_path / "ran"
+    _unsafe_archive(tmp_path / "evil.pt", marker)
+    with pytest.raises(CheckpointError, match=r"refused to load (posix|os|nt)\.system"):
+        load_torch_file(tmp_path / "evil.pt")
+    assert not marker.exists()
+    # torch.save(model) of the published model class: a module, not tensors
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_torch_file(FIXTURES / "module.pt")
+
+
+def test_tensor_views_outside_their_storage_are_refused(tmp_path):
+    # a storage of 4 floats, and a tensor record claiming 3 x 3 of it
+    from sigma_jax import convert
+
+    storage = convert._Storage("x", "ckpt/data/0", np.dtype(np.float32), 4, False)
+    with pytest.raises(CheckpointError, match="past the end"):
+        convert._rebuild_tensor(storage, 0, (3, 3), (3, 1))
+    with pytest.raises(CheckpointError, match="negative"):
+        convert._rebuild_tensor(storage, 0, (2,), (-1,))
+
+
+# ---------------------------------------------------------------- the launcher
+
+
+@pytest.fixture(scope="module")
+def converted_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("converted") / "run"
+    workdir.mkdir()  # an empty workdir is taken
+    out = run_module("-m", "launch.convert", f"--official={FIXTURES / 'nobias.pt'}",
+               f"--workdir={workdir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    return workdir
+
+
+def test_convert_writes_a_run_that_checkpoint_load_takes(converted_run):
+    configs = json.loads((converted_run / "config.json").read_text())
+    assert configs["train"]["task"] == "shakespeare_char"
+    assert configs["task"]["vocab_size"] == 65
+    cfg, params, step = checkpoint.load(converted_run)
+    want_cfg, want_params = from_official(FIXTURES / "nobias.pt")
+    assert cfg == want_cfg
+    assert step == read_official(FIXTURES / "nobias.pt").iter_num
+    jax.tree.map(np.testing.assert_array_equal, params, want_params)
+    assert not [p for p in converted_run.parent.iterdir() if p.name != "run"]  # no temp left
+
+
+def test_sample_from_the_converted_run(converted_run):
+    out = run_module("-m", "launch.sample", f"--workdir={converted_run}", "--sampler=burst",
+               "--prompt=ROMEO:<missing>8</missing>the", "--length=24", "--num_samples=2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    samples = [chunk[:-1] for chunk in re.split(r"^--- sample \d+:.*\n", out.stdout,
+                                                   flags=re.M)[1:]]
+    assert len(samples) == 2
+    for text in samples:
+        assert len(text) == 24 and text.startswith("ROMEO:") and text[14:17] == "the"
+
+
+def _bad_inputs(tmp: Path) -> dict:
+    (tmp / "notes.txt").write_text("not a checkpoint\n")
+    _unsafe_archive(tmp / "evil.pt", tmp / "ran")
+    data = (FIXTURES / "nobias.pt").read_bytes()
+    (tmp / "truncated.pt").write_bytes(data[: len(data) // 2])
+    return {
+        "text file": (tmp / "notes.txt", "not a PyTorch checkpoint"),
+        "unsafe pickle": (tmp / "evil.pt", "refused to load"),
+        "whole module": (FIXTURES / "module.pt", "refused to load"),
+        "bare state dict": (FIXTURES / "state_dict.pt", "not a published"),
+        "odd width": (FIXTURES / "width6.pt", "n_embd"),
+        "truncated": (tmp / "truncated.pt", "truncated"),
+        "unknown vocabulary": (FIXTURES / "vocab7.pt", "matches no known task"),
+        "missing file": (tmp / "absent.pt", "no checkpoint file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["text file", "unsafe pickle", "whole module", "bare state dict",
+                                  "odd width", "truncated", "unknown vocabulary",
+                                  "missing file"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
+    path, message = _bad_inputs(tmp_path)[case]
+    workdir = tmp_path / "run"
+    out = run_module("-m", "launch.convert", f"--official={path}", f"--workdir={workdir}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert not workdir.exists()
+    assert not (tmp_path / "ran").exists()
+    assert not list(tmp_path.glob(".run.tmp*"))  # no temporary run directory left behind
+
+
+def test_a_non_empty_workdir_is_refused(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    out = run_module("-m", "launch.convert", f"--official={FIXTURES / 'nobias.pt'}",
+               f"--workdir={tmp_path}")
+    assert out.returncode == 2 and "not an empty directory" in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_the_pre_zip_format_needs_torch():
+    # legacy.pt: vocab7.pt re-saved by torch.save(_use_new_zipfile_serialization=False)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(CheckpointError, match="pre-zip format"):
+            load_torch_file(FIXTURES / "legacy.pt")
+    else:
+        new, old = read_official(FIXTURES / "vocab7.pt"), read_official(FIXTURES / "legacy.pt")
+        assert (old.model_cfg, old.iter_num) == (new.model_cfg, new.iter_num)
+        jax.tree.map(np.testing.assert_array_equal, old.params, new.params)
+
+
+def test_pickle_errors_are_checkpoint_errors(tmp_path):
+    # a well-formed archive whose pickle stops half-way
+    buffer = io.BytesIO()
+    pickle.dump({"model_args": {"n_layer": 1}}, buffer, protocol=2)
+    with zipfile.ZipFile(tmp_path / "cut.pt", "w") as z:
+        z.writestr("ckpt/data.pkl", buffer.getvalue()[:-5])
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_torch_file(tmp_path / "cut.pt")
