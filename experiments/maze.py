@@ -8,8 +8,8 @@ A σ-GPT is trained in random order (the maze prompt kept first), and a plain le
 the same size at the same budget as the baseline. Every test maze's path map is generated from
 its maze by each strategy: AR in left-to-right, random and fractal order, and burst sampling
 (exact and paper rules). accuracy = fraction of correct paths; proportion optimal = among correct
-paths, the fraction as short as the reference (method doc 7.2). Also writes a PNG grid of test
-mazes with the reference and every strategy's prediction.
+paths, the fraction as short as the reference (as in the σ-GPT paper). Also writes a PNG grid of
+test mazes with the reference and every strategy's prediction.
 """
 
 from __future__ import annotations

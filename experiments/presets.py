@@ -2,8 +2,8 @@
 
 The model's vocabulary comes from the task: a preset leaves `vocab_size` out (the launcher takes
 `task.vocab_size`) or sets a padded size >= the task's (GPT-2: 50304 for the 50257-token BPE).
-`build_model_config` applies that rule. Sources for the published settings: method doc sections
-7.1 (text) and 7.5 (non-text); every deviation is noted next to the preset.
+`build_model_config` applies that rule. Sources for the published settings: the σ-GPT paper
+(arXiv 2404.09562), its text and non-text experiments; every deviation is noted next to the preset.
 
 Choices that apply to all presets:
 - bos=True: sigma_jax's start token, so every token is scored and unconditional generation works
@@ -46,7 +46,7 @@ def build_model_config(model_fields: Mapping[str, Any], task_vocab_size: int) ->
     return ModelConfig(vocab_size=vocab, **fields)
 
 
-# The 4M non-text model (method doc 7.5): D 256, 4 heads of 64 (published key dim 32), d_ff 1024.
+# The 4M non-text model of the σ-GPT paper: D 256, 4 heads of 64 (published key dim 32), d_ff 1024.
 _NON_TEXT_4M = dict(n_layer=6, n_head=4, n_embd=256, d_ff=1024, dropout=0.1, bias=True,
                     pos_encoding="sinusoidal", tie_embeddings=False)
 _NON_TEXT_TRAIN = dict(learning_rate=1e-4, min_lr=2e-5, warmup_steps=0, weight_decay=0.0,

@@ -6,9 +6,9 @@
 
 For each task and sequence length N a σ-GPT is trained in random order, then N tokens are
 generated unconditionally (no prompt) by AR in random order and by burst sampling (exact and paper
-rules). Reports the fraction of correct samples (method doc 7.4: runs test for the product law,
-one run of N/10 ones for step, a permutation of 0..N-1 for permutation) and the burst iterations
-per sequence against N, with a plot of how the count grows.
+rules). Reports the fraction of correct samples (as in the σ-GPT paper: runs test for the product
+law, one run of N/10 ones for step, a permutation of 0..N-1 for permutation) and the burst
+iterations per sequence against N, with a plot of how the count grows.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
             ["burst sampling: a sub-linear number of model evaluations", "paper (abstract)",
              "see the plot"],
             ["product law: independent tokens, about one iteration for a good model",
-             "method doc 7.4 (analysis)", "see product rows"],
+             "σ-GPT paper (analysis)", "see product rows"],
             ["samples from burst sampling are statistically correct",
              "UNVERIFIED; false for the paper rule", "compare the correct columns"],
         ]), "", "## One sample per cell", ""]

@@ -1,6 +1,6 @@
 """Benchmarks: a timing harness and three suites (sampling, training, decode roofline).
 
-Harness (jax_practice.md section 10):
+Harness:
 - `compile_aot` lowers and compiles a jitted function ahead of time on fully prepared arguments and
   reports the lowering and compile times on their own (`compile_s` never mixes with run time), plus
   `compiled.cost_analysis()` flops / bytes and `memory_analysis()` temporaries where available.

@@ -1,4 +1,5 @@
-"""`maze`: shortest-path solving on random wall mazes (method doc section 7.2).
+"""`maze`: shortest-path solving on random wall mazes (the σ-GPT paper's maze task, arXiv
+2404.09562).
 
 Generator (our implementation of the published description):
   1. The border is wall.

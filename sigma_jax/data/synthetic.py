@@ -1,4 +1,5 @@
-"""Unconditional synthetic tasks (method doc section 7.4): `product`, `step`, `permutation`.
+"""Unconditional synthetic tasks of the σ-GPT paper (arXiv 2404.09562): `product`, `step`,
+`permutation`.
 
 - product: i.i.d. Bernoulli(p = 0.1) bits, length 100, V = 2. Correct: Wald-Wolfowitz runs test
   p-value > 0.001 (`runs_test_pvalue`).
