@@ -87,22 +87,21 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     q, k, v: [B, T, H, hd]; k_cache, v_cache: [B, S, H, hd]; cache_valid: bool [B, S]. Returns
     [B, T, H, hd]. One softmax over [cache | new] per query, in float32. Every query sees itself.
     """
-    b, t, h, hd = q.shape
+    t, hd = q.shape[1], q.shape[-1]
     q = q * (1.0 / math.sqrt(hd))
     k_seen, v_seen = finite_or_zero(k), finite_or_zero(v)
     k_cache, v_cache = k_cache.astype(k.dtype), v_cache.astype(v.dtype)
     if mask.diagonal:
         one = lambda i, qc, kc, vc: _diagonal_chunk(qc, kc, vc, k_cache, v_cache, cache_valid)
-        y = _map_chunks(one, (q, k_seen, v_seen), chunk)
-    elif mask.blocks > 1:  # independent causal blocks, one block per step
+        return _map_chunks(one, (q, k_seen, v_seen), chunk)
+    if mask.blocks > 1:  # independent causal blocks, one block per step
         one = lambda i, qb, kb, vb: _causal_chunk(qb, kb, vb, k_cache, v_cache, cache_valid, 0)
-        y = _map_chunks(one, (q, k_seen, v_seen), t // mask.blocks)
-    else:  # causal over all new tokens: query chunks against every new key, masked
-        chunk = min(chunk, t)
-        one = lambda i, qc: _causal_chunk(qc, k_seen, v_seen, k_cache, v_cache, cache_valid,
-                                          i * chunk)
-        y = _map_chunks(one, (q,), chunk)
-    return y
+        return _map_chunks(one, (q, k_seen, v_seen), t // mask.blocks)
+    # causal over all new tokens: query chunks against every new key, masked
+    chunk = min(chunk, t)
+    one = lambda i, qc: _causal_chunk(qc, k_seen, v_seen, k_cache, v_cache, cache_valid,
+                                      i * chunk)
+    return _map_chunks(one, (q,), chunk)
 
 
 def _map_chunks(f, arrays, chunk: int):
