@@ -5,16 +5,18 @@
     python -m experiments.bench_reference --judge=workdirs/judge
 
 Speed (sampling.jsonl): model calls, iterations, tokens/iteration, tokens/s and compile time of
-cached AR, exact burst (each window of --windows) and paper burst (K = --n_orders), for every
-length N and batch B, unconditional (nothing known) and infilling (half the positions of a
-validation window known, scattered at random). Each configuration is compiled once ahead of time
-and timed over --repeats calls with fresh keys after one warm-up call.
+cached AR, both exact burst modes (burst: draft + verify per iteration; burst_jacobi: one call per
+iteration) along each order of --orders and each window of --windows, and paper burst
+(K = --n_orders), for every length N and batch B, unconditional (nothing known) and infilling
+(half the positions of a validation window known, scattered at random). Each configuration is
+compiled once ahead of time and timed over --repeats calls with fresh keys after one warm-up call.
 
 Quality (quality.jsonl): the mean negative log-likelihood per character of the samples under a
 left-to-right "judge" model trained apart (--judge, a launch.train workdir), with a 95% interval
-(mean ± 1.96 standard errors over samples), for AR in random and left-to-right order and both
-burst modes, unconditional and infilling at the longest N; the validation text itself is the
-reference row. Exact burst and random-order AR sample one law, so their rows must agree.
+(mean ± 1.96 standard errors over samples), for AR along each order and left to right, both exact
+burst modes along each order, and paper burst, unconditional and infilling at the longest N; the
+validation text itself is the reference row. An exact burst row samples the law of the AR row
+with the same order, so the two must agree.
 
 results.md gathers both as tables (`--report_only` rewrites it from the JSONL files).
 """
@@ -31,18 +33,23 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from sigma_jax import bench, log_prob, pretrained, sample_ar_call, sample_burst_call
+from sigma_jax import bench, log_prob, pretrained
 from sigma_jax.data import load_task
+from sigma_jax.samplers import SamplerSpec
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("judge", "workdirs/judge", "Workdir of the left-to-right judge model.")
 flags.DEFINE_string("out", "experiments/results/bench_text_cpu", "Results directory.")
 flags.DEFINE_list("lengths", ["64", "128", "256"], "Sequence lengths N.")
 flags.DEFINE_list("batches", ["1", "16"], "Batch sizes B.")
-flags.DEFINE_list("windows", ["none", "16", "64"], "Exact-burst windows ('none' = all).")
+flags.DEFINE_list("orders", ["random", "fractal", "spread"], "Orders of the exact burst rows "
+                  "(each drafts every remaining position).")
+flags.DEFINE_list("windows", ["16", "32"], "Windows of the windowed exact burst rows.")
+flags.DEFINE_list("windowed_orders", ["random", "spread"], "Orders of the windowed rows.")
+flags.DEFINE_list("modes", ["burst", "burst_jacobi"], "Exact burst samplers.")
 flags.DEFINE_integer("n_orders", 5, "Candidate orders K of paper burst.")
-flags.DEFINE_integer("repeats", 3, "Timed calls per configuration (after one warm-up call).")
-flags.DEFINE_integer("quality_samples", 64, "Samples per quality row.")
+flags.DEFINE_integer("repeats", 2, "Timed calls per configuration (after one warm-up call).")
+flags.DEFINE_integer("quality_samples", 128, "Samples per quality row.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
 flags.DEFINE_integer("seed", 0, "Seed of keys, prompts and known masks.")
 flags.DEFINE_boolean("report_only", False, "Only rewrite results.md from the JSONL files in --out.")
@@ -50,23 +57,14 @@ flags.DEFINE_boolean("report_only", False, "Only rewrite results.md from the JSO
 CONDITIONS = ("unconditional", "infilling")
 
 
-def sampler_specs(windows, n_orders: int) -> list[tuple[str, dict]]:
-    """(label, sampler options) of the speed grid: cached AR, exact burst per window, paper."""
-    specs = [("ar_cached", dict(kind="ar", order="random"))]
-    specs += [(f"burst_exact(W={w or 'all'})", dict(kind="burst", mode="exact", window=w))
-              for w in windows]
-    specs.append((f"burst_paper(K={n_orders})", dict(kind="burst", mode="paper", window=None,
-                                                       n_orders=n_orders)))
-    return specs
-
-
-def prepare(cfg, params, options: dict, key, tokens, known, temperature: float):
-    """The prepared public sampler call of `options` for one batch."""
-    opts = dict(options)
-    kind = opts.pop("kind")
-    if kind == "ar":
-        return sample_ar_call(cfg, params, key, tokens, known, temperature=temperature, **opts)
-    return sample_burst_call(cfg, params, key, tokens, known, temperature=temperature, **opts)
+def sampler_specs(modes, orders, windows, windowed_orders, n_orders: int) -> list[SamplerSpec]:
+    """The speed grid: cached AR; each exact burst sampler along each order drafting every
+    remaining position, and along each windowed order at each window; the published rule."""
+    return ([SamplerSpec("ar")]
+            + [SamplerSpec(m, order=o) for m in modes for o in orders]
+            + [SamplerSpec(m, order=o, window=w) for m in modes for o in windowed_orders
+               for w in windows]
+            + [SamplerSpec("burst_paper", n_orders=n_orders)])
 
 
 def inputs(condition: str, windows: np.ndarray, batch: int, length: int, rng):
@@ -81,11 +79,11 @@ def inputs(condition: str, windows: np.ndarray, batch: int, length: int, rng):
     return jnp.asarray(rows), jnp.asarray(known)
 
 
-def measure_speed(cfg, params, label, options, condition, windows, length, batch) -> dict:
+def measure_speed(cfg, params, spec: SamplerSpec, condition, windows, length, batch) -> dict:
     rng = np.random.default_rng([FLAGS.seed, length, batch])
     tokens, known = inputs(condition, windows, batch, length, rng)
-    calls = [prepare(cfg, params, options, jax.random.key(1000 * FLAGS.seed + i), tokens, known,
-                     FLAGS.temperature) for i in range(1 + FLAGS.repeats)]
+    calls = [spec.prepare(cfg, params, jax.random.key(1000 * FLAGS.seed + i), tokens, known,
+                          temperature=FLAGS.temperature) for i in range(1 + FLAGS.repeats)]
     kernel = bench.compile_aot(calls[0].kernel, calls[0].args, calls[0].static)
     timing, outputs = bench.time_calls(lambda i: kernel(*calls[i].args), FLAGS.repeats, 1)
     stats = [jax.device_get(out[1]) for out in outputs]
@@ -93,7 +91,8 @@ def measure_speed(cfg, params, label, options, condition, windows, length, batch
     iterations = np.stack([s.iterations for s in stats]).astype(np.float64)  # [R, B]
     generated = np.stack([s.generated for s in stats]).astype(np.float64)  # [R, B]
     return dict(
-        suite="sampling", sampler=label, condition=condition, length=length, batch=batch,
+        suite="sampling", sampler=spec.label, mode=spec.name, order=spec.order,
+        window=spec.window, condition=condition, length=length, batch=batch,
         n_known=int(np.asarray(known).sum(axis=1).min()), model_calls=float(passes.mean()),
         iterations=float(iterations.mean()), iterations_max=int(iterations.max()),
         tokens_per_iteration=float(generated.sum() / max(iterations.sum(), 1)),
@@ -112,19 +111,22 @@ def judge_nll(judge_cfg, judge_params, tokens: np.ndarray) -> np.ndarray:
                                 order=l2r))[:, 0] / n
 
 
-def quality_row(label: str, condition: str, nll: np.ndarray) -> dict:
+def quality_row(label: str, condition: str, nll: np.ndarray, order: str | None = None) -> dict:
     half = 1.96 * nll.std(ddof=1) / np.sqrt(len(nll))
-    return dict(suite="quality", sampler=label, condition=condition, samples=len(nll),
+    return dict(suite="quality", sampler=label, order=order, condition=condition,
+                samples=len(nll),
                 judge_nll=float(nll.mean()), ci95_low=float(nll.mean() - half),
                 ci95_high=float(nll.mean() + half))
 
 
 def measure_quality(cfg, params, judge, windows, length) -> list[dict]:
-    specs = [("ar(random)", dict(kind="ar", order="random")),
-             ("ar(left_to_right)", dict(kind="ar", order="left_to_right")),
-             ("burst_exact(W=all)", dict(kind="burst", mode="exact", window=None)),
-             (f"burst_paper(K={FLAGS.n_orders})", dict(kind="burst", mode="paper", window=None,
-                                                        n_orders=FLAGS.n_orders))]
+    # The window does not change an exact sampler's law: the fastest on CPU samples it.
+    orders = list(FLAGS.orders)
+    fastest = {"burst": 16, "burst_jacobi": 32}
+    specs = ([SamplerSpec("ar", order=o) for o in ["left_to_right", *orders]]
+             + [SamplerSpec(m, order=o, window=fastest.get(m)) for m in FLAGS.modes
+                for o in orders]
+             + [SamplerSpec("burst_paper", n_orders=FLAGS.n_orders, window=16)])
     batch = 16
     rows = []
     for condition in CONDITIONS:
@@ -134,11 +136,12 @@ def measure_quality(cfg, params, judge, windows, length) -> list[dict]:
         if condition == "infilling":
             data = np.concatenate([np.asarray(t) for t, _ in prompts])
             rows.append(quality_row("validation text", condition, judge_nll(*judge, data)))
-        for label, options in specs:
-            samples = [np.asarray(prepare(cfg, params, options, jax.random.key(i), t, k,
-                                          FLAGS.temperature)()[0])
+        for spec in specs:
+            samples = [np.asarray(spec.sample(cfg, params, jax.random.key(i), t, k,
+                                              temperature=FLAGS.temperature)[0])
                        for i, (t, k) in enumerate(prompts)]
-            rows.append(quality_row(label, condition, judge_nll(*judge, np.concatenate(samples))))
+            rows.append(quality_row(spec.label, condition,
+                                    judge_nll(*judge, np.concatenate(samples)), spec.order))
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -154,7 +157,7 @@ def write_report(out: Path) -> None:
     speed = [json.loads(x) for x in (out / "sampling.jsonl").read_text().splitlines()]
     quality = [json.loads(x) for x in (out / "quality.jsonl").read_text().splitlines()]
     ar = {(r["condition"], r["length"], r["batch"]): r for r in speed
-          if r["sampler"] == "ar_cached"}
+          if r["mode"] == "ar"}
     parts = [f"# Burst sampling on the shipped reference model\n\n{REPORT_HEADER}"]
     for condition in CONDITIONS:
         rows = []
@@ -184,9 +187,15 @@ REPORT_HEADER = """\
 - measure: `python -m experiments.bench_reference --judge=<that workdir>` on a shared 2-core
   AMD EPYC machine (JAX on CPU, float32); every row with spreads in `sampling.jsonl` and
   `quality.jsonl`, versions in `env.json`
-- model calls are sequential model calls per batch call (AR: 1 + generated tokens; burst:
-  1 + 2 x iterations, the slowest row of the batch); iterations are the mean per row; tokens/s
-  counts generated tokens, median of 3 timed calls with fresh keys after one warm-up call
+- samplers (`sigma_jax.samplers`): `ar` cached AR; `burst` exact burst, draft + verify per
+  iteration; `burst_jacobi` exact, one verify call per iteration; `burst_paper` the published
+  rule (not exact); `[order]` is the generation order, `W` the window
+- model calls are sequential model calls per batch call (ar: 1 + generated tokens; burst and
+  burst_paper: 1 + 2 x iterations; burst_jacobi: 2 + iterations; iterations of the slowest row of
+  the batch); iterations are the mean per row; tokens/s counts generated tokens, median of 2
+  timed calls with fresh keys after one warm-up call
+- quality rows: exact burst at W = 16 (burst) and W = 32 (burst_jacobi), whose law does not
+  depend on W; burst_paper at W = 16 (its law does); 128 samples per row
 - infilling: half of the positions of a validation window known, scattered uniformly at random;
   temperature 1, no top-k / top-p; compile s 0.0: the same program was compiled earlier in
   the run"""
@@ -206,7 +215,7 @@ def main(argv) -> None:
     task = load_task("shakespeare_char", seq_len=cfg.block_size)
     windows = np.stack([task.val[i] for i in range(len(task.val))])  # [W, 256]
     lengths = [int(n) for n in FLAGS.lengths]
-    windows_w = [None if w == "none" else int(w) for w in FLAGS.windows]
+    windows_w = [int(w) for w in FLAGS.windows]
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     speed = []
@@ -214,13 +223,14 @@ def main(argv) -> None:
         for condition in CONDITIONS:
             for length in lengths:
                 for batch in (int(b) for b in FLAGS.batches):
-                    for label, options in sampler_specs(windows_w, FLAGS.n_orders):
-                        row = measure_speed(cfg, params, label, options, condition, windows,
-                                            length, batch)
+                    for spec in sampler_specs(FLAGS.modes, FLAGS.orders, windows_w,
+                                              FLAGS.windowed_orders, FLAGS.n_orders):
+                        row = measure_speed(cfg, params, spec, condition, windows, length,
+                                            batch)
                         speed.append(row)
                         f.write(json.dumps(row) + "\n")
                         f.flush()
-                        print(f"{condition:13s} N={length:<4d} B={batch:<3d} {label:22s} "
+                        print(f"{condition:13s} N={length:<4d} B={batch:<3d} {spec.label:30s} "
                               f"calls {row['model_calls']:7.1f}  iters {row['iterations']:6.1f}  "
                               f"tok/iter {row['tokens_per_iteration']:5.1f}  "
                               f"{row['tokens_per_s']:8.0f} tok/s  compile "

@@ -29,9 +29,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sigma_jax.samplers import SamplerSpec
+
 REPO = Path(__file__).resolve().parent.parent
 SIZES = ("smoke", "cpu", "published")
-STRATEGIES = ("ar_left_to_right", "ar_random", "ar_fractal", "burst_exact", "burst_paper")
+# The generation strategies of the experiments: named configurations of the library's samplers.
+STRATEGY_SPECS = {
+    "ar_left_to_right": SamplerSpec("ar", order="left_to_right"),
+    "ar_random": SamplerSpec("ar"),
+    "ar_fractal": SamplerSpec("ar", order="fractal"),
+    "burst_exact": SamplerSpec("burst"),
+    "burst_paper": SamplerSpec("burst_paper"),
+}
+STRATEGIES = tuple(STRATEGY_SPECS)
 STRATEGY_LABELS = {
     "ar_left_to_right": "AR, left-to-right order",
     "ar_random": "AR, random order",
@@ -193,8 +203,9 @@ def val_curves(run: Run) -> dict[str, list]:
 def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strategy: str, *,
            temperature: float = 1.0, chunk: int = 64, window: int | None = None,
            n_orders: int = 5, known_order: str = "random") -> tuple[np.ndarray, dict]:
-    """Fill the unknown positions of tokens[B, N] with one generation strategy (STRATEGIES), in
-    chunks of `chunk` rows (the last chunk is padded, so every call has one shape).
+    """Fill the unknown positions of tokens[B, N] with one generation strategy (STRATEGIES: a
+    `SamplerSpec` with the given window, n_orders and known_order), in chunks of `chunk` rows (the
+    last chunk is padded, so every call has one shape).
 
     known_order: how 'ar_random' and the burst strategies feed the known tokens (the samplers'
     `known_order`): 'random' (a uniformly random order, right for models trained on uniformly
@@ -206,9 +217,10 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
     batched call: AR 1 + R, burst 1 + 2 x the slowest row's iterations), tokens_per_iteration,
     finished (fraction), seconds (wall, first call's compilation included).
     """
-    from sigma_jax import orders, sample_ar, sample_burst
-
-    orders.check_known_order(known_order)
+    if strategy not in STRATEGY_SPECS:
+        raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+    spec = dataclasses.replace(STRATEGY_SPECS[strategy], window=window, n_orders=n_orders,
+                               known_order=known_order)
     tokens = np.asarray(tokens, np.int32)
     known = np.asarray(known, bool)
     b = tokens.shape[0]
@@ -219,15 +231,7 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
         idx = np.arange(lo, lo + chunk) % b  # pad the last chunk with rows from the start
         tk, kn = jnp.asarray(tokens[idx]), jnp.asarray(known[idx])
         k = jax.random.fold_in(key, i)
-        if strategy.startswith("ar_"):
-            out, stats = sample_ar(model_cfg, params, k, tk, kn, order=strategy[3:],
-                                   temperature=temperature, known_order=known_order)
-        elif strategy.startswith("burst_"):
-            out, stats = sample_burst(model_cfg, params, k, tk, kn, mode=strategy[6:],
-                                      n_orders=n_orders, temperature=temperature, window=window,
-                                      known_order=known_order)
-        else:
-            raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+        out, stats = spec.sample(model_cfg, params, k, tk, kn, temperature=temperature)
         keep = min(chunk, b - lo)
         stats = jax.device_get(stats)
         outs.append(np.asarray(out)[:keep])

@@ -41,10 +41,13 @@ flags.DEFINE_string("burst_window", None, "Window of the main-grid burst rows: a
 flags.DEFINE_list("weights", None, "Weights for the burst sweep; the first also runs the main "
                   "grid: init, peaked, product, checkpoint (default: init or checkpoint, then "
                   "product, peaked).")
-flags.DEFINE_list("samplers", ["ar_cached", "ar_uncached", "burst_exact", "burst_paper"],
-                  "Samplers of the main grid.")
+flags.DEFINE_list("samplers", ["ar", "ar_nocache", "burst", "burst_paper"],
+                  "Samplers of the main grid (sigma_jax.samplers: ar, ar_nocache, burst, "
+                  "burst_jacobi, burst_paper).")
 flags.DEFINE_list("batch_samplers", None, "Samplers measured at the batch sizes after the first "
-                  "(default CPU ar_cached,burst_exact; GPU all of --samplers).")
+                  "(default CPU ar,burst; GPU all of --samplers).")
+flags.DEFINE_list("orders", ["random"], "Generation orders of the main grid's exact burst rows "
+                  "(random, left_to_right, fractal, spread); AR and burst_paper use random.")
 flags.DEFINE_integer("repeats", 3, "Timed calls per configuration (after 2 warm-up calls).")
 flags.DEFINE_string("dtype", None, "float32 or bfloat16: inference copies of the weights in this "
                     "dtype; bfloat16 trains in mixed precision (default: the preset's on CPU, "
@@ -129,7 +132,8 @@ def build_config(on_gpu: bool):
         n_orders=_ints("n_orders", FLAGS.n_orders), burst_window=burst_window,
         weights=weights, samplers=tuple(FLAGS.samplers),
         batch_samplers=tuple(FLAGS.batch_samplers) if FLAGS.batch_samplers else
-        (None if on_gpu else ("ar_cached", "burst_exact")),
+        (None if on_gpu else ("ar", "burst")),
+        orders=tuple(FLAGS.orders),
         repeats=FLAGS.repeats, seed=FLAGS.seed,
         max_uncached_tokens=pick(FLAGS.max_uncached_tokens, 4_300_000 if on_gpu else 10_000),
         train_batch=pick(FLAGS.train_batch, 16 if on_gpu else 4), train_length=FLAGS.train_length,

@@ -37,8 +37,8 @@ run "$PYTHON" -c 'import jax, sys; print("backend", jax.default_backend(), jax.d
 cmd=("$PYTHON" -m launch.bench
   --preset=gpt2_small --dtype=bfloat16
   --lengths=64,256,1024 --batches=1,16,256 --grid=axes
-  --samplers=ar_cached,ar_uncached,burst_exact,burst_paper
-  --batch_samplers=ar_cached,ar_uncached,burst_exact,burst_paper
+  --samplers=ar,ar_nocache,burst,burst_jacobi,burst_paper --orders=random,spread
+  --batch_samplers=ar,ar_nocache,burst,burst_jacobi,burst_paper
   --burst_window=64 --windows=16,64,none --n_orders=1,5
   --weights=init,product,peaked
   --repeats=3 --max_uncached_tokens=4300000

@@ -35,16 +35,22 @@ from absl import logging as absl_logging
 from launch import distributed
 from launch import flags as launch_flags
 from launch.prompt import parse_prompt, read_prompt
+from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
+from sigma_jax.samplers import SAMPLERS, SamplerSpec
 
-SAMPLERS = ("ar", "ar_nocache", "burst", "burst_paper")
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
 flags.DEFINE_string("pretrained", None, "A shipped model instead of --workdir "
                     "(sigma_jax.pretrained.MODELS: shakespeare_char).")
 flags.DEFINE_enum("sampler", "burst", SAMPLERS, "ar: cached any-order AR; ar_nocache: the "
-                  "uncached oracle; burst: exact burst sampling; burst_paper: the published rule.")
-flags.DEFINE_enum("order", "random", ["random", "left_to_right", "fractal"],
-                  "Generation order of the AR samplers (burst samplers always use random orders).")
+                  "uncached oracle; burst: exact burst sampling (draft + verify per iteration); "
+                  "burst_jacobi: exact, one model call per iteration; burst_paper: the published "
+                  "rule (not exact).")
+flags.DEFINE_enum("order", "random", ORDER_KINDS, "Generation order (every sampler but "
+                  "burst_paper, which draws random orders): exact burst samples the AR law along "
+                  "it; spread accepts most.")
+flags.DEFINE_enum("known_order", "random", KNOWN_ORDERS, "With --order=random: feed "
+                  "the known tokens in a uniformly random order, or ascending.")
 flags.DEFINE_integer("n_orders", 5, "Candidate orders of burst_paper.")
 flags.DEFINE_integer("window", None, "Burst samplers: positions drafted per iteration "
                      "(default: all remaining).")
@@ -110,20 +116,20 @@ def check_flags() -> None:
     if FLAGS.top_p is not None and not 0 < FLAGS.top_p <= 1:
         raise ValueError(f"--top_p must be in (0, 1]; got {FLAGS.top_p}")
     if FLAGS.animate and not FLAGS.sampler.startswith("burst"):
-        raise ValueError("--animate needs --sampler=burst or burst_paper")
+        raise ValueError("--animate needs a burst sampler (burst, burst_jacobi, burst_paper)")
     if FLAGS.animate and jax.process_count() > 1:
         raise ValueError("--animate runs on a single process; drop it for multi-host sampling")
+    chosen_spec()  # an impossible sampler / order combination is a usage error too
 
 
-def chosen_sampler():
-    """(sampler function, its keyword arguments) for the flags."""
-    from sigma_jax import sample_ar, sample_burst
+def chosen_spec() -> SamplerSpec:
+    """The sampler spec of the flags."""
+    return SamplerSpec(FLAGS.sampler, order=FLAGS.order, window=FLAGS.window,
+                       n_orders=FLAGS.n_orders, known_order=FLAGS.known_order)
 
-    common = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
-    if FLAGS.sampler.startswith("ar"):
-        return sample_ar, dict(order=FLAGS.order, use_cache=FLAGS.sampler == "ar", **common)
-    mode = "paper" if FLAGS.sampler == "burst_paper" else "exact"
-    return sample_burst, dict(mode=mode, n_orders=FLAGS.n_orders, window=FLAGS.window, **common)
+
+def sampling_options() -> dict:
+    return dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
 
 
 def run_sampler(cfg, params, key, tokens, known, mesh):
@@ -131,27 +137,20 @@ def run_sampler(cfg, params, key, tokens, known, mesh):
     host numpy arrays, gathered from every process (every process must call this)."""
     from sigma_jax import sharding as sh
 
-    sampler, options = chosen_sampler()
-    return sh.to_host(sh.sample_sharded(sampler, cfg, params, key, tokens, known, mesh=mesh,
-                                        **options))
+    spec = chosen_spec()
+    return sh.to_host(sh.sample_sharded(spec.function, cfg, params, key, tokens, known,
+                                        mesh=mesh, **spec.options(**sampling_options())))
 
 
 def animate(cfg, params, key, tokens, known, decode) -> None:
-    """Burst sampling one iteration at a time, redrawing the first row after each."""
-    from sigma_jax.sample_burst import BurstOptions, burst_step, init_state
-    from sigma_jax.sampling import row_keys
+    """Burst sampling one iteration at a time (`sigma_jax.burst_states`), redrawing the first row
+    after each."""
+    from sigma_jax import burst_states
 
+    options = chosen_spec().options(**sampling_options())
     n = tokens.shape[1]
-    mode = "paper" if FLAGS.sampler == "burst_paper" else "exact"
-    opts = BurstOptions(mode=mode, window=FLAGS.window or n,
-                        n_orders=FLAGS.n_orders if mode == "paper" else 1, top_k=FLAGS.top_k)
-    init = jax.jit(init_state)
-    step = jax.jit(burst_step)
-    temperature = jnp.float32(FLAGS.temperature)
-    top_p = None if FLAGS.top_p is None else jnp.float32(FLAGS.top_p)
-    state = init(cfg, params, row_keys(key, tokens.shape[0]), tokens, known, opts)
-    iteration = 0
-    while True:
+    for iteration, (state, _) in enumerate(burst_states(cfg, params, key, tokens, known,
+                                                        **options)):
         filled = np.asarray(state.filled[0])
         text = decode(np.where(filled, np.asarray(state.tokens[0]), 0))
         shown = "".join(c if f else "_" for c, f in zip(text, filled, strict=False)) \
@@ -159,11 +158,8 @@ def animate(cfg, params, key, tokens, known, decode) -> None:
         sys.stdout.write(f"\x1b[2J\x1b[H[iteration {iteration}, {int(filled.sum())}/{n} "
                          f"filled]\n{shown}\n")
         sys.stdout.flush()
-        if filled.all():
-            break
-        state = step(cfg, params, state, temperature, top_p, opts)
-        iteration += 1
-        time.sleep(0.3)
+        if not filled.all():
+            time.sleep(0.3)
 
 
 def main(argv) -> None:

@@ -6,7 +6,7 @@ from sigma_jax.config import ModelConfig
 from sigma_jax.likelihood import conditionals, log_prob
 from sigma_jax.model import forward, init_params
 from sigma_jax.sample_ar import sample_ar, sample_ar_call
-from sigma_jax.sample_burst import sample_burst, sample_burst_call
+from sigma_jax.sample_burst import burst_states, sample_burst, sample_burst_call
 from sigma_jax.sampling import SamplerCall, SampleStats
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "ModelConfig",
     "SampleStats",
     "SamplerCall",
+    "burst_states",
     "conditionals",
     "forward",
     "init_params",

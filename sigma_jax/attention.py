@@ -10,7 +10,8 @@ computes only the scores it needs:
 
 With an empty cache the causal kernel skips the all-masked key blocks after each query block. With
 a cache, queries go through in chunks of `QUERY_CHUNK` (a sequential `lax.map`), so the scores in
-memory at once are chunk × (cache + keys): memory grows linearly with the sequence length.
+memory at once are chunk × (cache + keys): memory grows linearly with the sequence length. A single
+new token (cached decoding) has its own kernel that reads the cache in its stored layout.
 
 Masked keys never leak into a query: their probabilities are exactly zero, and non-finite keys or
 values of new tokens are replaced by zero before they meet other queries' probabilities (0 · NaN
@@ -91,6 +92,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     q = q * (1.0 / math.sqrt(hd))
     k_seen, v_seen = finite_or_zero(k), finite_or_zero(v)
     k_cache, v_cache = k_cache.astype(k.dtype), v_cache.astype(v.dtype)
+    if t == 1:  # every mask lets a lone token see itself, and nothing else is new
+        return _one_token(q, k_seen, v_seen, k_cache, v_cache, cache_valid)
     if mask.diagonal:
         one = lambda i, qc, kc, vc: _diagonal_chunk(qc, kc, vc, k_cache, v_cache, cache_valid)
         return _map_chunks(one, (q, k_seen, v_seen), chunk)
@@ -121,6 +124,30 @@ def _map_chunks(f, arrays, chunk: int):
 def _cache_scores(q, k_cache, cache_valid):
     s = jnp.einsum("bthd,bshd->bhts", q, k_cache, preferred_element_type=jnp.float32)
     return jnp.where(cache_valid[:, None, None, :], s, NEG)  # [B, H, Tq, S]
+
+
+def _one_token(q, k, v, k_cache, v_cache, cache_valid):
+    """q, k, v [B, 1, H, hd]: one new token per row against the cache [B, S, H, hd] and itself.
+
+    Both products read the cache in its [B, S, H, hd] layout, as plain matrices with no transposed
+    copy: the scores of all H queries against every (slot, head) row of keys, of which the
+    (head, head) ones are kept, and every head's probabilities against all H x hd value columns,
+    of which each head's own are kept. That is H times the multiply-adds of the per-head products
+    but one pass over the cache, which is what a single token's attention costs.
+    """
+    b, s, h, hd = k_cache.shape
+    q1 = q[:, 0]  # [B, H, hd]
+    s_all = jnp.einsum("bnd,bgd->bng", k_cache.reshape(b, s * h, hd), q1,
+                       preferred_element_type=jnp.float32).reshape(b, s, h, h)  # [B, S, H, H]
+    s_cache = jnp.moveaxis(jnp.diagonal(s_all, axis1=2, axis2=3), 2, 1)[:, :, None]  # [B,H,1,S]
+    s_cache = jnp.where(cache_valid[:, None, None, :], s_cache, NEG)
+    s_self = jnp.einsum("bthd,bthd->bht", q, k, preferred_element_type=jnp.float32)  # [B, H, 1]
+    probs = softmax_last(jnp.concatenate([s_cache, s_self[..., None]], axis=-1))
+    p_cache, p_self = probs[:, :, 0, :-1], probs[..., -1]  # [B, H, S], [B, H, 1]
+    y_all = jnp.einsum("bgs,bsc->bgc", p_cache.astype(v.dtype),
+                       v_cache.reshape(b, s, h * hd))  # [B, H, H * hd]
+    y = jnp.swapaxes(jnp.diagonal(y_all.reshape(b, h, h, hd), axis1=1, axis2=2), 1, 2)
+    return y[:, None] + jnp.swapaxes(p_self, 1, 2)[..., None].astype(v.dtype) * v  # [B,1,H,hd]
 
 
 def _diagonal_chunk(q, k, v, k_cache, v_cache, cache_valid):

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sigma_jax.config import ModelConfig
+from sigma_jax.samplers import BURST_MODES, SAMPLERS, SamplerSpec
 
 # ---------------------------------------------------------------- device facts
 
@@ -62,7 +63,6 @@ WEIGHTS_NOTES = {
     "checkpoint": "trained checkpoint weights",
 }
 
-SAMPLERS = ("ar_cached", "ar_uncached", "burst_exact", "burst_paper")
 
 
 def device_kind() -> str:
@@ -326,32 +326,6 @@ def kv_bytes(cfg: ModelConfig, batch: int, slots: int) -> int:
 # ---------------------------------------------------------------- samplers
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplerSpec:
-    """One sampler configuration. window None = every remaining position (burst only);
-    n_orders only matters for burst_paper."""
-
-    name: str
-    window: int | None = None
-    n_orders: int = 1
-
-    def __post_init__(self):
-        if self.name not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.name!r}")
-
-    @property
-    def is_burst(self) -> bool:
-        return self.name.startswith("burst")
-
-    @property
-    def label(self) -> str:
-        if not self.is_burst:
-            return self.name
-        w = "all" if self.window is None else self.window
-        k = f",K={self.n_orders}" if self.name == "burst_paper" else ""
-        return f"{self.name}(W={w}{k})"
-
-
 def unconditional_inputs(cfg: ModelConfig, batch: int, length: int):
     """tokens int32 [B, N] and known bool [B, N]: nothing known (with a start token), else the
     first token known (token 0)."""
@@ -362,54 +336,15 @@ def unconditional_inputs(cfg: ModelConfig, batch: int, length: int):
     return tokens, known
 
 
-def prepare_sampler(cfg: ModelConfig, params: dict, spec: SamplerSpec, key: jax.Array,
-                    tokens, known, temperature: float = 1.0):
-    """The public prepared call (`sampling.SamplerCall`) of `spec`'s sampler for (key, tokens,
-    known), order='random', no top-k / top-p."""
-    from sigma_jax.sample_ar import sample_ar_call
-    from sigma_jax.sample_burst import sample_burst_call
-
-    if not spec.is_burst:
-        return sample_ar_call(cfg, params, key, tokens, known, temperature=temperature,
-                              use_cache=spec.name == "ar_cached")
-    mode = "exact" if spec.name == "burst_exact" else "paper"
-    return sample_burst_call(cfg, params, key, tokens, known, mode=mode, n_orders=spec.n_orders,
-                             window=spec.window, temperature=temperature)
-
-
-def public_sample(cfg, params, spec: SamplerSpec, key, tokens, known):
-    """The public sampler call that `prepare_sampler` mirrors."""
-    from sigma_jax.sample_ar import sample_ar
-    from sigma_jax.sample_burst import sample_burst
-
-    if not spec.is_burst:
-        return sample_ar(cfg, params, key, tokens, known, use_cache=spec.name == "ar_cached")
-    mode = "exact" if spec.name == "burst_exact" else "paper"
-    return sample_burst(cfg, params, key, tokens, known, mode=mode, n_orders=spec.n_orders,
-                        window=spec.window)
-
-
 def kernel_matches_public(cfg, params, spec: SamplerSpec, key, tokens, known) -> bool:
     """True when the AOT-compiled kernel on prepared arguments returns the public function's
     tokens and stats."""
-    call = prepare_sampler(cfg, params, spec, key, tokens, known)
+    call = spec.prepare(cfg, params, key, tokens, known)
     ours = compile_aot(call.kernel, call.args, call.static)(*call.args)
-    theirs = public_sample(cfg, params, spec, key, tokens, known)
+    theirs = spec.sample(cfg, params, key, tokens, known)
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
                         ours, theirs)
     return all(jax.tree.leaves(same))
-
-
-def expected_forward_passes(spec: SamplerSpec, length: int, n_known: int, iterations_max: int,
-                            bos: bool = True) -> int:
-    """The SampleStats formula: AR cached 1 + steps (prefill + one call per token), uncached one
-    full pass per token, burst 1 + 2 x iterations (prefill + draft and verify per iteration)."""
-    steps = length - n_known
-    if spec.name == "ar_cached":
-        return 1 + steps
-    if spec.name == "ar_uncached":
-        return steps
-    return 1 + 2 * iterations_max
 
 
 def sampler_peak_bytes(cfg: ModelConfig, spec: SamplerSpec, length: int, batch: int) -> int:
@@ -420,9 +355,11 @@ def sampler_peak_bytes(cfg: ModelConfig, spec: SamplerSpec, length: int, batch: 
     k = spec.n_orders if spec.name == "burst_paper" else 1
     q = batch * k * w  # query slots of the largest pass
     slots = length + int(cfg.bos) + w
-    if spec.name == "ar_uncached":
+    if spec.name == "ar_nocache":
         q, w, k, slots = batch * (length + 1), length + 1, 1, 0
     logits = 6 * q * cfg.vocab_size * 4
+    if spec.name == "burst_jacobi":  # every position's draft distribution, in the loop state
+        logits += 2 * batch * length * cfg.vocab_size * 4
     attention = 4 * batch * cfg.n_head * (k * w) * (slots + k * w) * 4
     hidden = 8 * q * max(cfg.hidden_dim, 3 * cfg.n_embd) * 4
     weights = cfg.n_layer * 12 * cfg.n_embd ** 2 * 4 + cfg.vocab_size * cfg.n_embd * 4
@@ -441,7 +378,7 @@ def measure_sampler(cfg: ModelConfig, params: dict, spec: SamplerSpec, length: i
     if length > cfg.block_size:
         raise ValueError(f"length {length} exceeds the model's block_size {cfg.block_size}")
     tokens, known = unconditional_inputs(cfg, batch, length)
-    calls = [prepare_sampler(cfg, params, spec, jax.random.key(seed * 1000 + i), tokens, known)
+    calls = [spec.prepare(cfg, params, jax.random.key(seed * 1000 + i), tokens, known)
              for i in range(warmup + repeats)]
     arg_sets = [call.args for call in calls]
     cache_key = (spec, cfg, length, batch, _signature(params))
@@ -461,7 +398,7 @@ def measure_sampler(cfg: ModelConfig, params: dict, spec: SamplerSpec, length: i
     mean_passes = float(passes.mean())
     row = dict(
         suite="sampling", sampler=spec.name, label=spec.label, weights=weights,
-        mode={"burst_exact": "exact", "burst_paper": "paper"}.get(spec.name),
+        mode=BURST_MODES.get(spec.name), order=spec.order,
         window=spec.window, window_eff=(spec.window or length) if spec.is_burst else 1,
         n_orders=spec.n_orders if spec.name == "burst_paper" else 1,
         length=length, batch=batch, n_known=int(np.asarray(known).sum(axis=1).min()),
@@ -476,7 +413,7 @@ def measure_sampler(cfg: ModelConfig, params: dict, spec: SamplerSpec, length: i
     )
     row["compile_s"], row["lower_s"] = kernel.compile_s, kernel.lower_s
     row.update(kernel.costs)
-    if spec.name != "ar_uncached":
+    if spec.name != "ar_nocache":
         # Every cached model call reads the weights and the whole cache buffer (masked slots too).
         capacity = length + int(cfg.bos) + (row["window_eff"] if spec.is_burst else 1)
         per_call = param_bytes(params) + kv_bytes(cfg, batch, capacity)
@@ -751,7 +688,8 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-SAMPLING_COLUMNS = [("weights", "weights"), ("label", "sampler"), ("length", "N"),
+SAMPLING_COLUMNS = [("weights", "weights"), ("label", "sampler"), ("order", "order"),
+                    ("length", "N"),
                     ("batch", "B"), ("forward_passes", "passes"), ("iterations", "iters"),
                     ("tokens_per_iteration", "tok/iter"), ("tokens_per_s", "tok/s"),
                     ("ms_per_seq", "ms/seq"), ("compile_s", "compile_s"),
@@ -899,8 +837,9 @@ class BenchConfig:
     n_orders: tuple[int, ...] = (1, 5)
     burst_window: int | None = None
     weights: tuple[str, ...] = ("init", "product", "peaked")
-    samplers: tuple[str, ...] = SAMPLERS
-    batch_samplers: tuple[str, ...] | None = ("ar_cached", "burst_exact")
+    samplers: tuple[str, ...] = ("ar", "ar_nocache", "burst", "burst_paper")
+    batch_samplers: tuple[str, ...] | None = ("ar", "burst")
+    orders: tuple[str, ...] = ("random",)
     repeats: int = 3
     warmup: int = 2
     seed: int = 0
@@ -943,6 +882,8 @@ class BenchConfig:
         for s in (*self.samplers, *(self.batch_samplers or ())):
             if s not in SAMPLERS:
                 raise ValueError(f"samplers must be among {', '.join(SAMPLERS)}; got {s!r}")
+        for order in self.orders or (None,):
+            SamplerSpec("burst", order=order)  # a one-line ValueError for an unknown order
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16; got {self.dtype!r}")
         for name in ("repeats", "train_batch", "matmul_n", "copy_bytes"):
@@ -1014,17 +955,21 @@ def run_sampling_suite(config: BenchConfig, cfg, params, primary: str, writer: R
     ar_rows: dict = {}
     rows = []
     paper_k = config.n_orders[-1]
-    main = [SamplerSpec(s, window=config.burst_window if s.startswith("burst") else None,
-                        n_orders=paper_k if s == "burst_paper" else 1) for s in config.samplers]
+    # Every exact burst sampler along every order; AR along random orders (its cost does not
+    # depend on the order); the published rule draws its own random orders.
+    main = [SamplerSpec(s, order=o, window=config.burst_window if s in BURST_MODES else None,
+                        n_orders=paper_k if s == "burst_paper" else 1)
+            for s in config.samplers for o in config.orders
+            if o == "random" or s in ("burst", "burst_jacobi")]
     at_batch = set(config.samplers if config.batch_samplers is None else config.batch_samplers)
     jobs = [(primary, spec, n, b, "grid") for n, b in config.points() for spec in main
             if b == config.batches[0] or spec.name in at_batch]
     sweep_n, sweep_b = config.lengths[-1], config.batches[0]
     for weights in dict.fromkeys((primary, *[w for w in config.weights if w != "checkpoint"])):
-        jobs.append((weights, SamplerSpec("ar_cached"), sweep_n, sweep_b, "sweep"))
-        if "burst_exact" in config.samplers:
+        jobs.append((weights, SamplerSpec("ar"), sweep_n, sweep_b, "sweep"))
+        if "burst" in config.samplers:
             for window in config.windows:
-                jobs.append((weights, SamplerSpec("burst_exact", window=window), sweep_n,
+                jobs.append((weights, SamplerSpec("burst", window=window), sweep_n,
                              sweep_b, "sweep"))
         if "burst_paper" in config.samplers:
             for k in config.n_orders:
@@ -1049,12 +994,12 @@ def run_sampling_suite(config: BenchConfig, cfg, params, primary: str, writer: R
             continue
         done.add((weights, spec, n, b))
         base = dict(suite="sampling", part=part, sampler=spec.name, label=spec.label,
-                    weights=weights, window=spec.window, n_orders=spec.n_orders, length=n,
-                    batch=b)
+                    order=spec.order, weights=weights, window=spec.window,
+                    n_orders=spec.n_orders, length=n, batch=b)
         skip = None
         if n > cfg.block_size:
             skip = f"length > block_size {cfg.block_size}"
-        elif spec.name == "ar_uncached" and b * n * (n + 1) > config.max_uncached_tokens:
+        elif spec.name == "ar_nocache" and b * n * (n + 1) > config.max_uncached_tokens:
             skip = f"uncached cost B*N*(N+1) > {config.max_uncached_tokens}"
         elif sampler_peak_bytes(cfg, spec, n, b) > 0.7 * memory:
             skip = f"estimated memory > 70% of {memory / 2**30:.0f} GiB"
@@ -1076,7 +1021,7 @@ def run_sampling_suite(config: BenchConfig, cfg, params, primary: str, writer: R
             continue
         row.update(part=part, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                    params=count_params(params), device_kind=device_kind())
-        if spec.name == "ar_cached":
+        if spec.name == "ar":
             ar_rows[(weights, n, b)] = row
         ar = ar_rows.get((weights, n, b))
         row["speedup_vs_ar"] = row["tokens_per_s"] / ar["tokens_per_s"] if ar else None

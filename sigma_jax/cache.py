@@ -70,3 +70,39 @@ def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) 
         v=put(cache.v, v_new),
         length=constrain(cache.length + jnp.asarray(n_new, jnp.int32), ("batch",)),
     )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCaches:
+    """A KVCache held as one buffer per layer: k, v: tuples of L arrays [B, S, H, hd]; length:
+    int32[B]. For a loop that carries the cache: `stacked()` is the KVCache a model pass reads,
+    `write` commits to every layer's buffer in place.
+
+    The model slices its [L, ...] cache by layer, and XLA copies a slice of a buffer, so a loop
+    carrying one KVCache copies the whole cache every step. Slicing `stacked()` by layer gives back
+    the layer's own buffer (a slice of a concatenation simplifies to its operand), so the pass
+    reads each layer's buffer where it lies.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    length: jax.Array
+
+    def stacked(self) -> KVCache:
+        return KVCache(k=jnp.stack(self.k), v=jnp.stack(self.v), length=self.length)
+
+    def write(self, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) -> LayerCaches:
+        """`write` (same arguments, same contract) applied to every layer's buffer."""
+        one = lambda i: write(KVCache(k=self.k[i][None], v=self.v[i][None], length=self.length),
+                              k_new[i:i + 1], v_new[i:i + 1], n_new)
+        layers = [one(i) for i in range(len(self.k))]
+        return LayerCaches(k=tuple(c.k[0] for c in layers), v=tuple(c.v[0] for c in layers),
+                           length=layers[0].length)
+
+
+def split_layers(cache: KVCache) -> LayerCaches:
+    """The same cache, one buffer per layer."""
+    n_layer = cache.k.shape[0]
+    return LayerCaches(k=tuple(cache.k[i] for i in range(n_layer)),
+                       v=tuple(cache.v[i] for i in range(n_layer)), length=cache.length)

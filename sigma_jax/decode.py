@@ -23,6 +23,20 @@ def cache_capacity(cfg: ModelConfig, n: int, headroom: int = 0) -> int:
     return n + int(cfg.bos) + headroom
 
 
+def split_blocks(params: dict) -> list[dict]:
+    """The parameters of each transformer block: the trees of `params["h"]` (SigmaGPT's blocks,
+    stacked on axis 0), one per layer."""
+    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i], params["h"]) for i in range(n_layer)]
+
+
+def with_blocks(params: dict, blocks: list[dict]) -> dict:
+    """params with the blocks stacked back from `split_blocks`. In a loop body over blocks split
+    before the loop, the model then reads each layer's weights where they lie instead of copying
+    them out of the stacked arrays every step (see `cache.LayerCaches`)."""
+    return {**params, "h": jax.tree.map(lambda *layers: jnp.stack(layers), *blocks)}
+
+
 def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.Array,
             n_known: jax.Array, capacity: int):
     """Commit the known tokens of every row to a fresh cache.

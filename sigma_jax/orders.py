@@ -14,6 +14,7 @@ equally often, so the law of the samplers is the average over those orders (for 
 exact burst: the uniform-random-order AR law given the known set, averaged over the known orders).
 known_order='ascending' feeds them in index order instead, as a model trained with
 keep_prompt_first saw its prompt; all four functions take the option and mean the same law by it.
+The fixed kinds (left_to_right, fractal, spread) list the known positions ascending.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from sigma_jax.config import START_POS
 from sigma_jax.sharding import constrain
 
-ORDER_KINDS = ("left_to_right", "random", "fractal")
+ORDER_KINDS = ("left_to_right", "random", "fractal", "spread")
 KNOWN_ORDERS = ("random", "ascending")  # how random orders list the known positions
 
 
@@ -64,6 +65,47 @@ def _fractal_rank_table(n: int) -> np.ndarray:
     for r in range(n + 1):
         table[r, fractal_order(r)] = np.arange(r, dtype=np.int32)
     return table
+
+
+@functools.lru_cache(maxsize=16)
+def bit_reversed_rank(n: int) -> np.ndarray:
+    """int32 [n]: the rank of each position i in range(n) sorted by its bit-reversed index
+    (the van der Corput radical inverse of i), e.g. n = 8: 0, 4, 2, 6, 1, 5, 3, 7 first."""
+    bits = max(1, (n - 1).bit_length())
+    reversed_index = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)]
+    return np.argsort(np.argsort(reversed_index)).astype(np.int32)
+
+
+def spread_known_first(known: jax.Array) -> jax.Array:
+    """Known positions ascending, then the unknown ones farthest-first: int32 [B, N].
+
+    Each next position is the unknown one farthest from every position placed so far (the known
+    ones and the two virtual positions -1 and N at the ends), ties broken by `bit_reversed_rank`.
+    With nothing known this bisects the sequence (N = 8: 4, 2, 6, 0, 1, 5, 3, 7); with known
+    tokens it fills the middle of the widest gap first. Consecutive positions of the order lie far
+    apart, so the drafts of one burst iteration are nearly independent and are accepted most.
+    """
+    b, n = known.shape
+    pos = jnp.arange(n, dtype=jnp.int32)[None, :]  # [1, N]
+    tie = jnp.asarray(bit_reversed_rank(n))[None, :]  # [1, N]
+
+    # Distances to the nearest known position (or virtual end) on the left and on the right.
+    left = pos - jax.lax.cummax(jnp.where(known, pos, -1), axis=1)
+    flipped = jax.lax.cummax(jnp.flip(jnp.where(known, n - 1 - pos, -1), 1), axis=1)
+    right = n - 1 - jnp.flip(flipped, 1) - pos
+    dist = jnp.where(known, -1, jnp.minimum(left, right))  # [B, N]; -1 = already placed
+
+    def place(t, carry):
+        dist, step = carry
+        best = jnp.max(dist, axis=1, keepdims=True)  # [B, 1]
+        pick = jnp.argmin(jnp.where(dist == best, tie, n), axis=1)[:, None]  # [B, 1]
+        hit = (pos == pick) & (best >= 0)
+        step = jnp.where(hit, t, step)
+        dist = jnp.where(hit, -1, jnp.minimum(dist, jnp.abs(pos - pick)))
+        return dist, step
+
+    _, step = jax.lax.fori_loop(0, n, place, (dist, jnp.zeros((b, n), jnp.int32)))
+    return _order_from_keys(jnp.where(known, pos - n, step))
 
 
 # ---------------------------------------------------------------- orders from masks
@@ -127,7 +169,8 @@ def order_from_mask(kind: str, known: jax.Array, key: jax.Array | None = None, *
 
     kind: 'left_to_right' (both groups ascending), 'random' (`random_order`: the known group as
     `known_order` says, the unknown one shuffled; needs a key, one or one per row) or 'fractal'
-    (known ascending, unknown in bisection order).
+    (known ascending, unknown in bisection order) or 'spread' (known ascending, unknown
+    farthest-first: `spread_known_first`).
     """
     if kind == "random":
         if key is None:
@@ -137,6 +180,8 @@ def order_from_mask(kind: str, known: jax.Array, key: jax.Array | None = None, *
         return ordered_known_first(known)
     if kind == "fractal":
         return fractal_known_first(known)
+    if kind == "spread":
+        return spread_known_first(known)
     raise ValueError(f"order must be one of {', '.join(ORDER_KINDS)}; got {kind!r}")
 
 

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from sigma_jax import orders as orders_lib
-from sigma_jax.cache import write
+from sigma_jax.cache import split_layers
 from sigma_jax.config import ModelConfig
-from sigma_jax.decode import cache_capacity, extend_pass, prefill
+from sigma_jax.decode import cache_capacity, extend_pass, prefill, split_blocks, with_blocks
 from sigma_jax.model import forward
 from sigma_jax.sampling import (
     SamplerCall,
@@ -40,10 +40,11 @@ def sample_ar(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
     key: one typed key, or one per row ([B]); with per-row keys each row depends only on its own
     inputs and key. order: 'random' (the known-first convention: the known positions in uniformly
     random order, or ascending with known_order='ascending', then the unknown ones in uniformly
-    random order, per row from its key), 'left_to_right' | 'fractal' (known positions ascending,
-    then the unknown ones in that kind of order) or an explicit int32 [B, N] order listing each
-    row's known positions first. temperature (>= 0; 0 = greedy) and top_p (in (0, 1]) are traced;
-    top_k (in [1, V]) is static; concrete out-of-range values raise ValueError.
+    random order, per row from its key), 'left_to_right' | 'fractal' | 'spread' (known positions
+    ascending, then the unknown ones in that kind of order) or an explicit int32 [B, N] order
+    listing each row's known positions first. temperature (>= 0; 0 = greedy) and top_p (in
+    (0, 1]) are traced; top_k (in [1, V]) is static; concrete out-of-range values raise
+    ValueError.
     use_cache=False recomputes the whole prefix at every step (the oracle for the cached path).
     Returns (tokens [B, N] with known tokens unchanged, SampleStats).
     """
@@ -94,20 +95,29 @@ def _sample_ar(cfg, params, keys, tokens, known, explicit_order, temperature, to
     if use_cache:
         cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known,
                                             cache_capacity(cfg, n, headroom=1))
+        blocks = split_blocks(params)
 
+        # The loop carries the cache and the weights one buffer per layer (no per-step copies
+        # of layer slices), and the entries of each call are written at the start of the next
+        # one, before the pass reads the cache: written after the pass, they would make XLA copy
+        # the whole cache every step, since the pass may still be reading it.
         def body(i, carry):
-            seq, cache, last_tok, last_pos, cursor = carry
+            seq, layers, pending, last_tok, last_pos, cursor = carry
+            layers = layers.write(*pending)
             target = jnp.take_along_axis(order, jnp.minimum(cursor, n - 1)[:, None], 1)  # [B,1]
-            logits, k_new, v_new = extend_pass(cfg, params, cache, last_tok[:, None],
+            logits, k_new, v_new = extend_pass(cfg, with_blocks(params, blocks),
+                                               layers.stacked(), last_tok[:, None],
                                                last_pos[:, None], target)
             seq, active = sample_next(seq, cursor, logits[:, 0])
-            cache = write(cache, k_new, v_new, active.astype(jnp.int32))
             new_tok = jnp.take_along_axis(seq, jnp.minimum(cursor, n - 1)[:, None], 1)[:, 0]
             last_tok = jnp.where(active, new_tok, last_tok)
             last_pos = jnp.where(active, target[:, 0], last_pos)
-            return seq, cache, last_tok, last_pos, cursor + active
+            pending = (k_new, v_new, active.astype(jnp.int32))  # [L, B, 1, H, hd] x 2, [B]
+            return seq, layers, pending, last_tok, last_pos, cursor + active
 
-        carry = (seq, cache, last_tok, last_pos, n_known)
+        nothing = jnp.zeros_like(cache.k[:, :, :1])  # [L, B, 1, H, hd], committed as 0 slots
+        carry = (seq, split_layers(cache), (nothing, nothing, jnp.zeros_like(n_known)),
+                 last_tok, last_pos, n_known)
         seq = jax.lax.fori_loop(0, steps, body, carry)[0]
         passes = 1 + steps
     else:

@@ -20,10 +20,10 @@ class SampleStats:
     """Counters returned by the samplers (arrays, so they stay on device until read).
 
     iterations: int32[B], loop iterations in which the row was still generating (AR: one per
-      generated token; burst: draft + verify rounds).
+      generated token; burst: draft + verify rounds, or verify calls in jacobi mode).
     generated: int32[B], tokens generated (the unknown positions filled).
     forward_passes: int32[], sequential model calls of the whole kernel, prefill included
-      (AR: 1 + steps; burst: 1 + 2 x iterations).
+      (AR: 1 + steps; burst: 1 + 2 x iterations; jacobi burst: 2 + iterations).
     finished: bool[B], every unknown position filled (False only when max_iters stopped the row).
     """
 

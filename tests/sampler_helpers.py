@@ -39,11 +39,12 @@ def ragged_known(seed, b, n, bos=True):
     return jnp.asarray(known)
 
 
-def enumerated_law(cfg, params, n, known_tokens=None, known_order="random"):
+def enumerated_law(cfg, params, n, known_tokens=None, known_order="random", order=None):
     """The law of sample_ar(order='random') given known tokens, by brute force: the average over
     every known-first order (the known positions in every order, or ascending with
     known_order='ascending', then the unknown ones in every order) of exp(log_prob(x | order)),
-    over all completions. known_tokens: {position: token} (None = nothing known).
+    over all completions; with `order` (a list of the n positions, known ones first) the AR law
+    along that one order. known_tokens: {position: token} (None = nothing known).
     Returns (sequences int32 [V^R, n], probs float64 [V^R]), sequences in lexicographic order."""
     known_tokens = known_tokens or {}
     kpos = sorted(known_tokens)
@@ -54,6 +55,7 @@ def enumerated_law(cfg, params, n, known_tokens=None, known_order="random"):
     known = jnp.zeros(seqs.shape, bool).at[:, kpos].set(True)
     known_perms = [kpos] if known_order == "ascending" else itertools.permutations(kpos)
     orders = [list(k) + list(u) for k in known_perms for u in itertools.permutations(upos)]
+    orders = orders if order is None else [list(order)]
     total = np.zeros(seqs.shape[0])
     for order in orders:
         order = jnp.broadcast_to(jnp.array(order, jnp.int32), seqs.shape)
@@ -82,4 +84,25 @@ def chi_square_pvalue(samples, seqs, probs):
     keep = exp > 0
     chi2 = float(np.sum((obs[keep] - exp[keep]) ** 2 / exp[keep]))
     df = int(keep.sum()) - 1
+    return float(jax.scipy.special.gammaincc(df / 2.0, chi2 / 2.0)), chi2, df
+
+
+def two_sample_pvalue(a, b):
+    """Pearson chi-square test that two sample sets [M, n] (equal sizes) come from one law:
+    counts over the sequences seen, bins with a pooled count < 10 merged into one, p-value =
+    Q(df/2, chi2/2) with df = bins - 1."""
+    a, b = np.asarray(a), np.asarray(b)
+    seqs, index = np.unique(np.concatenate([a, b]), axis=0, return_inverse=True)
+    index = index.reshape(-1)
+    count_a = np.bincount(index[: len(a)], minlength=len(seqs)).astype(np.float64)
+    count_b = np.bincount(index[len(a):], minlength=len(seqs)).astype(np.float64)
+    small = count_a + count_b < 10
+    count_a = np.append(count_a[~small], count_a[small].sum())
+    count_b = np.append(count_b[~small], count_b[small].sum())
+    keep = count_a + count_b > 0
+    count_a, count_b = count_a[keep], count_b[keep]
+    expected = (count_a + count_b) / 2.0
+    chi2 = float(np.sum((count_a - expected) ** 2 / expected + (count_b - expected) ** 2
+                        / expected))
+    df = len(count_a) - 1
     return float(jax.scipy.special.gammaincc(df / 2.0, chi2 / 2.0)), chi2, df

@@ -67,6 +67,8 @@ def test_cache_free_causal_attention_matches_the_reference(t, block):
     (DIAGONAL, 5, 128),
     (SelfMask(blocks=3), 12, 128),  # three causal blocks of 4, one per step
     (SelfMask(blocks=1), 5, 2),
+    (CAUSAL, 1, 128),  # one new token: the single-token kernel
+    (DIAGONAL, 1, 128),
 ])
 def test_cached_attention_matches_the_reference(mask, t, chunk):
     q, k, v, k_cache, v_cache, cache_valid = _inputs(t, 6)

@@ -27,14 +27,15 @@ def params():
 
 @pytest.fixture(scope="module")
 def sampling_rows(params):
-    specs = [bench.SamplerSpec("ar_cached"), bench.SamplerSpec("burst_exact")]
+    specs = [bench.SamplerSpec("ar"), bench.SamplerSpec("burst"),
+             bench.SamplerSpec("burst_jacobi", order="spread")]
     return {s.name: bench.measure_sampler(TINY, params, s, N, B, repeats=2, seed=1)
             for s in specs}
 
 
 def _check_row(name, row):
-    spec = bench.SamplerSpec(name)
-    expected = bench.expected_forward_passes(spec, N, row["n_known"], row["iterations_max"])
+    spec = bench.SamplerSpec(name, order=row["order"])
+    expected = spec.expected_forward_passes(N, row["n_known"], row["iterations_max"])
     assert row["forward_passes_max"] == expected, name
     assert row["generated_per_seq"] == N and row["finished_frac"] == 1.0
     assert row["compile_s"] > 0 and row["lower_s"] > 0
@@ -57,14 +58,15 @@ def test_sampler_counters_follow_sample_stats(sampling_rows):
     for name, row in sampling_rows.items():
         _check_row(name, row)
         assert row["repeats"] == 2
-    ar = sampling_rows["ar_cached"]
+    assert sampling_rows["burst_jacobi"]["order"] == "spread"
+    ar = sampling_rows["ar"]
     assert ar["forward_passes"] == N + 1 and ar["iterations"] == N
     assert ar["tokens_per_iteration"] == 1.0
 
 
 @pytest.mark.slow
 def test_sampler_counters_uncached_and_paper(params):
-    for spec in (bench.SamplerSpec("ar_uncached"),
+    for spec in (bench.SamplerSpec("ar_nocache"),
                  bench.SamplerSpec("burst_paper", window=4, n_orders=3)):
         row = bench.measure_sampler(TINY, params, spec, N, B, repeats=2, seed=1)
         _check_row(spec.name, row)
@@ -73,7 +75,7 @@ def test_sampler_counters_uncached_and_paper(params):
 
 def test_product_law_weights_accept_every_candidate(params):
     product = bench.variant_params("product", TINY, params)
-    row = bench.measure_sampler(TINY, product, bench.SamplerSpec("burst_exact"), N, B,
+    row = bench.measure_sampler(TINY, product, bench.SamplerSpec("burst"), N, B,
                                 repeats=1, warmup=2, weights="product")
     assert row["iterations_max"] == 1 and row["forward_passes"] == 3
     assert row["weights"] == "product"
@@ -82,14 +84,14 @@ def test_product_law_weights_accept_every_candidate(params):
 def test_kernel_matches_public_function(params):
     tokens, known = bench.unconditional_inputs(TINY, B, N)
     key = jax.random.key(5)
-    assert bench.kernel_matches_public(TINY, params, bench.SamplerSpec("burst_exact"), key,
+    assert bench.kernel_matches_public(TINY, params, bench.SamplerSpec("burst"), key,
                                        tokens, known)
 
 
 @pytest.mark.slow
 def test_kernel_matches_public_function_all_samplers(params):
     tokens, known = bench.unconditional_inputs(TINY, B, N)
-    for spec in (bench.SamplerSpec("ar_cached"), bench.SamplerSpec("ar_uncached"),
+    for spec in (bench.SamplerSpec("ar"), bench.SamplerSpec("ar_nocache"),
                  bench.SamplerSpec("burst_paper", window=4, n_orders=2)):
         assert bench.kernel_matches_public(TINY, params, spec, jax.random.key(5), tokens, known)
 
@@ -140,7 +142,7 @@ def test_rows_plots_and_training(tmp_path, sampling_rows):
     for suite in ("sampling", "training", "roofline"):
         lines[suite] = [json.loads(x) for x in (tmp_path / f"{suite}.jsonl").read_text()
                         .splitlines()]
-    assert len(lines["sampling"]) == 2
+    assert len(lines["sampling"]) == 3
     for row in lines["sampling"]:
         assert SAMPLING_KEYS <= row.keys()
     assert TRAINING_KEYS <= lines["training"][0].keys()
@@ -151,7 +153,7 @@ def test_rows_plots_and_training(tmp_path, sampling_rows):
     for p in paths:
         assert os.path.getsize(p) > 1000
     table = bench.format_table(writer.rows["sampling"], bench.SAMPLING_COLUMNS)
-    assert "burst_exact(W=all)" in table and "tok/s" in table
+    assert "burst[random](W=all)" in table and "tok/s" in table
 
 
 def test_decode_roofline_row(params):
@@ -197,7 +199,7 @@ def test_import_without_grain():
 @pytest.mark.slow
 def test_run_end_to_end(tmp_path):
     config = bench.BenchConfig(preset="tiny", lengths=(8, 16), batches=(1, 2), windows=(4, None),
-                               n_orders=(2,), samplers=("ar_cached", "burst_exact", "burst_paper"),
+                               n_orders=(2,), samplers=("ar", "burst", "burst_paper"),
                                repeats=1, train_batch=2, train_reference=False, matmul_n=64,
                                copy_bytes=1 << 20, out=str(tmp_path))
     result = bench.run(config, argv=["test"], log=lambda *a: None)
@@ -219,3 +221,15 @@ def test_launcher_end_to_end(tmp_path):
     assert "== sampling ==" in result.stdout
     for name in ("sampling.jsonl", "training.jsonl", "roofline.jsonl", "env.json"):
         assert (tmp_path / name).exists()
+
+
+def test_the_sampling_grid_measures_exact_burst_along_each_order():
+    config = bench.BenchConfig(suites=("sampling",), preset="tiny", lengths=(8,), batches=(1,),
+                               windows=(None,), weights=("init",), samplers=("ar", "burst_jacobi"),
+                               orders=("random", "spread"), repeats=1, out=None)
+    rows = bench.run(config, argv=["test"], log=lambda *a: None)["rows"]["sampling"]
+    got = {(r["sampler"], r["order"]) for r in rows if r["part"] == "grid"}
+    assert got == {("ar", "random"), ("burst_jacobi", "random"), ("burst_jacobi", "spread")}
+    assert "spread" in bench.format_table(rows, bench.SAMPLING_COLUMNS)
+    with pytest.raises(ValueError, match="order must be one of"):
+        bench.BenchConfig(preset="tiny", orders=("zigzag",))

@@ -41,11 +41,12 @@ def char_run(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize("sampler", ["burst", "ar"])
-def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler):
+@pytest.mark.parametrize("sampler, order", [("burst", "random"), ("ar", "random"),
+                                           ("burst_jacobi", "spread")])
+def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler, order):
     out = run_module("-m", "launch.sample", f"--workdir={char_run}", f"--sampler={sampler}",
                "--prompt=ROMEO<missing>6</missing>the king", "--length=24", "--num_samples=2",
-               "--window=4")
+               "--window=4", f"--order={order}", "--known_order=ascending")
     assert out.returncode == 0, out.stderr[-2000:]
     chunks = re.split(r"^--- sample \d+:.*\n", out.stdout, flags=re.M)[1:]
     samples = [chunk[:-1] for chunk in chunks]  # each sample ends with one newline
@@ -60,6 +61,7 @@ def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler):
     (["--prompt=ROMEO ~ JULIET"], "~"),
     (["--length=999"], "block_size"),
     (["--temperature=-1"], "temperature"),
+    (["--sampler=burst_paper", "--order=spread"], "order='random'"),
 ])
 def test_bad_input_exits_2_with_one_line(char_run, args, message):
     out = run_module("-m", "launch.sample", f"--workdir={char_run}", *args)
@@ -76,7 +78,7 @@ def test_missing_checkpoint_exits_2(tmp_path):
 
 def test_animate_redraws_until_every_position_is_filled(char_run):
     out = run_module("-m", "launch.sample", f"--workdir={char_run}", "--animate", "--window=8",
-               "--prompt=ROMEO:", "--length=24")
+               "--prompt=ROMEO:", "--length=24", "--sampler=burst_jacobi", "--order=spread")
     assert out.returncode == 0, out.stderr[-2000:]
     frames = re.findall(r"\[iteration (\d+), (\d+)/24 filled\]", out.stdout)
     assert int(frames[0][0]) == 0 and int(frames[0][1]) == 6  # the prompt is known at the start

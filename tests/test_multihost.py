@@ -90,9 +90,12 @@ def wait_pair(procs, tmp_path: Path, name: str, timeout: float) -> list[str]:
             p.wait(timeout=30)
             out.close()
             err.close()
-    # gloo's C++ side reports its connections on stdout; everything else is ours.
-    texts = ["".join(line for line in (tmp_path / f"{name}{i}.out").open()
-                     if not line.startswith("[Gloo]")) for i in range(2)]
+    # gloo's C++ side reports its connections on stdout, a report that other output can split
+    # across lines ("[Gloo] Rank 1 is connected to 7" ... " peer ranks. Expected ..."); everything
+    # else is ours.
+    gloo = lambda line: line.startswith("[Gloo]") or "peer ranks" in line
+    texts = ["".join(line for line in (tmp_path / f"{name}{i}.out").open() if not gloo(line))
+             for i in range(2)]
     for i, (p, _, _) in enumerate(procs):
         errors = (tmp_path / f"{name}{i}.err").read_text()[-3000:]
         assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{errors}"

@@ -52,13 +52,48 @@ def test_orders_from_masks_are_permutations_with_known_first(kind):
         first = order[row, : n_known[row]]
         assert np.asarray(known)[row, first].all()
         assert not np.asarray(known)[row, order[row, n_known[row]:]].any()
-        if kind in ("left_to_right", "fractal"):
+        if kind in ("left_to_right", "fractal", "spread"):
             np.testing.assert_array_equal(first, np.sort(first))
         rest = order[row, n_known[row]:]
         if kind == "left_to_right":
             np.testing.assert_array_equal(rest, np.sort(rest))
         if kind == "fractal":
             np.testing.assert_array_equal(rest, np.sort(rest)[orders.fractal_order(len(rest))])
+
+
+def _farthest_first(known):
+    """Brute force: repeatedly place the unknown position with the largest distance to every
+    placed one (known positions and the virtual ends -1 and N), ties to the smaller
+    bit-reversed index."""
+    n = len(known)
+    bits = max(1, (n - 1).bit_length())
+    bitrev = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)]
+    placed = [-1, n] + [i for i in range(n) if known[i]]
+    out = [i for i in range(n) if known[i]]
+    while len(out) < n:
+        free = [i for i in range(n) if i not in out]
+        dist = {i: min(abs(i - j) for j in placed) for i in free}
+        best = max(dist.values())
+        pick = min((i for i in free if dist[i] == best), key=lambda i: bitrev[i])
+        out.append(pick)
+        placed.append(pick)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 13, 16])
+def test_spread_order_is_farthest_first(n):
+    known = np.array(jax.random.bernoulli(jax.random.key(n), 0.3, (6, n)))
+    known[0], known[1] = False, True
+    got = np.asarray(orders.spread_known_first(jnp.asarray(known)))
+    want = np.array([_farthest_first(row) for row in known])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_spread_order_bisects_and_fills_the_widest_gap_first():
+    np.testing.assert_array_equal(orders.order_from_mask("spread", jnp.zeros((1, 8), bool))[0],
+                                  [4, 2, 6, 0, 1, 5, 3, 7])
+    known = jnp.zeros((1, 16), bool).at[0, jnp.array([3, 12])].set(True)
+    assert int(orders.spread_known_first(known)[0, 2]) == 8  # the middle of the gap (3, 12)
 
 
 def test_random_order_is_uniform_over_unknown_positions():

@@ -1,0 +1,66 @@
+"""Time cached any-order AR decoding of the shipped model (for A/B runs across commits).
+
+    python experiments/time_decode.py --batch=16 --length=256 [--calls=5] [--tag=new]
+
+Compiles `sample_ar_call(cfg, params, key, tokens, known, order="random")` ahead of time for the
+shipped `shakespeare_char` model (4 x 128, block 256) at the given batch and sequence length,
+unconditional (tokens zeros, nothing known), with the KV cache. After one warm-up call it times
+`--calls` calls, each with a fresh key and waited for with `jax.block_until_ready`, and prints one
+JSON line: batch, length, median and min ms per sequence call (all B rows filled), ms per model
+call (the median divided by `stats.forward_passes`: prefill + one call per generated token), the
+median process CPU ms per model call (all threads; steadier than wall time on a shared machine),
+generated tokens/s, compile seconds, and the directory sigma_jax was imported from. Only the
+public API is used, so the same script times any commit; experiments/ab_decode.sh interleaves two.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sigma_jax
+from sigma_jax import pretrained, sample_ar_call
+
+
+def main(batch: int, length: int, calls: int, tag: str) -> None:
+    cfg, params, _, _ = pretrained.load("shakespeare_char")
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    known = jnp.zeros((batch, length), bool)
+
+    def prepared(seed: int):
+        return sample_ar_call(cfg, params, jax.random.key(seed), tokens, known, order="random")
+
+    start = time.perf_counter()
+    compiled = prepared(0).lower().compile()
+    compile_s = time.perf_counter() - start
+    out, stats = jax.block_until_ready(compiled(*prepared(0).args))  # warm-up
+    passes = int(stats.forward_passes)
+    times, cpu_times = [], []
+    for seed in range(1, calls + 1):
+        args = jax.block_until_ready(prepared(seed).args)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    median = float(np.median(times))
+    print(json.dumps(dict(
+        tag=tag, batch=batch, length=length, median_ms=round(1e3 * median, 1),
+        min_ms=round(1e3 * min(times), 1), ms_per_model_call=round(1e3 * median / passes, 3),
+        cpu_ms_per_model_call=round(1e3 * float(np.median(cpu_times)) / passes, 3),
+        model_calls=passes, tokens_per_s=round(batch * length / median),
+        compile_s=round(compile_s, 2), sigma_jax=os.path.dirname(sigma_jax.__file__))),
+        flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--calls", type=int, default=5, help="timed calls after one warm-up")
+    parser.add_argument("--tag", default="", help="label printed with the line")
+    flags = parser.parse_args()
+    main(flags.batch, flags.length, flags.calls, flags.tag)

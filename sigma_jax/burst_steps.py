@@ -1,0 +1,208 @@
+"""One iteration of each burst sampling mode over the loop state (see `sample_burst` for the
+modes and their laws): the state and static options, the exact and paper draft + verify round, and
+the one-call jacobi round with its initial drafts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sigma_jax.cache import KVCache, write
+from sigma_jax.config import ModelConfig
+from sigma_jax.decode import burst_pass, extend_pass
+from sigma_jax.sampling import draw, to_probs, uniforms
+
+MODES = ("exact", "jacobi", "paper")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BurstState:
+    """The while-loop carry. tokens/filled: [B, N] in position layout; order: int32 [B, N], the
+    generation order (known positions first); last_tok/last_pos [B]: the last accepted (token,
+    position), not yet in the cache; iterations [B]; step: int32[]."""
+
+    tokens: jax.Array
+    filled: jax.Array
+    order: jax.Array
+    cache: KVCache
+    last_tok: jax.Array
+    last_pos: jax.Array
+    keys: jax.Array
+    iterations: jax.Array
+    step: jax.Array
+    drafts: jax.Array | None = None
+    proposals: jax.Array | None = None
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class BurstOptions:
+    """Static choices of the kernel (each value compiles once). order_kind: a name of
+    `orders.ORDER_KINDS`, or None for an explicit order array."""
+
+    mode: str
+    window: int
+    n_orders: int
+    top_k: int | None
+    known_order: str = "random"
+    order_kind: str | None = "random"
+
+
+def _take(x, idx):  # x [B, W, ...] gathered along axis 1 with idx [B, ...]
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _pick(probs, tok):  # probs [B, ..., V], tok [B, ...] -> probs[tok] [B, ...]
+    return jnp.take_along_axis(probs, tok[..., None], axis=-1)[..., 0]
+
+
+def _accepted_prefix(accept):  # bool [..., W] -> int32 [...]: accepted before the first rejection
+    return jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=-1), axis=-1)
+
+
+def _residual(q, p):
+    """normalize(max(0, q - p)) over the last axis; q itself where the two (nearly) agree."""
+    residual = jnp.maximum(q - p, 0.0)
+    mass = jnp.sum(residual, axis=-1, keepdims=True)
+    return jnp.where(mass > 1e-6, residual / jnp.maximum(mass, 1e-30), q)
+
+
+def _iteration_keys(state: BurstState, count: int):  # count typed keys [B] per iteration
+    it_keys = jax.vmap(jax.random.fold_in)(state.keys, state.iterations)
+    return jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, count))(it_keys), 1, 0)
+
+
+def _next_in_order(state: BurstState, w: int) -> jax.Array:
+    """The next W positions of the generation order, int32 [B, W]: the filled positions are always
+    its first ones. Slots past its end wrap around to filled positions, so targets stay distinct
+    (slots at or past the row's remaining count are never committed)."""
+    n = state.order.shape[1]
+    cursor = jnp.sum(state.filled, axis=1, keepdims=True)  # [B, 1]
+    return _take(state.order, (cursor + jnp.arange(w)[None, :]) % n)
+
+
+def _verify(cfg, params, state: BurstState, draft, targets):
+    """The causal pass over the drafts along targets: (logits [B, W, V], k_new, v_new)."""
+    tok_in = jnp.concatenate([state.last_tok[:, None], draft[:, :-1]], axis=1)
+    pos_in = jnp.concatenate([state.last_pos[:, None], targets[:, :-1]], axis=1)
+    return extend_pass(cfg, params, state.cache, tok_in, pos_in, targets)
+
+
+def _commit(state: BurstState, new_tok, new_pos, n_new, k_new, v_new, **changes) -> BurstState:
+    """Write the first n_new [B] of (new_tok, new_pos) [B, W] (their cache entries k_new/v_new)
+    and advance the counters of the rows that were still generating."""
+    active = jnp.any(~state.filled, axis=1)  # [B]
+    n_new = jnp.where(active, n_new, 0).astype(jnp.int32)
+    commit = jnp.arange(new_tok.shape[1])[None, :] < n_new[:, None]  # [B, W]
+    rows = jnp.arange(new_tok.shape[0])[:, None]
+    tokens = state.tokens.at[rows, new_pos].set(
+        jnp.where(commit, new_tok, state.tokens[rows, new_pos]))
+    filled = state.filled.at[rows, new_pos].set(state.filled[rows, new_pos] | commit)
+    last = jnp.maximum(n_new - 1, 0)[:, None]
+    return dataclasses.replace(
+        state, tokens=tokens, filled=filled, cache=write(state.cache, k_new, v_new, n_new),
+        last_tok=jnp.where(n_new > 0, _take(new_tok, last)[:, 0], state.last_tok),
+        last_pos=jnp.where(n_new > 0, _take(new_pos, last)[:, 0], state.last_pos),
+        iterations=state.iterations + active, step=state.step + 1, **changes)
+
+
+def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
+               opts: BurstOptions) -> BurstState:
+    """One draft + verify + commit round ('exact' or 'paper') for every unfinished row."""
+    n = state.tokens.shape[1]
+    w = opts.window
+    remaining = ~state.filled
+    n_valid = jnp.minimum(jnp.sum(remaining, axis=1), w)  # candidates that exist per row
+    k_order, k_draft, k_accept, k_extra = _iteration_keys(state, 4)
+    slot = jnp.arange(w)[None, :]  # [1, W]
+    valid = slot < n_valid[:, None]
+    if opts.mode == "exact":
+        targets = _next_in_order(state, w)
+    else:  # W remaining positions drawn uniformly at random, before any draft
+        u_order = uniforms(k_order, (n,))
+        targets = jnp.argsort(jnp.where(remaining, u_order, 2.0), axis=1)[:, :w].astype(jnp.int32)
+
+    probs = lambda logits: to_probs(logits, temperature, opts.top_k, top_p)
+    p = probs(burst_pass(cfg, params, state.cache, state.last_tok, state.last_pos, targets))
+    draft = draw(k_draft, p)  # [B, W]
+    u = uniforms(k_accept, (w,))
+    p_draft = _pick(p, draft)
+    if opts.mode == "paper":
+        return _commit(state, *_paper_verify(cfg, params, state, targets, draft, p_draft, u,
+                                             valid, k_extra, probs, opts))
+    logits_q, k_new, v_new = _verify(cfg, params, state, draft, targets)
+    q = probs(logits_q)  # [B, W, V]
+    accept = ((u * p_draft < _pick(q, draft)) | (slot == 0)) & valid
+    n_acc = _accepted_prefix(accept)  # [B]
+    at = jnp.minimum(n_acc, w - 1)[:, None, None]
+    fix = draw(k_extra, _residual(_take(q, at)[:, 0], _take(p, at)[:, 0]))  # [B]
+    new_tok = jnp.where(slot == n_acc[:, None], fix[:, None], draft)
+    return _commit(state, new_tok, targets, n_acc + (n_acc < n_valid), k_new, v_new)
+
+
+def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, probs, opts):
+    """The published rule: K orders of the candidates verified in one pass over the shared cache
+    (K independent causal blocks), one uniform per candidate shared by the orders, accept while
+    u < q/p (the first always), keep the order with the longest accepted prefix."""
+    b, w = draft.shape
+    k = opts.n_orders
+    u_perm = jax.vmap(lambda kk: jax.random.uniform(kk, (k, w)))(key)  # [B, K, W]
+    last = 2.0 + jnp.arange(w)[None, None, :]  # invalid candidates stay at the end, in order
+    perm = jnp.argsort(jnp.where(valid[:, None, :], u_perm, last), axis=-1)
+    gather = lambda x: jnp.take_along_axis(x[:, None, :], perm, axis=-1)  # [B, W] -> [B, K, W]
+    c_tok, c_pos, c_p, c_u, c_valid = (gather(x) for x in (draft, targets, p_draft, u, valid))
+    last_tok = jnp.broadcast_to(state.last_tok[:, None, None], (b, k, 1))
+    last_pos = jnp.broadcast_to(state.last_pos[:, None, None], (b, k, 1))
+    tok_in = jnp.concatenate([last_tok, c_tok[..., :-1]], axis=-1).reshape(b, k * w)
+    pos_in = jnp.concatenate([last_pos, c_pos[..., :-1]], axis=-1).reshape(b, k * w)
+    logits_q, k_new, v_new = extend_pass(cfg, params, state.cache, tok_in, pos_in,
+                                         c_pos.reshape(b, k * w), blocks=k)
+    q_draft = _pick(probs(logits_q).reshape(b, k, w, -1), c_tok)  # [B, K, W]
+    first = jnp.arange(w)[None, None, :] == 0
+    accept = ((c_u * c_p < q_draft) | first) & c_valid
+    n_acc = _accepted_prefix(accept)  # [B, K]
+    best = jnp.argmax(n_acc, axis=1)  # [B]
+    pick = lambda x: jnp.take_along_axis(x, best[:, None, None], axis=1)[:, 0]
+    n_layer, _, _, h, hd = k_new.shape
+    block = lambda kv: jnp.take_along_axis(kv.reshape(n_layer, b, k, w, h, hd),
+                                           best[None, :, None, None, None, None], axis=2)[:, :, 0]
+    n_new = jnp.take_along_axis(n_acc, best[:, None], axis=1)[:, 0]
+    return pick(c_tok), pick(c_pos), n_new, block(k_new), block(v_new)
+
+
+def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
+                opts: BurstOptions) -> BurstState:
+    """Draft every position from one burst pass given the known tokens: drafts int32 [B, N] and
+    their distributions float32 [B, N, V], in position layout (known positions' are unused)."""
+    b, n = state.tokens.shape
+    every = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    logits = burst_pass(cfg, params, state.cache, state.last_tok, state.last_pos, every)
+    p = to_probs(logits, temperature, opts.top_k, top_p)
+    draft_keys, loop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
+    return dataclasses.replace(state, keys=loop_keys, drafts=draw(draft_keys, p), proposals=p)
+
+
+def jacobi_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
+                opts: BurstOptions) -> BurstState:
+    """One verify pass over the next W drafts; commit up to the first replaced one; keep the rest
+    (coupled to the verifier's conditionals) as drafts."""
+    w = opts.window
+    n_valid = jnp.minimum(jnp.sum(~state.filled, axis=1), w)  # [B]
+    k_accept, k_extra = _iteration_keys(state, 2)
+    valid = jnp.arange(w)[None, :] < n_valid[:, None]  # [B, W]
+    targets = _next_in_order(state, w)
+    draft = _take(state.drafts, targets)  # [B, W]
+    pi = _take(state.proposals, targets[..., None])  # [B, W, V]
+    logits_q, k_new, v_new = _verify(cfg, params, state, draft, targets)
+    q = to_probs(logits_q, temperature, opts.top_k, top_p)  # [B, W, V]
+    keep = uniforms(k_accept, (w,)) * _pick(pi, draft) < _pick(q, draft)
+    coupled = jnp.where(keep, draft, draw(k_extra, _residual(q, pi)))  # [B, W], each ~ q
+    n_new = jnp.minimum(_accepted_prefix(keep & valid) + 1, n_valid)
+    rows = jnp.arange(draft.shape[0])[:, None]
+    drafts = state.drafts.at[rows, targets].set(jnp.where(valid, coupled, draft))
+    proposals = state.proposals.at[rows, targets].set(jnp.where(valid[..., None], q, pi))
+    return _commit(state, coupled, targets, n_new, k_new, v_new, drafts=drafts,
+                   proposals=proposals)
