@@ -22,7 +22,9 @@ MODES = ("exact", "jacobi", "paper")
 class BurstState:
     """The while-loop carry. tokens/filled: [B, N] in position layout; order: int32 [B, N], the
     generation order (known positions first); last_tok/last_pos [B]: the last accepted (token,
-    position), not yet in the cache; iterations [B]; step: int32[]."""
+    position), not yet in the cache; iterations [B]; step: int32[]. jacobi mode only (None
+    otherwise): drafts int32 [B, N], the current draft of every position, and proposals float32
+    [B, N, V], the distribution each draft was drawn from."""
 
     tokens: jax.Array
     filled: jax.Array
