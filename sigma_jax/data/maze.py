@@ -9,8 +9,8 @@ Generator (our implementation of the published description):
      among such pairs. A segment is rejected when the cells it covers already hold > 1 wall cell.
   3. After more than 10 * n_walls rejected segments in total, the maze restarts from step 1.
   4. Start and goal are two distinct empty cells drawn uniformly; the pair is redrawn until the
-     goal is reachable and the BFS distance is >= dist_min (the published generator ignored its
-     dist_min flag, defect B10; here it is honoured). After 100 failed pairs the maze restarts.
+     goal is reachable and the BFS distance is >= dist_min (honoured here, unlike the published
+     generator, which ignores its dist_min flag). After 100 failed pairs the maze restarts.
   5. The path walks from the start down the BFS distance field of the goal, choosing uniformly at
      each cell among the neighbours one step closer: a uniformly tie-broken random shortest path.
 Tokens: 0 empty, 1 wall, 2 start, 3 goal, 4 path (V = 5).
