@@ -33,7 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from sigma_jax import bench, log_prob, pretrained
+from bench.harness import compile_aot, time_calls
+from bench.report import environment
+from bench.sampling import sampler_figures
+from sigma_jax import log_prob, pretrained
 from sigma_jax.data import load_task
 from sigma_jax.samplers import SamplerSpec
 
@@ -84,20 +87,16 @@ def measure_speed(cfg, params, spec: SamplerSpec, condition, windows, length, ba
     tokens, known = inputs(condition, windows, batch, length, rng)
     calls = [spec.prepare(cfg, params, jax.random.key(1000 * FLAGS.seed + i), tokens, known,
                           temperature=FLAGS.temperature) for i in range(1 + FLAGS.repeats)]
-    kernel = bench.compile_aot(calls[0].kernel, calls[0].args, calls[0].static)
-    timing, outputs = bench.time_calls(lambda i: kernel(*calls[i].args), FLAGS.repeats, 1)
-    stats = [jax.device_get(out[1]) for out in outputs]
-    passes = np.array([s.forward_passes for s in stats], np.float64)
-    iterations = np.stack([s.iterations for s in stats]).astype(np.float64)  # [R, B]
-    generated = np.stack([s.generated for s in stats]).astype(np.float64)  # [R, B]
+    kernel = compile_aot(calls[0].kernel, calls[0].args, calls[0].static)
+    timing, outputs = time_calls(lambda i: kernel(*calls[i].args), FLAGS.repeats, 1)
+    figures = sampler_figures(outputs, timing.median_s)
     return dict(
         suite="sampling", sampler=spec.label, mode=spec.name, order=spec.order,
         window=spec.window, condition=condition, length=length, batch=batch,
-        n_known=int(np.asarray(known).sum(axis=1).min()), model_calls=float(passes.mean()),
-        iterations=float(iterations.mean()), iterations_max=int(iterations.max()),
-        tokens_per_iteration=float(generated.sum() / max(iterations.sum(), 1)),
-        tokens_per_s=float(generated.sum(axis=1).mean()) / timing.median_s,
-        ms_per_call=1e3 * timing.median_s / max(float(passes.mean()), 1.0),
+        n_known=int(np.asarray(known).sum(axis=1).min()), model_calls=figures["forward_passes"],
+        **{name: figures[name] for name in ("iterations", "iterations_max",
+                                            "tokens_per_iteration", "tokens_per_s",
+                                            "ms_per_call")},
         temp_bytes=kernel.costs["temp_bytes"],
         **{**timing.as_dict(), "compile_s": kernel.compile_s, "lower_s": kernel.lower_s})
 
@@ -238,7 +237,7 @@ def main(argv) -> None:
     quality = measure_quality(cfg, params, (judge_cfg, judge_params), windows, max(lengths))
     with open(out / "quality.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in quality)
-    env = bench.environment(sys.argv, dict(judge=str(FLAGS.judge), judge_step=int(judge_step),
+    env = environment(sys.argv, dict(judge=str(FLAGS.judge), judge_step=int(judge_step),
                                            wall_s=time.monotonic() - start))
     (out / "env.json").write_text(json.dumps(env, indent=1, default=str) + "\n")
     write_report(out)

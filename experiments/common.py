@@ -3,7 +3,7 @@ hardware record, tables and the results files.
 
 A driver is `main(argv) -> dict`: it parses `--size` / `--smoke` / `--out` / `--workdir` /
 `--fresh` / `--seed`, trains through `sigma_jax.train.train` (a preset from
-`experiments/presets.py` plus the driver's overrides), evaluates, and writes
+`sigma_jax/presets.py` plus the driver's overrides), evaluates, and writes
 `<out>/results.json`, `<out>/results.md` and its PNG plots.
 
 Sizes: 'smoke' (tiny, for the tests, well under 2 minutes), 'cpu' (the default: a few minutes on
@@ -59,7 +59,8 @@ def parse_args(name: str, argv: Sequence[str] | None, description: str,
                ) -> argparse.Namespace:
     """The common flags; `args.size` is 'smoke' when --smoke is given. `args.out` defaults to
     experiments/results/<name> (cpu size), or experiments/results/<name>/<size> for the other
-    sizes, and `args.workdir` to workdirs/exp_<name>_<size>."""
+    sizes, and `args.workdir` to workdirs/exp_<name>_<size>. `args.started` (perf_counter) and
+    `args.hardware` record when and where the run started, for `write_results`."""
     parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}",
                                      description=description)
     parser.add_argument("--size", choices=("cpu", "published"), default="cpu",
@@ -85,6 +86,7 @@ def parse_args(name: str, argv: Sequence[str] | None, description: str,
         args.out = str(out if args.size == "cpu" else out / args.size)
     if args.workdir is None:
         args.workdir = str(REPO / "workdirs" / f"exp_{name}_{args.size}")
+    args.started, args.hardware = time.perf_counter(), hardware()
     return args
 
 
@@ -160,9 +162,9 @@ def train_run(label: str, preset: str, workdir, task, *, model: dict | None = No
     every max_steps/4 and one checkpoint at the end. train_s: wall time of the training loop
     (compilation and evaluations included) from the run's metrics, so a resumed finished run
     keeps its original cost."""
-    from experiments.presets import PRESETS, build_model_config
     from sigma_jax import checkpoint
     from sigma_jax.metrics_log import read_metrics
+    from sigma_jax.presets import PRESETS, build_model_config
     from sigma_jax.train import train as train_loop
 
     preset_obj = PRESETS[preset]
@@ -298,11 +300,13 @@ def to_jsonable(obj):
 
 
 def write_results(args: argparse.Namespace, title: str, body: str, payload: dict,
-                  hw: dict, wall_s: float, runs: Sequence[Run] = ()) -> dict:
-    """Write <out>/results.json (payload + command, size, hardware, wall time) and
+                  runs: Sequence[Run] = ()) -> dict:
+    """Write <out>/results.json (payload + command, size, hardware, wall time since
+    `parse_args`) and
     <out>/results.md (a header with the same facts, then `body`). Returns the JSON object.
     runs: the trained models; when some were reloaded from finished runs (not trained by this
     invocation) the wall time says so and the training times are in the training tables."""
+    hw, wall_s = args.hardware, time.perf_counter() - args.started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     reloaded = [r.label for r in runs if r.reloaded]

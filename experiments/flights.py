@@ -15,7 +15,6 @@ density p(altitude_t | known points) at every time step from one `conditionals` 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import jax
@@ -119,8 +118,6 @@ def plot_density(refs, known, probs: np.ndarray, path, title: str) -> None:
 
 def main(argv=None) -> dict:
     args = common.parse_args("flights", argv, __doc__.split("\n\n")[0])
-    t_start = time.perf_counter()
-    hw = common.hardware()
     log = common.log_fn(args.quiet)
     spec = SIZES[args.size]
     from sigma_jax import conditionals
@@ -262,8 +259,7 @@ def main(argv=None) -> dict:
     payload = {"seq_len": n, "prompt_len": p, "n_known": spec["n_known"], "training": train_rows,
                "results": rows, "densities": dens}
     return common.write_results(args, "Flights: altitude prediction and infilling",
-                                "\n".join(body), payload, hw, time.perf_counter() - t_start,
-                                runs=[gpt, sigma])
+                                "\n".join(body), payload, runs=[gpt, sigma])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ test mazes with the reference and every strategy's prediction.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import jax
@@ -89,8 +88,6 @@ def main(argv=None) -> dict:
                             help="sampling temperature (default 0: greedy)")
 
     args = common.parse_args("maze", argv, __doc__.split("\n\n")[0], extra)
-    t_start = time.perf_counter()
-    hw = common.hardware()
     log = common.log_fn(args.quiet)
     spec = SIZES[args.size]
     from sigma_jax.data import load_task
@@ -188,8 +185,8 @@ def main(argv=None) -> dict:
     payload = {"maze": {"height": h, "width": w, **spec["maze"]}, "training": train_rows,
                "strategies": rows, "reference_metrics": ref_check,
                "temperature": args.temperature}
-    return common.write_results(args, "Maze path solving", "\n".join(body), payload, hw,
-                                time.perf_counter() - t_start, runs=list(runs.values()))
+    return common.write_results(args, "Maze path solving", "\n".join(body), payload,
+                                runs=list(runs.values()))
 
 
 if __name__ == "__main__":

@@ -194,7 +194,6 @@ def plot_curves(rows: list[dict], refs: dict, path) -> None:
 def main(argv=None) -> dict:
     args = common.parse_args("positions", argv, __doc__.split("\n\n")[0])
     log = common.log_fn(args.quiet)
-    t_start, hw = time.perf_counter(), common.hardware()
     spec = SIZES[args.size]
     walk, text = dict(spec["walk"]), dict(spec["text"])
     for s in (walk, text):
@@ -245,7 +244,7 @@ def main(argv=None) -> dict:
     ]
     payload = {"rows": rows, "references": refs}
     return common.write_results(args, "Positional encodings and the random-order plateau",
-                                "\n".join(body), payload, hw, time.perf_counter() - t_start)
+                                "\n".join(body), payload)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ iterations per sequence against N, with a plot of how the count grows.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import jax
@@ -113,8 +112,6 @@ def main(argv=None) -> dict:
                             help="comma-separated subset of product,step,permutation")
 
     args = common.parse_args("synthetic", argv, __doc__.split("\n\n")[0], extra)
-    t_start = time.perf_counter()
-    hw = common.hardware()
     log = common.log_fn(args.quiet)
     spec = SIZES[args.size]
     from sigma_jax.data import load_task
@@ -204,8 +201,7 @@ def main(argv=None) -> dict:
         body += [f"- `{name}`: `{text[:200]}{' ...' if len(text) > 200 else ''}`"]
     payload = {"training": train_rows, "results": rows, "examples": examples}
     return common.write_results(args, "Synthetic tasks: correctness and burst iterations",
-                                "\n".join(body), payload, hw, time.perf_counter() - t_start,
-                                runs=all_runs)
+                                "\n".join(body), payload, runs=all_runs)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ more Shakespeare-like to a plain GPT).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import jax
@@ -76,12 +75,10 @@ def plot_curves(runs: list[common.Run], path) -> None:
 
 def main(argv=None) -> dict:
     args = common.parse_args("text", argv, __doc__.split("\n\n")[0])
-    t_start = time.perf_counter()
-    hw = common.hardware()
     log = common.log_fn(args.quiet)
     spec = SIZES[args.size]
-    from experiments.presets import PRESETS
     from sigma_jax.data import load_task
+    from sigma_jax.presets import PRESETS
 
     preset = PRESETS[spec["preset"]]
     seq_len = spec["train"].get("seq_len", preset.train.seq_len)
@@ -175,8 +172,7 @@ def main(argv=None) -> dict:
     payload = {"training": train_rows, "sampling": sample_rows, "samples": texts,
                "reference_judge_nll": ref_nll, "prompt_len": p, "seq_len": n}
     return common.write_results(args, "Text: left-to-right vs random vs curriculum training",
-                                "\n".join(body), payload, hw, time.perf_counter() - t_start,
-                                runs=runs)
+                                "\n".join(body), payload, runs=runs)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,18 @@ Examples:
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 
+from launch.flags import die, usage_errors
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("suite", ["sampling", "training", "roofline"],
                   "Suites to run: sampling, training, roofline.")
-flags.DEFINE_string("preset", None, "Preset for random weights (experiments/presets.py); default "
+flags.DEFINE_string("preset", None, "Preset for random weights (sigma_jax/presets.py); default "
                     "shakespeare_char_cpu on CPU, gpt2_small on GPU.")
 flags.DEFINE_string("workdir", None, "Training run whose latest checkpoint to benchmark "
                     "(instead of random weights).")
@@ -67,15 +70,6 @@ flags.DEFINE_string("out", None, "Output directory (default experiments/results/
                     "experiments/results/bench_gpu on GPU); 'none' writes nothing.")
 
 
-def _die(message: str) -> None:
-    try:
-        from launch.flags import die
-    except ImportError:
-        print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    die(message)
-
-
 def _ints(name: str, values) -> tuple[int, ...]:
     out = []
     for text in values:
@@ -99,15 +93,14 @@ def _window(name: str, text: str) -> int | None:
 
 def build_config(on_gpu: bool):
     """BenchConfig from the flags and the platform defaults. Raises ValueError (one line)."""
-    from sigma_jax.bench import BenchConfig, preset_names
+    from bench.config import BenchConfig
+    from sigma_jax.presets import PRESETS
 
     preset = FLAGS.preset or (None if FLAGS.workdir else
                               ("gpt2_small" if on_gpu else "shakespeare_char_cpu"))
-    if preset and preset not in preset_names():
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(preset_names())}")
+    if preset and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     if FLAGS.workdir:
-        import os
-
         if not os.path.isdir(FLAGS.workdir):
             raise FileNotFoundError(f"no workdir {FLAGS.workdir}")
     lengths = _ints("lengths", FLAGS.lengths or (["64", "256", "1024"] if on_gpu else
@@ -149,24 +142,22 @@ def main(argv):
         # jax logs backend probing at INFO through absl: keep stderr to warnings and errors.
         absl_logging.set_verbosity(absl_logging.WARNING)
     if len(argv) > 1:
-        _die(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
+        die(f"unexpected arguments: {' '.join(argv[1:])}")
+    with usage_errors():
         import jax
+
+        from bench.config import load_model
 
         on_gpu = jax.default_backend() != "cpu"
         config = build_config(on_gpu)
-        from sigma_jax import bench
-
-        model = bench.load_model(config)  # checkpoint / preset errors are usage errors too
-    except (ValueError, FileNotFoundError) as error:
-        _die(str(error) or type(error).__name__)
-    from sigma_jax import bench
+        model = load_model(config)  # checkpoint / preset errors are usage errors too
+    from bench import report, suites
 
     argv0 = sys.argv[0].replace("\\", "/")
     command = (["python", "-m", "launch.bench"] if argv0.endswith("launch/bench.py") else
                [argv0]) + sys.argv[1:]
-    result = bench.run(config, argv=command, model=model)
-    bench.print_tables(result["rows"])
+    result = suites.run(config, argv=command, model=model)
+    report.print_tables(result["rows"])
     if config.out:
         print(f"\nwrote {config.out}: " + ", ".join(
             sorted(f"{s}.jsonl" for s in result["rows"]) + ["env.json"] +

@@ -5,9 +5,9 @@
 #
 #   bash launch/bench_gpu.sh [OUT_DIR]      # default experiments/results/bench_gpu
 #
-# Needs jax with a GPU backend, flax and optax; grain is not needed (nothing here imports it) and
-# matplotlib is optional (without it no PNGs are drawn). Results: OUT_DIR/{sampling,training,
-# roofline}.jsonl, env.json, PNG plots, and bench.log (the printed tables).
+# Needs jax with a GPU backend, flax, optax and orbax-checkpoint; grain is not needed (nothing
+# here imports it) and matplotlib is optional (without it no PNGs are drawn). Results:
+# OUT_DIR/{sampling,training,roofline}.jsonl, env.json, PNG plots, and bench.log (the tables).
 #
 # Time: configurations are measured in priority order (device baselines, train step, decode
 # roofline, then the sampling grid and sweeps); none starts after BUDGET_S seconds (default 180;

@@ -25,6 +25,7 @@ the field), a damaged or truncated file, a vocabulary that fits no known task.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -95,6 +96,7 @@ def write_run(workdir: Path, ckpt, task, data_path: str | None, source: str) -> 
 
     from sigma_jax import checkpoint
     from sigma_jax import train as train_lib
+    from sigma_jax.metrics_log import write_text_atomic
 
     train_cfg = train_lib.TrainConfig(task=task.name, seq_len=task.seq_len, data_path=data_path)
     configs = train_lib.configs_dict(ckpt.model_cfg, train_cfg)
@@ -109,7 +111,7 @@ def write_run(workdir: Path, ckpt, task, data_path: str | None, source: str) -> 
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed conversion with this pid
     tmp.mkdir()
     try:
-        train_lib.write_json_atomic(tmp / "config.json", configs)
+        write_text_atomic(tmp / "config.json", json.dumps(configs, indent=2, sort_keys=True))
         with checkpoint.CheckpointManager(tmp, keep=1, async_save=False) as manager:
             manager.save(ckpt.iter_num, state, configs=configs)
         if workdir.exists():

@@ -34,9 +34,10 @@ from pathlib import Path
 
 from absl import flags
 
+from sigma_jax import sharding as sh
+
 FLAGS = flags.FLAGS
 DISTRIBUTED_MODES = ("auto", "on", "off")
-AXIS_TYPES = ("auto", "explicit")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -46,9 +47,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("mesh", "auto", "Device mesh data:fsdp:tensor, e.g. 8:1:1 or 2:2:2; "
                         "'auto' puts every device on data (one device on a single CPU host).",
                         flag_values=flag_values)
-    flags.DEFINE_string("mesh_axis_type", "auto", "Mesh axis type: auto (XLA propagates "
-                        "shardings) or explicit (shardings in the array types).",
-                        flag_values=flag_values)
+    define_axis_type_flag(flag_values)
     flags.DEFINE_string("distributed", "auto", "jax.distributed.initialize(): auto (when a "
                         "cluster is detected: SLURM, Open MPI, Cloud TPU, or the flags below), "
                         "on, or off.", flag_values=flag_values)
@@ -58,6 +57,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                          flag_values=flag_values)
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host).",
                          flag_values=flag_values)
+
+
+def define_axis_type_flag(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Define --mesh_axis_type (auto or explicit)."""
+    flags.DEFINE_string("mesh_axis_type", "auto", "Mesh axis type: auto (XLA propagates "
+                        "shardings) or explicit (shardings in the array types).",
+                        flag_values=flag_values)
 
 
 # ---------------------------------------------------------------------------- cluster detection
@@ -148,19 +154,13 @@ def initialize(log: Callable[[str], None] | None = None) -> bool:
 def build_mesh():
     """The mesh of --mesh / --mesh_axis_type over all devices of all processes. Raises a
     one-line ValueError for a malformed flag or a mesh that the devices cannot hold."""
-    from sigma_jax import sharding as sh
-
-    if FLAGS.mesh_axis_type not in AXIS_TYPES:
-        raise ValueError(f"--mesh_axis_type must be auto or explicit; got "
-                         f"{FLAGS.mesh_axis_type!r}")
     return sh.make_mesh(sh.mesh_config(FLAGS.mesh, FLAGS.mesh_axis_type))
 
 
 def mesh_text(mesh) -> str:
     """'data:fsdp:tensor (axis type)' of a mesh, for logs."""
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     kind = "explicit" if "Explicit" in str(mesh.axis_types[0]) else "auto"
-    return f"{sizes['data']}:{sizes['fsdp']}:{sizes['tensor']} ({kind})"
+    return f"{sh.mesh_text(mesh)} ({kind})"
 
 
 def is_primary() -> bool:

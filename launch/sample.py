@@ -10,7 +10,7 @@ redraws the sequence in the terminal as burst iterations fill it in.
 Sharded and multi-host (launch/distributed.py, docs/scaling.md): `--mesh=data:fsdp:tensor`
 (default auto), `--mesh_axis_type`, `--distributed`. The params are restored straight onto the
 mesh, each batch is padded to a multiple of the batch axes and sampled by one sharded kernel
-(`sigma_jax.sharding.sample_sharded`), and the samples are gathered from every process and
+(`sigma_jax.samplers.sample_sharded`), and the samples are gathered from every process and
 printed by process 0 only. `--animate` runs on a single process.
 
 Exit code 2 with one line on stderr, before any sampling, for: a missing checkpoint, an unknown
@@ -35,8 +35,9 @@ from absl import logging as absl_logging
 from launch import distributed
 from launch import flags as launch_flags
 from launch.prompt import parse_prompt, read_prompt
+from sigma_jax.model import shard_params
 from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
-from sigma_jax.samplers import SAMPLERS, SamplerSpec
+from sigma_jax.samplers import SAMPLERS, SamplerSpec, sample_sharded
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
@@ -89,11 +90,10 @@ def load_model(mesh):
     tasks without text."""
     if FLAGS.pretrained:
         from sigma_jax import pretrained
-        from sigma_jax import sharding as sh
 
         cfg, params, encode, decode = pretrained.load(FLAGS.pretrained)
         if mesh is not None:
-            params = sh.shard_params(params, mesh)
+            params = shard_params(params, mesh)
         return cfg, params, encode, decode, f"pretrained {FLAGS.pretrained}", cfg.block_size
     from sigma_jax import checkpoint
 
@@ -138,7 +138,7 @@ def run_sampler(cfg, params, key, tokens, known, mesh):
     from sigma_jax import sharding as sh
 
     spec = chosen_spec()
-    return sh.to_host(sh.sample_sharded(spec.function, cfg, params, key, tokens, known,
+    return sh.to_host(sample_sharded(spec.function, cfg, params, key, tokens, known,
                                         mesh=mesh, **spec.options(**sampling_options())))
 
 

@@ -21,37 +21,38 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from launch import distributed
 from launch import flags as launch_flags
+from sigma_jax import sharding as sh
+from sigma_jax.train import check_batch_fits, init_state, make_train_step
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "tiny", "Preset name (experiments/presets.py).")
+flags.DEFINE_string("config", "tiny", "Preset name (sigma_jax/presets.py).")
 flags.DEFINE_string("meshes", "1:1:1", "Comma-separated meshes data:fsdp:tensor.")
-flags.DEFINE_string("mesh_axis_type", "auto", "auto or explicit.")
 flags.DEFINE_integer("steps", 30, "Timed steps per mesh.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles).")
 flags.DEFINE_string("json", None, "Append one JSON line per mesh to this file.")
 launch_flags.define_set_flag()
+distributed.define_axis_type_flag()
 
 
 def time_mesh(model_cfg, train_cfg, batch: np.ndarray, mesh_text: str) -> dict:
     """Median seconds per train step on one mesh (see the module docstring)."""
-    from sigma_jax import sharding as sh
-    from sigma_jax.train import check_batch_fits, init_state, train_step
-
     mesh = sh.make_mesh(sh.MeshConfig.parse(mesh_text, FLAGS.mesh_axis_type))
     check_batch_fits(train_cfg, mesh)
     with jax.set_mesh(mesh):
         state = init_state(model_cfg, train_cfg, mesh=mesh)
         placed = sh.place_local_batch(batch, mesh)
+        step = make_train_step(model_cfg, train_cfg, mesh)
         t0 = time.perf_counter()
         for _ in range(FLAGS.warmup):
-            state, metrics = train_step(model_cfg, train_cfg, state, placed, mesh=mesh)
+            state, metrics = step(state, placed)
             jax.block_until_ready(metrics)
         warmup_s = time.perf_counter() - t0
         times = []
         for _ in range(FLAGS.steps):
             t0 = time.perf_counter()
-            state, metrics = train_step(model_cfg, train_cfg, state, placed, mesh=mesh)
+            state, metrics = step(state, placed)
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t0)
     times = np.asarray(times)

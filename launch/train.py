@@ -1,6 +1,6 @@
 """Train a preset: `python -m launch.train --config=<preset> [--set key=value ...] [--workdir=DIR]`.
 
-Also installed as the console script `sigma-train`. Presets live in `experiments/presets.py`;
+Also installed as the console script `sigma-train`. Presets live in `sigma_jax/presets.py`;
 `--set` overrides any ModelConfig or TrainConfig field (prefix `model.` / `train.` if ambiguous).
 Running again with the same workdir resumes from its latest checkpoint (under any mesh: the
 checkpoint is resharded onto the new one). `--jax_*` flags work.
@@ -44,7 +44,7 @@ def define_flags() -> None:
     """Define --config, --workdir and --set (done by `run`, so importing this module for `build`
     defines no flags and cannot clash with another launcher's)."""
     if "config" not in FLAGS:
-        flags.DEFINE_string("config", None, "Preset name (experiments/presets.py).")
+        flags.DEFINE_string("config", None, "Preset name (sigma_jax/presets.py).")
         flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); default "
                             "workdirs/<preset>.")
     launch_flags.define_set_flag()
@@ -56,8 +56,8 @@ PREEMPTED_EXIT = 128 + 15  # the conventional status of a process ended by SIGTE
 def build(preset_name: str | None, sets):
     """(model_cfg, train_cfg, task) for a preset with --set overrides. Raises ValueError,
     DataError or FileNotFoundError with a one-line message."""
-    from experiments.presets import PRESETS, build_model_config
     from sigma_jax.config import ModelConfig
+    from sigma_jax.presets import PRESETS, build_model_config
     from sigma_jax.train import TrainConfig, check_task
 
     if not preset_name:

@@ -14,9 +14,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
 from sigma_jax.config import ModelConfig
-from sigma_jax.sharding import CACHE_KV_AXES, constrain, explicit_spec
+from sigma_jax.sharding import constrain, explicit_spec, fitted_sharding, logical_to_spec
+
+CACHE_KV_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_LENGTH_AXES = ("batch",)
 
 
 @jax.tree_util.register_dataclass
@@ -106,3 +110,17 @@ def split_layers(cache: KVCache) -> LayerCaches:
     n_layer = cache.k.shape[0]
     return LayerCaches(k=tuple(cache.k[i] for i in range(n_layer)),
                        v=tuple(cache.v[i] for i in range(n_layer)), length=cache.length)
+
+
+def cache_sharding(mesh, cache=None) -> KVCache:
+    """A KVCache of NamedShardings: k, v by CACHE_KV_AXES, length by batch.
+
+    With `cache` (a KVCache of arrays or ShapeDtypeStructs) the specs are fitted to its shapes.
+    Usable as `out_shardings` of a jitted `init_cache` or as `in_shardings` of a sampler.
+    """
+    if cache is None:
+        kv = NamedSharding(mesh, logical_to_spec(CACHE_KV_AXES))
+        return KVCache(k=kv, v=kv, length=NamedSharding(mesh, logical_to_spec(CACHE_LENGTH_AXES)))
+    return KVCache(k=fitted_sharding(mesh, CACHE_KV_AXES, cache.k.shape),
+                   v=fitted_sharding(mesh, CACHE_KV_AXES, cache.v.shape),
+                   length=fitted_sharding(mesh, CACHE_LENGTH_AXES, cache.length.shape))

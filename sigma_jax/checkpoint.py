@@ -29,6 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sigma_jax.config import ModelConfig
+from sigma_jax.model import init_params, param_shardings
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -183,20 +184,16 @@ class CheckpointManager:
         self.close()
 
 
-def load(workdir, step: int | None = None, *, mesh=None,
-         rules=None) -> tuple[ModelConfig, dict, int]:
+def load(workdir, step: int | None = None, *, mesh=None) -> tuple[ModelConfig, dict, int]:
     """The model of a training run, for samplers: (model_cfg, params, step).
 
     params is the plain nested dict of arrays (no optimizer state is read), placed on this
     process's first device, or, with `mesh`, restored directly onto the mesh by
-    `sharding.param_shardings` (`rules`: a LogicalRules, default the standard table), whatever
-    mesh the checkpoint was saved from; every process of a multi-host run must call it. step=None
-    takes the latest checkpoint that restores (skipping unusable ones with a warning). Missing
-    workdir or checkpoint: FileNotFoundError; unknown step: ValueError.
+    `model.param_shardings`, whatever mesh the checkpoint was saved from; every process of a
+    multi-host run must call it. step=None takes the latest checkpoint that restores (skipping
+    unusable ones with a warning). Missing workdir or checkpoint: FileNotFoundError; unknown
+    step: ValueError.
     """
-    from sigma_jax import sharding as sh
-    from sigma_jax.model import init_params
-
     workdir = Path(workdir)
     hint = f"train first: python -m launch.train --config=<preset> --workdir={workdir}"
     if not workdir.is_dir():
@@ -225,7 +222,7 @@ def load(workdir, step: int | None = None, *, mesh=None,
                 model_cfg = ModelConfig(**config["config"]["model"])
                 shapes = jax.eval_shape(init_params, model_cfg, jax.random.key(0))
                 shardings = (jax.tree.map(lambda _: device, shapes) if mesh is None else
-                             sh.param_shardings(shapes, mesh, rules or sh.DEFAULT_RULES))
+                             param_shardings(shapes, mesh))
                 target = jax.tree.map(
                     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                     shardings)

@@ -1,4 +1,6 @@
-"""Frozen, hashable configs. They are static pytrees: pass them to `jax.jit` as ordinary arguments.
+"""Frozen, hashable configs: the model (`ModelConfig`) and one training run (`TrainConfig`).
+
+They are static pytrees: pass them to `jax.jit` as ordinary arguments.
 
 Every config validates itself on construction: a wrong value raises `ValueError` naming the field
 and what is allowed, before any work starts.
@@ -7,6 +9,7 @@ and what is allowed, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -119,4 +122,121 @@ class ModelConfig:
         return jnp.dtype(self.param_dtype)
 
     def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def parse_order_policy(policy: str) -> tuple[str, float]:
+    """'left_to_right' | 'random' | 'fractal' | 'curriculum' | 'randcur:P' -> (kind, start).
+
+    kind is the policy name ('randcur' for randcur:P); start is the probability of a random-order
+    batch at step 0 (P/100 for randcur, 0 for curriculum)."""
+    if policy in ("left_to_right", "random", "fractal", "curriculum"):
+        return policy, 0.0
+    if policy.startswith("randcur:"):
+        try:
+            percent = float(policy.split(":", 1)[1])
+        except ValueError:
+            percent = -1.0
+        if 0.0 <= percent <= 100.0:
+            return "randcur", percent / 100.0
+    raise ValueError(
+        "order_policy must be 'left_to_right', 'random', 'fractal', 'curriculum' or "
+        f"'randcur:P' with 0 <= P <= 100; got {policy!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value, low: float, high: float | None = None,
+                 *, high_open: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and value >= low and (high is None or value < high or (value == high and not high_open))
+    if not ok:
+        bound = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
+        raise ValueError(f"{name} must be a number >= {low}{bound}, got {value!r}")
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Validated on construction (ValueError naming the field).
+
+    task, data_path, seq_len: passed to `sigma_jax.data.load_task` (seq_len None = the task's
+      default; for text tasks it is the window length and should equal the model's block_size).
+    max_steps: optimizer updates; the cosine schedule and the curriculum both end here.
+    batch_size: sequences per micro-batch; one update sees batch_size * grad_accum sequences.
+    learning_rate, min_lr, warmup_steps: linear warmup to learning_rate, cosine to min_lr.
+    weight_decay: decoupled (AdamW), applied to dense kernels only (see `decay_mask`).
+    grad_clip: global-norm clipping threshold; 0 turns clipping off.
+    order_policy: 'left_to_right' | 'random' | 'fractal' | 'curriculum' | 'randcur:P'.
+    per_row_curriculum: draw left-to-right vs random per row instead of per micro-batch.
+    keep_prompt_first: the task's prompt positions stay first, in index order, in every
+      training order (the published non-text code meant to do this but shuffled the prompt).
+    eval_every / checkpoint_every: in steps; 0 = only at the end. Both also happen at max_steps.
+    eval_batches: validation batches (of batch_size sequences) per evaluation.
+    keep_checkpoints: how many of the latest checkpoints to keep.
+    log_every: steps between metric rows (the only per-step host syncs).
+    """
+
+    task: str = "product"
+    data_path: str | None = None
+    seq_len: int | None = None
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    order_policy: str = "random"
+    per_row_curriculum: bool = False
+    keep_prompt_first: bool = False
+    eval_every: int = 250
+    eval_batches: int = 20
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.task, str) or not self.task:
+            raise ValueError(f"task must be a non-empty task name, got {self.task!r}")
+        if self.data_path is not None and not isinstance(self.data_path, str):
+            raise ValueError(f"data_path must be a path string or None, got {self.data_path!r}")
+        if self.seq_len is not None:
+            _check_int("seq_len", self.seq_len, 1)
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints",
+                     "log_every"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            _check_int(name, getattr(self, name), 0)
+        _check_float("learning_rate", self.learning_rate, 0.0)
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        _check_float("min_lr", self.min_lr, 0.0, self.learning_rate)
+        _check_float("weight_decay", self.weight_decay, 0.0)
+        _check_float("beta1", self.beta1, 0.0, 1.0, high_open=True)
+        _check_float("beta2", self.beta2, 0.0, 1.0, high_open=True)
+        _check_float("grad_clip", self.grad_clip, 0.0)
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps "
+                             f"({self.max_steps})")
+        parse_order_policy(self.order_policy)  # ValueError naming order_policy
+        for name in ("per_row_curriculum", "keep_prompt_first"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer update: batch_size * grad_accum."""
+        return self.batch_size * self.grad_accum
+
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

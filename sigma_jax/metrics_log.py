@@ -33,13 +33,19 @@ def read_metrics(path) -> list[dict]:
     return rows
 
 
-def _rewrite(path: Path, rows: list[dict]) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and an atomic rename: a reader, a crash or
+    a kill never sees a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class MetricsWriter:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sigma_jax.config import START_POS
+from sigma_jax.config import START_POS, parse_order_policy
 from sigma_jax.sharding import constrain
 
 ORDER_KINDS = ("left_to_right", "random", "fractal", "spread")
@@ -236,25 +236,6 @@ def make_batch(tokens: jax.Array, order: jax.Array, *, bos: bool, bos_id: int | 
 # ---------------------------------------------------------------- training-order curriculum
 
 
-def parse_order_policy(policy: str) -> tuple[str, float]:
-    """'left_to_right' | 'random' | 'fractal' | 'curriculum' | 'randcur:P' -> (kind, start).
-
-    kind is the policy name ('randcur' for randcur:P); start is the probability of a random-order
-    batch at step 0 (P/100 for randcur, 0 for curriculum)."""
-    if policy in ("left_to_right", "random", "fractal", "curriculum"):
-        return policy, 0.0
-    if policy.startswith("randcur:"):
-        try:
-            percent = float(policy.split(":", 1)[1])
-        except ValueError:
-            percent = -1.0
-        if 0.0 <= percent <= 100.0:
-            return "randcur", percent / 100.0
-    raise ValueError(
-        "order_policy must be 'left_to_right', 'random', 'fractal', 'curriculum' or "
-        f"'randcur:P' with 0 <= P <= 100; got {policy!r}")
-
-
 def random_order_probability(policy: str, step, max_steps: int) -> jax.Array:
     """P(a batch is trained in random order) at `step`: 0 or 1 for the fixed policies;
     step / max_steps for 'curriculum'; P + (1 - P) step / max_steps for 'randcur:P'."""
@@ -268,13 +249,16 @@ def random_order_probability(policy: str, step, max_steps: int) -> jax.Array:
 
 
 def training_orders(key: jax.Array, policy: str, step, max_steps: int, batch: int, n: int, *,
-                    per_row: bool = False, prompt_len: int = 0) -> jax.Array:
+                    coins: int = 1, prompt_len: int = 0) -> jax.Array:
     """Orders for one training batch: int32 [batch, n].
 
-    The curriculum draws left-to-right vs random once per batch (as published) or once per row
-    (`per_row`). With prompt_len > 0 the first prompt_len positions stay first, in index order
-    (the "keep the prompt first" flag); the rest follow the policy.
+    The curriculum draws left-to-right vs random once per group of batch / coins consecutive rows:
+    coins=1 is one coin per batch (as published), coins=batch one per row, coins=grad_accum one
+    per micro-batch. With prompt_len > 0 the first prompt_len positions stay first, in index
+    order (the "keep the prompt first" flag); the rest follow the policy.
     """
+    if batch % coins:
+        raise ValueError(f"coins ({coins}) must divide the batch ({batch})")
     kind, _ = parse_order_policy(policy)
     known = jnp.broadcast_to(jnp.arange(n) < prompt_len, (batch, n))
     if kind == "fractal":
@@ -282,5 +266,5 @@ def training_orders(key: jax.Array, policy: str, step, max_steps: int, batch: in
     k_coin, k_order = jax.random.split(key)
     shuffled = random_order(k_order, known, known_order="ascending")  # the prompt in index order
     p_random = random_order_probability(policy, step, max_steps)
-    coin = jax.random.uniform(k_coin, (batch if per_row else 1, 1)) < p_random
+    coin = jnp.repeat(jax.random.uniform(k_coin, (coins, 1)) < p_random, batch // coins, axis=0)
     return jnp.where(coin, shuffled, left_to_right(batch, n))

@@ -10,7 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from sigma_jax import ModelConfig, bench, init_params
+from bench import harness, models, report, roofline, sampling, suites, training
+from bench.config import BenchConfig
+from sigma_jax import ModelConfig, init_params
+from sigma_jax.samplers import SamplerSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
@@ -27,14 +30,14 @@ def params():
 
 @pytest.fixture(scope="module")
 def sampling_rows(params):
-    specs = [bench.SamplerSpec("ar"), bench.SamplerSpec("burst"),
-             bench.SamplerSpec("burst_jacobi", order="spread")]
-    return {s.name: bench.measure_sampler(TINY, params, s, N, B, repeats=2, seed=1)
+    specs = [SamplerSpec("ar"), SamplerSpec("burst"),
+             SamplerSpec("burst_jacobi", order="spread")]
+    return {s.name: sampling.measure_sampler(TINY, params, s, N, B, repeats=2, seed=1)
             for s in specs}
 
 
 def _check_row(name, row):
-    spec = bench.SamplerSpec(name, order=row["order"])
+    spec = SamplerSpec(name, order=row["order"])
     expected = spec.expected_forward_passes(N, row["n_known"], row["iterations_max"])
     assert row["forward_passes_max"] == expected, name
     assert row["generated_per_seq"] == N and row["finished_frac"] == 1.0
@@ -66,44 +69,44 @@ def test_sampler_counters_follow_sample_stats(sampling_rows):
 
 @pytest.mark.slow
 def test_sampler_counters_uncached_and_paper(params):
-    for spec in (bench.SamplerSpec("ar_nocache"),
-                 bench.SamplerSpec("burst_paper", window=4, n_orders=3)):
-        row = bench.measure_sampler(TINY, params, spec, N, B, repeats=2, seed=1)
+    for spec in (SamplerSpec("ar_nocache"),
+                 SamplerSpec("burst_paper", window=4, n_orders=3)):
+        row = sampling.measure_sampler(TINY, params, spec, N, B, repeats=2, seed=1)
         _check_row(spec.name, row)
     assert row["window_eff"] == 4 and row["n_orders"] == 3
 
 
 def test_product_law_weights_accept_every_candidate(params):
-    product = bench.variant_params("product", TINY, params)
-    row = bench.measure_sampler(TINY, product, bench.SamplerSpec("burst"), N, B,
-                                repeats=1, warmup=2, weights="product")
+    product = models.variant_params("product", TINY, params)
+    row = sampling.measure_sampler(TINY, product, SamplerSpec("burst"), N, B,
+                                   repeats=1, warmup=2, weights="product")
     assert row["iterations_max"] == 1 and row["forward_passes"] == 3
     assert row["weights"] == "product"
 
 
 def test_kernel_matches_public_function(params):
-    tokens, known = bench.unconditional_inputs(TINY, B, N)
+    tokens, known = sampling.unconditional_inputs(TINY, B, N)
     key = jax.random.key(5)
-    assert bench.kernel_matches_public(TINY, params, bench.SamplerSpec("burst"), key,
-                                       tokens, known)
+    assert sampling.kernel_matches_public(TINY, params, SamplerSpec("burst"), key,
+                                          tokens, known)
 
 
 @pytest.mark.slow
 def test_kernel_matches_public_function_all_samplers(params):
-    tokens, known = bench.unconditional_inputs(TINY, B, N)
-    for spec in (bench.SamplerSpec("ar"), bench.SamplerSpec("ar_nocache"),
-                 bench.SamplerSpec("burst_paper", window=4, n_orders=2)):
-        assert bench.kernel_matches_public(TINY, params, spec, jax.random.key(5), tokens, known)
+    tokens, known = sampling.unconditional_inputs(TINY, B, N)
+    for spec in (SamplerSpec("ar"), SamplerSpec("ar_nocache"),
+                 SamplerSpec("burst_paper", window=4, n_orders=2)):
+        assert sampling.kernel_matches_public(TINY, params, spec, jax.random.key(5), tokens, known)
 
 
 def test_time_calls_warms_up_and_times():
     calls = []
-    timing, outs = bench.time_calls(lambda i: calls.append(i) or jax.numpy.ones(3) * i, 3,
-                                    warmup=2)
+    timing, outs = harness.time_calls(lambda i: calls.append(i) or jax.numpy.ones(3) * i, 3,
+                                      warmup=2)
     assert calls == [0, 1, 2, 3, 4] and len(outs) == 3 and len(timing.times_s) == 3
     assert float(outs[0][0]) == 2.0
     with pytest.raises(ValueError):
-        bench.time_calls(lambda i: None, 0)
+        harness.time_calls(lambda i: None, 0)
 
 
 def test_cost_numbers_handles_dict_list_and_missing():
@@ -117,25 +120,25 @@ def test_cost_numbers_handles_dict_list_and_missing():
         def memory_analysis(self):
             return None
 
-    assert bench.cost_numbers(Fake({"flops": 6.0, "bytes accessed": 36.0}))["xla_flops"] == 6.0
-    assert bench.cost_numbers(Fake([{"flops": 2.0}]))["xla_flops"] == 2.0
-    assert bench.cost_numbers(Fake(None))["xla_flops"] is None
+    assert harness.cost_numbers(Fake({"flops": 6.0, "bytes accessed": 36.0}))["xla_flops"] == 6.0
+    assert harness.cost_numbers(Fake([{"flops": 2.0}]))["xla_flops"] == 2.0
+    assert harness.cost_numbers(Fake(None))["xla_flops"] is None
 
 
 def test_flops_formula(params):
-    n_matmul = bench.matmul_params(TINY, params)
-    assert n_matmul == bench.count_params(params) - params["pos"]["wpe"].size
-    assert bench.model_flops_per_token(TINY, params, 8) == 6 * n_matmul + 12 * 1 * 16 * 8
+    n_matmul = models.matmul_params(TINY, params)
+    assert n_matmul == models.count_params(params) - params["pos"]["wpe"].size
+    assert models.model_flops_per_token(TINY, params, 8) == 6 * n_matmul + 12 * 1 * 16 * 8
 
 
 def test_rows_plots_and_training(tmp_path, sampling_rows):
-    mm = bench.measure_matmul(64, np.float32, repeats=2)
+    mm = roofline.measure_matmul(64, np.float32, repeats=2)
     assert mm["flops_s"] > 0
-    train = bench.measure_training(TINY, 2, N, repeats=2, matmul_flops_s=mm["flops_s"])
+    train = training.measure_training(TINY, 2, N, repeats=2, matmul_flops_s=mm["flops_s"])
     assert train["step_ms"] > 0 and train["tokens_per_s"] > 0 and 0 < train["mfu"]
-    assert train["step_source"] == "sigma_jax.train.train_step"
+    assert train["step_source"] == "sigma_jax.train.make_train_step"
 
-    writer = bench.ResultWriter(tmp_path)
+    writer = report.ResultWriter(tmp_path)
     for row in [*sampling_rows.values(), train, mm]:
         writer.add(row)
     lines = {}
@@ -147,31 +150,31 @@ def test_rows_plots_and_training(tmp_path, sampling_rows):
         assert SAMPLING_KEYS <= row.keys()
     assert TRAINING_KEYS <= lines["training"][0].keys()
 
-    paths = bench.plot_sampling(writer.rows["sampling"], tmp_path)
+    paths = report.plot_sampling(writer.rows["sampling"], tmp_path)
     assert {os.path.basename(p) for p in paths} >= {"calls_vs_length.png",
                                                      "tokens_per_s_vs_batch.png"}
     for p in paths:
         assert os.path.getsize(p) > 1000
-    table = bench.format_table(writer.rows["sampling"], bench.SAMPLING_COLUMNS)
+    table = report.format_table(writer.rows["sampling"], report.SAMPLING_COLUMNS)
     assert "burst[random](W=all)" in table and "tok/s" in table
 
 
 def test_decode_roofline_row(params):
-    row = bench.measure_decode(TINY, params, 2, 7, repeats=2, copy_bytes_s=1e9)
-    assert row["bytes_per_call"] == bench.param_bytes(params) + bench.kv_bytes(TINY, 2, 8)
+    row = roofline.measure_decode(TINY, params, 2, 7, repeats=2, copy_bytes_s=1e9)
+    assert row["bytes_per_call"] == models.param_bytes(params) + models.kv_bytes(TINY, 2, 8)
     assert row["bw_frac_copy"] > 0 and row["ms_per_call"] > 0
 
 
 def test_bench_config_validation():
     with pytest.raises(ValueError, match="lengths"):
-        bench.BenchConfig(lengths=(0,))
+        BenchConfig(lengths=(0,))
     with pytest.raises(ValueError, match="suites"):
-        bench.BenchConfig(suites=("sampling", "nope"))
+        BenchConfig(suites=("sampling", "nope"))
     with pytest.raises(ValueError, match="checkpoint"):
-        bench.BenchConfig(weights=("checkpoint",))
+        BenchConfig(weights=("checkpoint",))
     with pytest.raises(ValueError, match="init"):
-        bench.BenchConfig(workdir="/tmp", weights=("checkpoint", "init"))
-    assert bench.BenchConfig(lengths=(16, 64), batches=(1, 4, 8)).points() == [
+        BenchConfig(workdir="/tmp", weights=("checkpoint", "init"))
+    assert BenchConfig(lengths=(16, 64), batches=(1, 4, 8)).points() == [
         (16, 1), (64, 1), (64, 4), (64, 8)]
 
 
@@ -188,7 +191,7 @@ def test_launcher_bad_input_exits_2(args):
 
 def test_import_without_grain():
     code = ("import sys; sys.modules['grain'] = None\n"
-            "import sigma_jax.bench as b, launch.bench\n"
+            "import bench.models as b, bench.suites, launch.bench\n"
             "b.preset_model_config('gpt2_small'); b.preset_model_config('tiny')\n"
             "from sigma_jax import train, checkpoint\n"
             "print('ok')\n")
@@ -198,11 +201,11 @@ def test_import_without_grain():
 
 @pytest.mark.slow
 def test_run_end_to_end(tmp_path):
-    config = bench.BenchConfig(preset="tiny", lengths=(8, 16), batches=(1, 2), windows=(4, None),
-                               n_orders=(2,), samplers=("ar", "burst", "burst_paper"),
-                               repeats=1, train_batch=2, train_reference=False, matmul_n=64,
-                               copy_bytes=1 << 20, out=str(tmp_path))
-    result = bench.run(config, argv=["test"], log=lambda *a: None)
+    config = BenchConfig(preset="tiny", lengths=(8, 16), batches=(1, 2), windows=(4, None),
+                         n_orders=(2,), samplers=("ar", "burst", "burst_paper"),
+                         repeats=1, train_batch=2, train_reference=False, matmul_n=64,
+                         copy_bytes=1 << 20, out=str(tmp_path))
+    result = suites.run(config, argv=["test"], log=lambda *a: None)
     assert (tmp_path / "env.json").exists()
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["command"] == "test" and env["device_kind"]
@@ -224,12 +227,12 @@ def test_launcher_end_to_end(tmp_path):
 
 
 def test_the_sampling_grid_measures_exact_burst_along_each_order():
-    config = bench.BenchConfig(suites=("sampling",), preset="tiny", lengths=(8,), batches=(1,),
-                               windows=(None,), weights=("init",), samplers=("ar", "burst_jacobi"),
-                               orders=("random", "spread"), repeats=1, out=None)
-    rows = bench.run(config, argv=["test"], log=lambda *a: None)["rows"]["sampling"]
+    config = BenchConfig(suites=("sampling",), preset="tiny", lengths=(8,), batches=(1,),
+                         windows=(None,), weights=("init",), samplers=("ar", "burst_jacobi"),
+                         orders=("random", "spread"), repeats=1, out=None)
+    rows = suites.run(config, argv=["test"], log=lambda *a: None)["rows"]["sampling"]
     got = {(r["sampler"], r["order"]) for r in rows if r["part"] == "grid"}
     assert got == {("ar", "random"), ("burst_jacobi", "random"), ("burst_jacobi", "spread")}
-    assert "spread" in bench.format_table(rows, bench.SAMPLING_COLUMNS)
+    assert "spread" in report.format_table(rows, report.SAMPLING_COLUMNS)
     with pytest.raises(ValueError, match="order must be one of"):
-        bench.BenchConfig(preset="tiny", orders=("zigzag",))
+        BenchConfig(preset="tiny", orders=("zigzag",))

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.presets import PRESETS, build_model_config
 from sigma_jax import checkpoint, metrics_log
 from sigma_jax.data import load_task, make_iterator
+from sigma_jax.presets import PRESETS, build_model_config
 from sigma_jax.train import init_state, train, train_step
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from cli_helpers import run_module
 
-from sigma_jax import checkpoint
+from sigma_jax import checkpoint, torch_file
 from sigma_jax.convert import (
     COMPILED_PREFIX,
     CheckpointError,
@@ -132,13 +132,11 @@ def test_restricted_reader_refuses_any_other_global(tmp_path):
 
 def test_tensor_views_outside_their_storage_are_refused(tmp_path):
     # a storage of 4 floats, and a tensor record claiming 3 x 3 of it
-    from sigma_jax import convert
-
-    storage = convert._Storage("x", "ckpt/data/0", np.dtype(np.float32), 4, False)
+    storage = torch_file._Storage("x", "ckpt/data/0", np.dtype(np.float32), 4, False)
     with pytest.raises(CheckpointError, match="past the end"):
-        convert._rebuild_tensor(storage, 0, (3, 3), (3, 1))
+        torch_file._rebuild_tensor(storage, 0, (3, 3), (3, 1))
     with pytest.raises(CheckpointError, match="negative"):
-        convert._rebuild_tensor(storage, 0, (2,), (-1,))
+        torch_file._rebuild_tensor(storage, 0, (2,), (-1,))
 
 
 # ---------------------------------------------------------------- the launcher

@@ -203,7 +203,7 @@ def test_an_ambiguous_key_needs_a_prefix():
 
 
 def test_every_preset_builds_and_takes_its_vocabulary_from_the_task():
-    from experiments.presets import PRESETS, build_model_config
+    from sigma_jax.presets import PRESETS, build_model_config
 
     vocab = {"shakespeare_char": 65, "text_bpe": 50257, "maze": 5, "product": 2, "step": 2,
              "permutation": 100, "flights": 450}

@@ -45,8 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 # prints as a digit (a larger vocabulary prints unused tokens as '?').
 MH_SETS = [item for item in SETS if not item.startswith("vocab_size=")]
 SET_ARGS = [arg for item in MH_SETS for arg in ("--set", item)]
-pytestmark = pytest.mark.skipif(jax.device_count() < 8,
-                                reason="needs 8 devices for the reference (tests/conftest.py)")
+pytestmark = [pytest.mark.multidevice, pytest.mark.integration]
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sigma_jax import orders
+from sigma_jax import config, orders
 
 FRACTAL = {
     1: [0], 2: [1, 0], 3: [1, 2, 0], 4: [2, 3, 1, 0], 5: [2, 4, 1, 3, 0],
@@ -169,14 +169,14 @@ def test_random_order_probability(policy, expected):
 @pytest.mark.parametrize("bad", ["curriculumrandom", "randcur:150", "randcur:x", "shuffle"])
 def test_bad_policy_raises(bad):
     with pytest.raises(ValueError, match="order_policy"):
-        orders.parse_order_policy(bad)
+        config.parse_order_policy(bad)
 
 
 @pytest.mark.parametrize("per_row", [False, True])
 def test_curriculum_mixture_fraction(per_row):
     n, batch, step, max_steps = 8, 16, 30, 100  # P(random) = 0.3
     sample = jax.jit(lambda k: orders.training_orders(k, "curriculum", step, max_steps, batch, n,
-                                                      per_row=per_row))
+                                                      coins=batch if per_row else 1))
     draws = jax.vmap(sample)(jax.random.split(jax.random.key(0), 400))  # [400, B, N]
     is_l2r = np.all(np.asarray(draws) == np.arange(n), axis=-1)  # [400, B]
     if not per_row:  # the whole batch shares one coin

@@ -30,6 +30,8 @@ from launch.train import build
 from sigma_jax import checkpoint, sample_ar, sample_burst
 from sigma_jax import sharding as sh
 from sigma_jax.data import make_iterator
+from sigma_jax.model import shard_params
+from sigma_jax.samplers import sample_sharded
 from sigma_jax.train import (
     check_batch_fits,
     configs_dict,
@@ -40,8 +42,7 @@ from sigma_jax.train import (
 )
 
 P = jax.P
-pytestmark = pytest.mark.skipif(jax.device_count() < 8,
-                                reason="needs 8 devices (set by tests/conftest.py)")
+pytestmark = [pytest.mark.multidevice, pytest.mark.integration]
 
 PRESET = "tiny"
 SETS = ["seq_len=8", "block_size=8", "n_head=4", "vocab_size=11", "max_steps=3", "batch_size=8",
@@ -245,11 +246,11 @@ def test_sharded_samplers_give_the_unsharded_tokens(sampler_inputs, sampler, opt
     devices) must not change how long the loop runs."""
     cfg, params, tokens, known = sampler_inputs
     mesh = mesh_of(shape, axis_type)
-    placed = sh.shard_params(params, mesh)
+    placed = shard_params(params, mesh)
     for seed in range(6):
         key = jax.random.key(seed)
         want, want_stats = sampler(cfg, params, key, tokens, known, temperature=1.0, **options)
-        out, stats = sh.sample_sharded(sampler, cfg, placed, key, tokens, known, mesh=mesh,
+        out, stats = sample_sharded(sampler, cfg, placed, key, tokens, known, mesh=mesh,
                                        temperature=1.0, **options)
         assert out.shape == (6, 8) and out.sharding.mesh == mesh
         got, got_stats = sh.to_host((out, stats))

@@ -11,14 +11,13 @@ from jax.sharding import AxisType, NamedSharding
 
 from sigma_jax import decode, orders
 from sigma_jax import sharding as sh
-from sigma_jax.cache import KVCache, init_cache, write
+from sigma_jax.cache import CACHE_KV_AXES, KVCache, cache_sharding, init_cache, write
 from sigma_jax.config import ModelConfig
-from sigma_jax.model import forward, init_params
+from sigma_jax.model import forward, init_params, param_shardings, param_specs, shard_params
 
 P = jax.P
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8,
-                                reason="needs 8 devices (set by tests/conftest.py)")
+pytestmark = [pytest.mark.multidevice, pytest.mark.integration]
 
 CFG = ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=4, n_embd=32)
 B, T = 8, 8
@@ -224,41 +223,41 @@ def _expected_specs(cfg):
                                                   pos_encoding="sinusoidal")])
 def test_param_specs_every_leaf(cfg):
     shapes = jax.eval_shape(init_params, cfg, jax.random.key(0))
-    assert sh.param_specs(shapes) == _expected_specs(cfg)
+    assert param_specs(shapes) == _expected_specs(cfg)
 
 
 def test_param_specs_unknown_param():
     with pytest.raises(ValueError, match="no sharding rule for param extra/kernel"):
-        sh.param_specs({"extra": {"kernel": jnp.zeros((2, 2))}})
+        param_specs({"extra": {"kernel": jnp.zeros((2, 2))}})
 
 
 def test_shard_params_really_shards(params):
     mesh = mesh_of("2:2:2")
-    sharded = sh.shard_params(params, mesh)
+    sharded = shard_params(params, mesh)
     kernel = sharded["h"]["attn"]["c_attn"]["kernel"]  # [L, D, 3D] = [2, 32, 96]
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")
     assert {s.data.shape for s in kernel.addressable_shards} == {(2, 16, 48)}
     # wte [12, 32]: 12 rows split over tensor=2; every spec is the logical one, fitted.
     assert sharded["wte"]["embedding"].sharding.spec == P("tensor", None)
-    for leaf, spec in zip(jax.tree.leaves(sharded), jax.tree.leaves(sh.param_specs(params)),
+    for leaf, spec in zip(jax.tree.leaves(sharded), jax.tree.leaves(param_specs(params)),
                           strict=True):
         assert leaf.sharding.spec == sh.fit_spec(spec, leaf.shape, mesh)
     jax.tree.map(np.testing.assert_array_equal, sharded, params)
     # On tensor=4 the 12-row table still splits; an 11-wide vocab would not (fitted away).
-    assert sh.param_shardings(params, mesh_of("1:2:4"))["wte"]["embedding"].spec == P("tensor",
+    assert param_shardings(params, mesh_of("1:2:4"))["wte"]["embedding"].spec == P("tensor",
                                                                                      None)
 
 
 def test_batch_cache_and_replicated_shardings():
     mesh = mesh_of("2:2:2")
-    assert sh.batch_sharding(mesh).spec == P(BATCH)
+    assert sh.batch_rows(mesh).spec == P(BATCH)
     assert sh.replicated(mesh).spec == P()
-    cache_sh = sh.cache_sharding(mesh)
+    cache_sh = cache_sharding(mesh)
     assert cache_sh.k.spec == cache_sh.v.spec == P(None, BATCH, None, "tensor", None)
     assert cache_sh.length.spec == P(BATCH)
     cache = jax.jit(lambda: init_cache(CFG, B, 12), out_shardings=cache_sh)()
     assert cache.k.sharding.spec == P(None, BATCH, None, "tensor", None)
-    fitted = sh.cache_sharding(mesh, jax.eval_shape(lambda: init_cache(CFG.replace(n_head=1), 2,
+    fitted = cache_sharding(mesh, jax.eval_shape(lambda: init_cache(CFG.replace(n_head=1), 2,
                                                                        4)))
     assert fitted.k.spec == P(None, "data", None, None, None) and fitted.length.spec == P("data")
 
@@ -271,16 +270,6 @@ def test_batch_divisibility():
         sh.check_batch(6, mesh)
     assert str(err.value) == ("batch 6 is not divisible by the 4 devices of the data×fsdp axes; "
                               "use a multiple of 4")
-    x, y = jnp.arange(6 * 2).reshape(6, 2), jnp.arange(6)
-    (px, py), n = sh.pad_batch((x, y), 4)
-    assert n == 6 and px.shape == (8, 2) and py.shape == (8,)
-    np.testing.assert_array_equal(px[6:], jnp.stack([x[-1], x[-1]]))
-    ux, uy = sh.unpad_batch((px, py), n)
-    np.testing.assert_array_equal(ux, x)
-    np.testing.assert_array_equal(uy, y)
-    assert sh.pad_batch(x, 3)[0] is x
-    with pytest.raises(ValueError):
-        sh.pad_batch((x, jnp.arange(5)), 4)
 
 
 # ------------------------------------------------------------------------- sharded == unsharded
@@ -294,8 +283,8 @@ def test_forward_sharded_matches_unsharded(params, batch, shape, axis_type):
     expected = forward(CFG, params, inputs, pos_in, pos_out)
     mesh = mesh_of(shape, axis_type)
     with jax.set_mesh(mesh):
-        arrays = jax.device_put((inputs, pos_in, pos_out), sh.batch_sharding(mesh))
-        logits = forward(CFG, sh.shard_params(params, mesh), *arrays)
+        arrays = jax.device_put((inputs, pos_in, pos_out), sh.batch_rows(mesh))
+        logits = forward(CFG, shard_params(params, mesh), *arrays)
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
     logits_spec = sh.fit_spec(sh.logical_to_spec(("batch", "seq", "vocab")), logits.shape, mesh)
     assert spec_equivalent(logits, mesh, logits_spec)
@@ -317,9 +306,9 @@ def test_cache_write_sharded_matches_unsharded(axis_type):
     expected = two_writes(k_new, n_new)
     mesh = mesh_of("2:2:2", axis_type)
     with jax.set_mesh(mesh):
-        kv_spec = sh.logical_to_spec(sh.CACHE_KV_AXES)
+        kv_spec = sh.logical_to_spec(CACHE_KV_AXES)
         got = two_writes(jax.device_put(k_new, NamedSharding(mesh, kv_spec)),
-                         jax.device_put(n_new, sh.batch_sharding(mesh)))
+                         jax.device_put(n_new, sh.batch_rows(mesh)))
     jax.tree.map(np.testing.assert_array_equal, got, expected)
     assert spec_equivalent(got.k, mesh, kv_spec) and spec_equivalent(got.v, mesh, kv_spec)
     assert spec_equivalent(got.length, mesh, P(BATCH))
@@ -338,15 +327,15 @@ def test_prefill_and_burst_sharded_match_unsharded(params, batch, shape, axis_ty
     expected_cache, expected_logits = _prefill_and_burst(CFG, params, tokens, order, n_known)
     mesh = mesh_of(shape, axis_type)
     with jax.set_mesh(mesh):
-        arrays = jax.device_put((tokens, order, n_known), sh.batch_sharding(mesh))
-        cache, logits = _prefill_and_burst(CFG, sh.shard_params(params, mesh), *arrays)
+        arrays = jax.device_put((tokens, order, n_known), sh.batch_rows(mesh))
+        cache, logits = _prefill_and_burst(CFG, shard_params(params, mesh), *arrays)
     assert isinstance(cache, KVCache)
     np.testing.assert_array_equal(cache.length, expected_cache.length)
     valid = np.asarray(expected_cache.valid())[None, :, :, None, None]
     for got, want in ((cache.k, expected_cache.k), (cache.v, expected_cache.v)):
         np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=1e-5)
     np.testing.assert_allclose(logits, expected_logits, atol=1e-5, rtol=0)
-    cache_spec = sh.cache_sharding(mesh, cache)
+    cache_spec = cache_sharding(mesh, cache)
     assert spec_equivalent(cache.k, mesh, cache_spec.k.spec)
     assert spec_equivalent(cache.length, mesh, cache_spec.length.spec)
 
@@ -370,8 +359,8 @@ def test_grad_with_dropout_under_explicit_mesh_matches_unsharded(params, batch):
     expected_loss, expected_grad = _loss_and_grad(cfg, params, inputs, pos_in, pos_out, key)
     mesh = mesh_of("2:2:2", "explicit")
     with jax.set_mesh(mesh):
-        arrays = jax.device_put((inputs, pos_in, pos_out), sh.batch_sharding(mesh))
-        loss, grad = _loss_and_grad(cfg, sh.shard_params(params, mesh), *arrays, key)
+        arrays = jax.device_put((inputs, pos_in, pos_out), sh.batch_rows(mesh))
+        loss, grad = _loss_and_grad(cfg, shard_params(params, mesh), *arrays, key)
     np.testing.assert_allclose(loss, expected_loss, atol=1e-5, rtol=0)
     jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, atol=1e-5, rtol=0), grad,
                  expected_grad)

@@ -17,12 +17,12 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.presets import PRESETS, build_model_config
 from sigma_jax import checkpoint, metrics_log, orders
 from sigma_jax import train as train_lib
 from sigma_jax.config import ModelConfig
 from sigma_jax.data import load_task, make_iterator
 from sigma_jax.model import forward, init_params
+from sigma_jax.presets import PRESETS, build_model_config
 from sigma_jax.train import (
     TrainConfig,
     decay_mask,
@@ -260,14 +260,14 @@ def test_train_step_compiles_once_per_shape(tiny, batch):
     model_cfg, train_cfg, _ = tiny
     state = init_state(model_cfg, train_cfg)
     state, _ = train_step(model_cfg, train_cfg, state, batch)
-    compiled = train_lib._train_step._cache_size()
+    compiled = train_lib.make_train_step(model_cfg, train_cfg)._cache_size()
     # New data, new steps, and TrainConfig fields that do not change the step: no new compile.
     other = train_cfg.replace(seed=9, eval_every=7, log_every=3, checkpoint_every=11,
                               task="anything", eval_batches=5)
     for i, cfg in enumerate([train_cfg, other, train_cfg]):
         state, metrics = train_step(model_cfg, cfg, state, (batch + i) % 2)
     assert int(state.step) == 4 and np.isfinite(float(metrics["loss"]))
-    assert train_lib._train_step._cache_size() == compiled
+    assert train_lib.make_train_step(model_cfg, other)._cache_size() == compiled
 
 
 def test_train_step_donates_the_state(tiny, batch):
@@ -311,7 +311,7 @@ def test_load_returns_the_trained_params(tiny, trained):
     assert cfg == model_cfg and step == 50
     assert jax.tree.structure(params) == jax.tree.structure(init_params(cfg, jax.random.key(0)))
     # The loaded params reproduce the run's final evaluation exactly.
-    val = train_lib._val_batches(task, train_cfg)
+    val = train_lib.val_batches(task, train_cfg)
     key = jax.random.fold_in(jax.random.key(train_cfg.seed), train_lib.EVAL_STREAM)
     again = evaluate(cfg, train_cfg, params, val, key, 50)
     for name, value in again.items():

@@ -20,8 +20,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from sigma_jax.config import ModelConfig
-from sigma_jax.train import TrainConfig
+from sigma_jax.config import ModelConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)

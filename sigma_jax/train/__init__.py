@@ -1,0 +1,36 @@
+"""Training σ-GPT: `step` holds the pure pieces (loss, optimiser, state, the one compiled train
+step, evaluation), `loop` the training loop around them (`train`)."""
+
+from sigma_jax.config import TrainConfig
+from sigma_jax.train.loop import (
+    check_batch_fits,
+    check_task,
+    check_workdir,
+    configs_dict,
+    train,
+    val_batches,
+)
+from sigma_jax.train.step import (
+    EVAL_STREAM,
+    TrainState,
+    decay_mask,
+    eval_losses,
+    evaluate,
+    init_state,
+    learning_rate,
+    loss_and_grads,
+    loss_fn,
+    make_optimizer,
+    make_train_step,
+    place_state,
+    state_shardings,
+    step_orders,
+    train_step,
+)
+
+__all__ = [
+    "EVAL_STREAM", "TrainConfig", "TrainState", "check_batch_fits", "check_task", "check_workdir",
+    "configs_dict", "decay_mask", "eval_losses", "evaluate", "init_state", "learning_rate",
+    "loss_and_grads", "loss_fn", "make_optimizer", "make_train_step", "place_state",
+    "state_shardings", "step_orders", "train", "train_step", "val_batches",
+]
