@@ -42,15 +42,12 @@ class BurstState:
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class BurstOptions:
-    """Static choices of the kernel (each value compiles once). order_kind: a name of
-    `orders.ORDER_KINDS`, or None for an explicit order array."""
+    """Static choices of the kernel (each value compiles once)."""
 
     mode: str
     window: int
     n_orders: int
     top_k: int | None
-    known_order: str = "random"
-    order_kind: str | None = "random"
 
 
 def _take(x, idx):  # x [B, W, ...] gathered along axis 1 with idx [B, ...]

@@ -8,6 +8,8 @@ the input of the next pass, paired with whatever target position comes next.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -37,6 +39,7 @@ def with_blocks(params: dict, blocks: list[dict]) -> dict:
     return {**params, "h": jax.tree.map(lambda *layers: jnp.stack(layers), *blocks)}
 
 
+@functools.partial(jax.jit, static_argnames="capacity")
 def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.Array,
             n_known: jax.Array, capacity: int):
     """Commit the known tokens of every row to a fresh cache.
@@ -70,6 +73,7 @@ def history_entry(cfg: ModelConfig, tokens: jax.Array, order: jax.Array, index: 
     return jnp.take_along_axis(tokens, pos[:, None], 1)[:, 0], pos
 
 
+@jax.jit
 def burst_pass(cfg: ModelConfig, params: dict, cache: KVCache, last_tok: jax.Array,
                last_pos: jax.Array, targets: jax.Array) -> jax.Array:
     """Every target's conditional given the history, in one pass: logits float32 [B, Q, V].
@@ -84,6 +88,7 @@ def burst_pass(cfg: ModelConfig, params: dict, cache: KVCache, last_tok: jax.Arr
     return logits
 
 
+@functools.partial(jax.jit, static_argnames="blocks")
 def extend_pass(cfg: ModelConfig, params: dict, cache: KVCache, tokens: jax.Array,
                 pos_in: jax.Array, pos_out: jax.Array, blocks: int = 1):
     """Feed new slots on top of the cache: (logits [B, T, V], k_new, v_new [L, B, T, H, hd]).

@@ -76,6 +76,7 @@ def bit_reversed_rank(n: int) -> np.ndarray:
     return np.argsort(np.argsort(reversed_index)).astype(np.int32)
 
 
+@jax.jit
 def spread_known_first(known: jax.Array) -> jax.Array:
     """Known positions ascending, then the unknown ones farthest-first: int32 [B, N].
 
@@ -120,6 +121,7 @@ def _order_from_keys(keys: jax.Array) -> jax.Array:
     return jnp.argsort(keys, axis=-1, stable=True).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames="known_order")
 def random_order(key: jax.Array, known: jax.Array, *, known_order: str = "random"
                  ) -> jax.Array:
     """The known-first order of the convention (module docstring): int32 [B, N].
@@ -151,6 +153,7 @@ def ordered_known_first(known: jax.Array) -> jax.Array:
     return _order_from_keys(jnp.where(known, idx, known.shape[-1] + idx))
 
 
+@jax.jit
 def fractal_known_first(known: jax.Array) -> jax.Array:
     """Known positions ascending, then the R_b unknown positions in the order F(R_b) applied to
     their sorted indices (per row). known: bool [B, N] -> int32 [B, N]."""
@@ -209,6 +212,7 @@ def unpermute(xs: jax.Array, order: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------- teacher-forced batches
 
 
+@functools.partial(jax.jit, static_argnames=("bos", "bos_id"))
 def make_batch(tokens: jax.Array, order: jax.Array, *, bos: bool, bos_id: int | None = None):
     """Training inputs for a batch of sequences read in the given order.
 

@@ -22,7 +22,7 @@ from sigma_jax.sampling import (
     SampleStats,
     check_sampler_inputs,
     draw,
-    resolve_order,
+    generation_order,
     row_keys,
     to_probs,
     truncation_options,
@@ -63,22 +63,17 @@ def sample_ar_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.A
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32), 0)
     check_sampler_inputs(cfg, tokens, known, order, known_order)
     temperature, top_k, top_p = truncation_options(cfg, temperature, top_k, top_p)
-    keys = row_keys(key, tokens.shape[0])
-    kind = order if isinstance(order, str) else None
-    explicit = None if kind else jnp.asarray(order, jnp.int32)
-    args = (cfg, params, keys, tokens, known, explicit, temperature, top_p)
-    static = dict(kind=kind, top_k=top_k, use_cache=use_cache,
-                  known_order=known_order if kind == "random" else "random")
-    return SamplerCall(_sample_ar, args, static)
+    order, keys = generation_order(order, known, row_keys(key, tokens.shape[0]), known_order)
+    args = (cfg, params, keys, tokens, known, order, temperature, top_p)
+    return SamplerCall(_sample_ar, args, dict(top_k=top_k, use_cache=use_cache))
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "top_k", "use_cache", "known_order"))
-def _sample_ar(cfg, params, keys, tokens, known, explicit_order, temperature, top_p, *, kind,
-               top_k, use_cache, known_order):
+@functools.partial(jax.jit, static_argnames=("top_k", "use_cache"))
+def _sample_ar(cfg, params, keys, tokens, known, order, temperature, top_p, *, top_k,
+               use_cache):
+    """The AR loop along order int32 [B, N] (known positions first); keys [B]: the sampling
+    streams of `generation_order`."""
     b, n = tokens.shape
-    split = jax.vmap(jax.random.split)(keys)  # [B, 2]: one stream for the order, one for tokens
-    order_keys, keys = split[:, 0], split[:, 1]
-    order = resolve_order(kind if kind else explicit_order, known, order_keys, known_order)
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)  # [B]
     seq = orders_lib.permute(tokens, order)  # tokens in generation order
 

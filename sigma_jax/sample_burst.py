@@ -62,7 +62,7 @@ from sigma_jax.sampling import (
     SamplerCall,
     SampleStats,
     check_sampler_inputs,
-    resolve_order,
+    generation_order,
     row_keys,
     scalar,
     truncation_options,
@@ -126,22 +126,17 @@ def sample_burst_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: ja
     n = tokens.shape[1]
     _check_options(mode, n_orders, window, n, order)
     temperature, top_k, top_p = truncation_options(cfg, temperature, top_k, top_p)
-    kind = order if isinstance(order, str) else None
-    explicit = None if kind else jnp.asarray(order, jnp.int32)
     opts = BurstOptions(mode=mode, window=window or n, n_orders=n_orders if mode == "paper" else 1,
-                        top_k=top_k, known_order=known_order if kind == "random" else "random",
-                        order_kind=kind)
-    keys = row_keys(key, tokens.shape[0])
+                        top_k=top_k)
+    order, keys = generation_order(order, known, row_keys(key, tokens.shape[0]), known_order)
     max_iters = scalar(n if max_iters is None else max_iters, jnp.int32, "max_iters")
-    args = (cfg, params, keys, tokens, known, explicit, temperature, top_p, max_iters, opts)
+    args = (cfg, params, keys, tokens, known, order, temperature, top_p, max_iters, opts)
     return SamplerCall(_sample_burst, args, {})
 
 
 @jax.jit
-def _sample_burst(cfg, params, keys, tokens, known, explicit_order, temperature, top_p,
-                  max_iters, opts):
-    state = start_state(cfg, params, keys, tokens, known, explicit_order, temperature, top_p,
-                        opts)
+def _sample_burst(cfg, params, keys, tokens, known, order, temperature, top_p, max_iters, opts):
+    state = start_state(cfg, params, keys, tokens, known, order, temperature, top_p, opts)
     state = jax.lax.while_loop(
         lambda s: jnp.any(~jnp.all(s.filled, axis=1)) & (s.step < max_iters),
         lambda s: advance(cfg, params, s, temperature, top_p, opts), state)
@@ -165,21 +160,17 @@ def advance(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_
     return step(cfg, params, state, temperature, top_p, opts)
 
 
-def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, explicit_order,
-                temperature, top_p, opts: BurstOptions) -> BurstState:
-    """The loop state before the first iteration: the generation order resolved (the named kind,
-    or explicit_order [B, N] when opts.order_kind is None), the known tokens prefilled in it into
-    a cache with room for one W block, and, in jacobi mode, the first drafts. keys [B]: split into
-    the order stream and the loop's."""
+def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, order, temperature, top_p,
+                opts: BurstOptions) -> BurstState:
+    """The loop state before the first iteration: the known tokens prefilled along the generation
+    order int32 [B, N] (known positions first) into a cache with room for one W block, and, in
+    jacobi mode, the first drafts. keys [B]: the sampling streams of `generation_order`."""
     n = tokens.shape[1]
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)
     capacity = cache_capacity(cfg, n, headroom=opts.window)
-    split = jax.vmap(jax.random.split)(keys)  # [B, 2]
-    order = resolve_order(opts.order_kind or explicit_order, known, split[:, 0],
-                          opts.known_order)  # [B, N]
     cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known, capacity)
     state = BurstState(tokens=tokens, filled=known, order=order, cache=cache, last_tok=last_tok,
-                       last_pos=last_pos, keys=split[:, 1],
+                       last_pos=last_pos, keys=keys,
                        iterations=jnp.zeros(tokens.shape[:1], jnp.int32),
                        step=jnp.zeros((), jnp.int32))
     if opts.mode == "jacobi":
@@ -200,8 +191,8 @@ def burst_states(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
     (checked the same way, before any work). Each iteration is one jitted call and a host sync.
     """
     call = sample_burst_call(cfg, params, key, tokens, known, **options)
-    cfg, params, keys, tokens, known, explicit, temperature, top_p, max_iters, opts = call.args
-    state = _start_jit(cfg, params, keys, tokens, known, explicit, temperature, top_p, opts)
+    cfg, params, keys, tokens, known, order, temperature, top_p, max_iters, opts = call.args
+    state = _start_jit(cfg, params, keys, tokens, known, order, temperature, top_p, opts)
     yield state, stats_of(state, known, opts)
     while not bool(jnp.all(state.filled)) and int(state.step) < int(max_iters):
         state = _advance_jit(cfg, params, state, temperature, top_p, opts)

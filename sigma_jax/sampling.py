@@ -4,6 +4,7 @@ checks, and the prepared-call type `SamplerCall`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -104,13 +105,27 @@ def uniforms(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda k: jax.random.uniform(k, shape))(keys)
 
 
-def resolve_order(kind_or_order, known: jax.Array, keys: jax.Array,
-                  known_order: str = "random") -> jax.Array:
-    """The generation order [B, N] (known positions first) from a kind name or an explicit array;
-    random orders follow the known-first convention (`orders.random_order`) with each row's key."""
-    if not isinstance(kind_or_order, str):
-        return jnp.asarray(kind_or_order, jnp.int32)
-    return orders_lib.order_from_mask(kind_or_order, known, keys, known_order=known_order)
+def generation_order(order, known: jax.Array, keys: jax.Array, known_order: str = "random"
+                     ) -> tuple[jax.Array, jax.Array]:
+    """(order int32 [B, N], sampling keys [B]): each row's key split into an order stream and a
+    sampling stream, and the generation order (known positions first) from a kind name of
+    `orders.ORDER_KINDS` (random orders follow the known-first convention of
+    `orders.random_order` with the order stream) or an explicit [B, N] array.
+
+    It runs before the sampler kernels, which take the order as an array: one compiled kernel
+    serves every order kind."""
+    if isinstance(order, str):
+        return _order_and_keys(known, keys, None, kind=order, known_order=known_order)
+    return _order_and_keys(known, keys, jnp.asarray(order, jnp.int32), kind=None,
+                           known_order="random")
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "known_order"))
+def _order_and_keys(known, keys, explicit, *, kind, known_order):
+    split = jax.vmap(jax.random.split)(keys)  # [B, 2]: the order stream, the sampling stream
+    if kind is not None:
+        explicit = orders_lib.order_from_mask(kind, known, split[:, 0], known_order=known_order)
+    return explicit, split[:, 1]
 
 
 def check_sampler_inputs(cfg: ModelConfig, tokens, known, order=None,

@@ -50,13 +50,11 @@ def test_cache_free_causal_attention_matches_the_reference(t, block):
     empty = jnp.zeros((2, 0, 3, 4))
     ref = lambda q, k, v: _reference(q, k, v, empty, empty, jnp.zeros((2, 0), bool),
                                      _self_mask(CAUSAL, t))
-    np.testing.assert_allclose(causal_attention(q, k, v, block=block), ref(q, k, v),
+    ours = lambda q, k, v: causal_attention(q, k, v, block=block)
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v),
                                rtol=1e-5, atol=1e-5)
-    loss = lambda f, *a: jnp.sum(jnp.cos(f(*a)))
-    ours = jax.grad(loss, argnums=(1, 2, 3))(
-        lambda *a: causal_attention(*a, block=block), q, k, v)
-    plain = jax.grad(loss, argnums=(1, 2, 3))(ref, q, k, v)
-    for a, b in zip(ours, plain, strict=True):
+    grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.cos(f(*a))), argnums=(0, 1, 2)))
+    for a, b in zip(grads(ours)(q, k, v), grads(ref)(q, k, v), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -112,6 +110,7 @@ def test_forward_positions_out_of_range(bos):
     np.testing.assert_array_equal(broken[0, :3], ok[0, :3])
 
 
+@pytest.mark.integration
 def test_burst_sampler_memory_grows_linearly_with_length():
     """The compiled exact burst sampler (W = all): temporary bytes at most 2.5x when N doubles
     from 256 to 512 (no [Q, Q] or [N, N] score block in memory at once)."""

@@ -57,6 +57,7 @@ def _subprocess(code_or_args, **kwargs):
                           env=env, timeout=120, **kwargs)
 
 
+@pytest.mark.integration
 def test_sampler_counters_follow_sample_stats(sampling_rows):
     for name, row in sampling_rows.items():
         _check_row(name, row)
@@ -131,6 +132,7 @@ def test_flops_formula(params):
     assert models.model_flops_per_token(TINY, params, 8) == 6 * n_matmul + 12 * 1 * 16 * 8
 
 
+@pytest.mark.integration
 def test_rows_plots_and_training(tmp_path, sampling_rows):
     mm = roofline.measure_matmul(64, np.float32, repeats=2)
     assert mm["flops_s"] > 0
@@ -182,6 +184,7 @@ def test_bench_config_validation():
     ["--lengths=0"],
     ["--preset=no_such_preset", "--suite=sampling"],
 ])
+@pytest.mark.integration
 def test_launcher_bad_input_exits_2(args):
     result = _subprocess(["-m", "launch.bench", "--out=none", *args])
     assert result.returncode == 2, result.stderr
@@ -189,6 +192,7 @@ def test_launcher_bad_input_exits_2(args):
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
 
 
+@pytest.mark.integration
 def test_import_without_grain():
     code = ("import sys; sys.modules['grain'] = None\n"
             "import bench.models as b, bench.suites, launch.bench\n"
@@ -226,6 +230,7 @@ def test_launcher_end_to_end(tmp_path):
         assert (tmp_path / name).exists()
 
 
+@pytest.mark.integration
 def test_the_sampling_grid_measures_exact_burst_along_each_order():
     config = BenchConfig(suites=("sampling",), preset="tiny", lengths=(8,), batches=(1,),
                          windows=(None,), weights=("init",), samplers=("ar", "burst_jacobi"),

@@ -17,6 +17,8 @@ from sampler_helpers import (
 
 from sigma_jax import ModelConfig, orders, sample_ar, sample_burst
 
+pytestmark = pytest.mark.integration  # every test here compiles whole burst sampler kernels
+
 TINY5 = ModelConfig(vocab_size=3, block_size=5, n_layer=2, n_head=2, n_embd=16)
 KNOWN = {0: 2, 3: 1}  # two scattered known tokens
 N_SAMPLES = 20000
@@ -45,6 +47,7 @@ def test_the_kinds_give_the_listed_orders(tiny5):
 @pytest.mark.parametrize("kind, mode, window", [
     *[(kind, mode, None) for kind in ORDERS for mode in ("exact", "jacobi")],
     ("spread", "jacobi", 2)])
+@pytest.mark.integration
 def test_exact_modes_sample_the_ar_law_along_the_order(tiny5, kind, mode, window):
     """Burst sampling along each order family follows the enumerated AR law along that order,
     and the same test rejects the law along another order (so it has the power to tell)."""

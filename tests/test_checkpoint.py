@@ -40,6 +40,7 @@ def _corrupt(step_dir):
         path.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.integration
 def test_sigterm_then_corrupt_latest_resumes_from_previous_exactly(tiny, tmp_path):
     model_cfg, train_cfg, task = tiny
     cfg = train_cfg.replace(checkpoint_every=10, eval_every=0, log_every=5)

@@ -152,6 +152,7 @@ def converted_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.integration
 def test_convert_writes_a_run_that_checkpoint_load_takes(converted_run):
     configs = json.loads((converted_run / "config.json").read_text())
     assert configs["train"]["task"] == "shakespeare_char"
@@ -164,6 +165,7 @@ def test_convert_writes_a_run_that_checkpoint_load_takes(converted_run):
     assert not [p for p in converted_run.parent.iterdir() if p.name != "run"]  # no temp left
 
 
+@pytest.mark.integration
 def test_sample_from_the_converted_run(converted_run):
     out = run_module("-m", "launch.sample", f"--workdir={converted_run}", "--sampler=burst",
                "--prompt=ROMEO:<missing>8</missing>the", "--length=24", "--num_samples=2")
@@ -195,6 +197,7 @@ def _bad_inputs(tmp: Path) -> dict:
 @pytest.mark.parametrize("case", ["text file", "unsafe pickle", "whole module", "bare state dict",
                                   "odd width", "truncated", "unknown vocabulary",
                                   "missing file"])
+@pytest.mark.integration
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
     path, message = _bad_inputs(tmp_path)[case]
     workdir = tmp_path / "run"
@@ -207,6 +210,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
     assert not list(tmp_path.glob(".run.tmp*"))  # no temporary run directory left behind
 
 
+@pytest.mark.integration
 def test_a_non_empty_workdir_is_refused(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     out = run_module("-m", "launch.convert", f"--official={FIXTURES / 'nobias.pt'}",

@@ -44,6 +44,7 @@ def test_common_args_and_tables(tmp_path):
                                                                            "b": [0, 1]}
 
 
+@pytest.mark.integration
 def test_sample_statistics_on_an_untrained_model():
     cfg = ModelConfig(vocab_size=5, block_size=10, n_layer=1, n_head=2, n_embd=16)
     params = init_params(cfg, jax.random.key(0))
@@ -149,6 +150,7 @@ def check_synthetic_rows(rows):
             assert r["forward_passes_mean"] == 1 + 2 * r["iterations_max"]
 
 
+@pytest.mark.integration
 def test_positions_smoke(tmp_path):
     record, out = smoke(positions, tmp_path)
     assert (out / "curves.png").exists()
@@ -160,6 +162,7 @@ def test_positions_smoke(tmp_path):
     assert 0 < refs["Bayes optimum"] < refs["unigram ln 16"]
 
 
+@pytest.mark.integration
 def test_synthetic_smoke_product(tmp_path):
     record, out = smoke(synthetic, tmp_path, "--tasks=product")
     assert (out / "iterations_vs_length.png").exists()
@@ -171,12 +174,14 @@ def test_synthetic_smoke_product(tmp_path):
 
 
 @pytest.mark.slow  # ~2 minutes on 2 cores: three more trainings and their samplers
+@pytest.mark.integration
 def test_synthetic_smoke_all_tasks(tmp_path):
     record, _ = smoke(synthetic, tmp_path, "--tasks=step,permutation")
     check_synthetic_rows(record["results"])
     assert {r["task"] for r in record["results"]} == {"step", "permutation"}
 
 
+@pytest.mark.integration
 def test_text_smoke(tmp_path):
     record, out = smoke(text, tmp_path)
     assert (out / "val_loss.png").exists()
@@ -191,6 +196,7 @@ def test_text_smoke(tmp_path):
     assert "left_to_right" in (out / "results.md").read_text()
 
 
+@pytest.mark.integration
 def test_maze_smoke(tmp_path):
     record, out = smoke(maze, tmp_path)
     assert (out / "mazes.png").exists()
@@ -202,6 +208,7 @@ def test_maze_smoke(tmp_path):
         assert r["correct"] == round(r["accuracy"] * r["n"])
 
 
+@pytest.mark.integration
 def test_flights_smoke(tmp_path):
     record, out = smoke(flights, tmp_path)
     for name in ("flights_prediction", "flights_infilling", "density_prediction",

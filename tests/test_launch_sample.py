@@ -43,6 +43,7 @@ def char_run(tmp_path_factory):
 
 @pytest.mark.parametrize("sampler, order", [("burst", "random"), ("ar", "random"),
                                            ("burst_jacobi", "spread")])
+@pytest.mark.integration
 def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler, order):
     out = run_module("-m", "launch.sample", f"--workdir={char_run}", f"--sampler={sampler}",
                "--prompt=ROMEO<missing>6</missing>the king", "--length=24", "--num_samples=2",
@@ -63,6 +64,7 @@ def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler, order):
     (["--temperature=-1"], "temperature"),
     (["--sampler=burst_paper", "--order=spread"], "order='random'"),
 ])
+@pytest.mark.integration
 def test_bad_input_exits_2_with_one_line(char_run, args, message):
     out = run_module("-m", "launch.sample", f"--workdir={char_run}", *args)
     assert out.returncode == 2
@@ -70,12 +72,14 @@ def test_bad_input_exits_2_with_one_line(char_run, args, message):
     assert len(lines) == 1 and message in lines[0], out.stderr
 
 
+@pytest.mark.integration
 def test_missing_checkpoint_exits_2(tmp_path):
     out = run_module("-m", "launch.sample", f"--workdir={tmp_path / 'nothing'}")
     assert out.returncode == 2
     assert "launch.train" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.integration
 def test_animate_redraws_until_every_position_is_filled(char_run):
     out = run_module("-m", "launch.sample", f"--workdir={char_run}", "--animate", "--window=8",
                "--prompt=ROMEO:", "--length=24", "--sampler=burst_jacobi", "--order=spread")

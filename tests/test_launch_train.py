@@ -48,6 +48,7 @@ def _launch(args, env, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@pytest.mark.integration
 def test_bad_input_exits_2_with_one_line_naming_the_problem(env, tmp_path):
     cases = {
         "unknown preset": (["--config=no_such_preset"], "no_such_preset"),
@@ -84,6 +85,7 @@ _HANG_AFTER_25 = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(env, tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(_HANG_AFTER_25)
@@ -125,6 +127,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(env, tmp_path):
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
 
 
+@pytest.mark.integration
 def test_sigterm_saves_the_last_finished_step_and_exits_promptly(env, tmp_path):
     """SIGTERM mid-run: the launcher finishes the step under way, checkpoints it, and exits with
     128 + 15 well within 30 s; the checkpoint is that step, and it loads."""

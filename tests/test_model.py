@@ -13,13 +13,17 @@ from sigma_jax.model import sinusoidal_encoding
 CFG = ModelConfig(vocab_size=16, block_size=12, n_layer=2, n_head=4, n_embd=32)
 
 
-def _params(cfg, seed=0):
-    params = init_params(cfg, jax.random.key(seed))
-    # Non-trivial LayerNorm and bias values so that the reference checks every parameter.
+@jax.jit
+def _perturbed(params, key):
     leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+    keys = jax.random.split(key, len(leaves))
     leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
     return jax.tree.unflatten(tree, leaves)
+
+
+def _params(cfg, seed=0):
+    # Non-trivial LayerNorm and bias values so that the reference checks every parameter.
+    return _perturbed(init_params(cfg, jax.random.key(seed)), jax.random.key(seed + 100))
 
 
 def _np(tree):
@@ -150,7 +154,7 @@ def test_causality_under_random_orders(bos):
         logits = forward(cfg, p, inputs, pos_in, pos_out)
         return -jax.nn.log_softmax(logits[0, t])[targets[0, t]]
 
-    grads = jax.grad(loss_at)(params)
+    grads = jax.jit(jax.grad(loss_at))(params)
     g_tok = np.abs(np.asarray(grads["wte"]["embedding"])).sum(-1)
     g_pos = np.abs(np.asarray(grads["pos"]["wpe"])).sum(-1)
     later_tokens = np.asarray(inputs[0, t + 1 :])

@@ -94,6 +94,7 @@ def test_the_shipped_model_reads_shakespeare_far_below_the_unigram_entropy(shipp
     assert l2r_nll < random_nll, (l2r_nll, random_nll)
 
 
+@pytest.mark.integration
 def test_sample_cli_infills_from_the_shipped_model_without_data(tmp_path):
     no_data = str(tmp_path / "no_data")
     out = run_module("-m", "launch.sample", "--pretrained=shakespeare_char",

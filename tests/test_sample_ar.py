@@ -9,6 +9,8 @@ from sampler_helpers import SMALL, peaked_params, ragged_known
 from sigma_jax import orders
 from sigma_jax.sample_ar import sample_ar
 
+pytestmark = pytest.mark.integration  # every test here compiles and runs whole AR sampler kernels
+
 
 @pytest.mark.parametrize("bos", [True, False])
 @pytest.mark.parametrize("order", ["left_to_right", "random", "fractal"])

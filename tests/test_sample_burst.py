@@ -52,6 +52,7 @@ def _sample_tiny(params, sampler, known_tokens, seed, **kw):
     return sample_burst(TINY, params, jax.random.key(seed), tokens, known, **kw)
 
 
+@pytest.mark.integration
 def test_enumerated_laws_are_normalised(tiny_laws):
     _, laws = tiny_laws
     for _, probs in laws.values():
@@ -60,6 +61,7 @@ def test_enumerated_laws_are_normalised(tiny_laws):
 
 
 @pytest.mark.parametrize("window", [None, 2])
+@pytest.mark.integration
 def test_exact_mode_follows_the_random_order_law(tiny_laws, window):
     params, laws = tiny_laws
     samples, stats = _sample_tiny(params, "burst", {}, 0, mode="exact", window=window)
@@ -68,6 +70,7 @@ def test_exact_mode_follows_the_random_order_law(tiny_laws, window):
     assert bool(stats.finished.all())
 
 
+@pytest.mark.integration
 def test_random_order_ar_follows_the_same_law(tiny_laws):
     params, laws = tiny_laws
     samples, _ = _sample_tiny(params, "ar", {}, 1)
@@ -78,6 +81,7 @@ def test_random_order_ar_follows_the_same_law(tiny_laws):
 @pytest.mark.parametrize("sampler, known_order", [("burst", "random"), ("ar", "random"),
                                                   ("burst", "ascending"), ("ar", "ascending"),
                                                   ("jacobi", "random")])
+@pytest.mark.integration
 def test_samplers_follow_the_known_first_convention(tiny_laws, sampler, known_order):
     """With two scattered known tokens, both exact burst modes and random-order AR sample the
     enumerated law of the convention (the average over the known tokens' orders, or the
@@ -91,6 +95,7 @@ def test_samplers_follow_the_known_first_convention(tiny_laws, sampler, known_or
     assert chi_square_pvalue(samples, *laws[other])[0] < 1e-3
 
 
+@pytest.mark.integration
 def test_paper_mode_is_biased_on_a_peaked_model(tiny_laws):
     """Negative control: the published rule (best of K orders, no residual) fails the same test,
     so the test above has the power to catch a non-exact sampler."""
@@ -99,6 +104,7 @@ def test_paper_mode_is_biased_on_a_peaked_model(tiny_laws):
     assert chi_square_pvalue(samples, *laws["none"])[0] < 1e-3
 
 
+@pytest.mark.integration
 def test_exact_mode_in_bfloat16_follows_the_bfloat16_model_law():
     """The same chi-square test with bfloat16 activations, cache and weights, against the law
     that teacher-forced bfloat16 passes enumerate."""
@@ -114,6 +120,7 @@ def test_exact_mode_in_bfloat16_follows_the_bfloat16_model_law():
 
 
 @pytest.mark.parametrize("mode", ["exact", "paper"])
+@pytest.mark.integration
 def test_a_product_law_finishes_in_one_iteration(mode):
     cfg = SMALL
     params = product_law_params(cfg)
@@ -126,6 +133,7 @@ def test_a_product_law_finishes_in_one_iteration(mode):
     assert bool(stats.finished.all())
 
 
+@pytest.mark.integration
 def test_peaked_params_are_really_peaked():
     """Exact burst on the peaked models the sampler tests use (seeds 2-7) needs >= N/3
     iterations on average (N = 10, nothing known, 48 rows each) and >= N/4 on each model: most
@@ -139,6 +147,7 @@ def test_peaked_params_are_really_peaked():
 
 @pytest.mark.parametrize("mode, window", [("exact", None), ("exact", 3), ("paper", None),
                                           ("paper", 4)])
+@pytest.mark.integration
 def test_mechanics_on_a_peaked_model(mode, window):
     params = peaked_params(SMALL, 3)
     b, n = 6, 10
@@ -157,6 +166,7 @@ def test_mechanics_on_a_peaked_model(mode, window):
     assert int(stats.forward_passes) == 1 + 2 * int(its.max())
 
 
+@pytest.mark.integration
 def test_max_iters_stops_and_reports_unfinished_rows():
     params = peaked_params(SMALL, 3)
     tokens = jnp.zeros((3, 10), jnp.int32)
@@ -168,6 +178,7 @@ def test_max_iters_stops_and_reports_unfinished_rows():
     assert int(stats.forward_passes) == 5
 
 
+@pytest.mark.integration
 def test_unconditional_generation_and_per_row_independence():
     params = peaked_params(SMALL, 4)
     b, n = 5, 10
@@ -184,6 +195,7 @@ def test_unconditional_generation_and_per_row_independence():
             assert int(astats.iterations[0]) == int(bstats.iterations[row])
 
 
+@pytest.mark.integration
 def test_greedy_exact_burst_is_greedy_ar_in_some_known_first_order():
     """On a context-dependent model, greedy exact burst commits, in the order it happens to
     follow, exactly what greedy AR would: each sample equals greedy AR in one of the
@@ -211,6 +223,7 @@ def test_greedy_exact_burst_is_greedy_ar_in_some_known_first_order():
 
 
 @pytest.mark.parametrize("sampler", ["ar", "burst"])
+@pytest.mark.integration
 def test_no_recompilation_when_only_values_change(sampler):
     """New keys, tokens, masks, temperatures, top_p values and iteration caps reuse the kernel."""
     params = peaked_params(SMALL, 6)
@@ -253,6 +266,7 @@ def test_bad_options_raise_one_line_errors(sampler):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.integration
 def test_a_traced_top_p_of_zero_keeps_the_top_token():
     """Unchecked (traced) top_p <= 0 reaches the kernel: the top token is kept, so sampling
     at temperature 1 with top_p = 0 is greedy decoding, never NaN."""
@@ -273,6 +287,7 @@ def test_a_traced_top_p_of_zero_keeps_the_top_token():
 
 
 @pytest.mark.parametrize("sampler", ["ar", "burst"])
+@pytest.mark.integration
 def test_prepared_call_compiles_ahead_of_time_and_matches_the_public_sampler(sampler):
     """One AOT-compiled executable serves prepared calls with other keys, tokens, masks and
     temperatures, and returns exactly what the public function returns for each."""

@@ -218,6 +218,7 @@ def test_keep_prompt_first_puts_the_prompt_first():
 
 @pytest.mark.parametrize("policy, per_row", [("curriculum", False), ("randcur:20", False),
                                              ("curriculum", True)])
+@pytest.mark.integration
 def test_curriculum_fraction_of_random_batches_matches_the_schedule(policy, per_row):
     """Method doc 4.1: P(random) = s / max_steps (curriculum), P + (1 - P) s / max_steps
     (randcur:P); one coin per micro-batch, or per row with per_row_curriculum."""
@@ -280,6 +281,7 @@ def test_train_step_donates_the_state(tiny, batch):
 # ---------------------------------------------------------------- the loop
 
 
+@pytest.mark.integration
 def test_tiny_preset_trains_and_its_loss_falls(trained):
     result, workdir, lines = trained
     rows = metrics_log.read_metrics(workdir / "metrics.jsonl")
@@ -304,6 +306,7 @@ def test_tiny_preset_trains_and_its_loss_falls(trained):
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [25, 50]
 
 
+@pytest.mark.integration
 def test_load_returns_the_trained_params(tiny, trained):
     model_cfg, train_cfg, task = tiny
     result, workdir, _ = trained
@@ -322,6 +325,7 @@ def test_load_returns_the_trained_params(tiny, trained):
                    zip(jax.tree.leaves(params), jax.tree.leaves(params25), strict=True))
 
 
+@pytest.mark.integration
 def test_load_errors_say_what_to_run(tmp_path, trained):
     with pytest.raises(FileNotFoundError, match="launch.train"):
         checkpoint.load(tmp_path / "nowhere")
@@ -331,6 +335,7 @@ def test_load_errors_say_what_to_run(tmp_path, trained):
         checkpoint.load(trained[1], step=7)
 
 
+@pytest.mark.integration
 def test_resuming_a_finished_run_trains_no_more(tiny, trained):
     model_cfg, train_cfg, task = tiny
     result, workdir, _ = trained
@@ -341,6 +346,7 @@ def test_resuming_a_finished_run_trains_no_more(tiny, trained):
     assert (workdir / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.integration
 def test_a_workdir_refuses_a_different_model(tiny, trained):
     model_cfg, train_cfg, task = tiny
     with pytest.raises(ValueError, match="different model.*n_layer"):
@@ -357,6 +363,7 @@ def test_optax_state_is_the_standard_adamw(tiny):
 
 
 @pytest.mark.parametrize("encoding, scale", [("learned", 1.0), ("sinusoidal", 0.1)])
+@pytest.mark.integration
 def test_random_order_training_learns_a_neighbour_dependence(encoding, scale):
     """A random walk x_p = x_{p-1} + {0 or 1} (mod 16): in a random order the only help is to find
     the known neighbours by position, so leaving the unigram loss ln 16 shows the model locates
