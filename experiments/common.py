@@ -328,6 +328,13 @@ def write_results(args: argparse.Namespace, title: str, body: str, payload: dict
     return record
 
 
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """Lay out, write and close a matplotlib figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def pyplot():
     """matplotlib.pyplot with the Agg backend."""
     import matplotlib

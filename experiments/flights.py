@@ -88,9 +88,7 @@ def plot_flights(refs, known, panels: list[tuple[str, np.ndarray]], path, title:
     axes[0][0].set_ylabel("altitude (ft)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=100)
 
 
 def plot_density(refs, known, probs: np.ndarray, path, title: str) -> None:
@@ -111,9 +109,7 @@ def plot_density(refs, known, probs: np.ndarray, path, title: str) -> None:
     axes[0][0].set_ylabel("altitude (ft)")
     axes[0][0].legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=100)
 
 
 def main(argv=None) -> dict:

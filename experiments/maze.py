@@ -69,9 +69,7 @@ def plot_grid(mazes: np.ndarray, columns: list[tuple[str, np.ndarray, list]], h:
                 ax.set_title(title, fontsize=8)
     fig.suptitle("test mazes: reference and predictions (frame: green optimal, orange correct "
                  "but longer, red wrong)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=100)
 
 
 def status_of(pred: np.ndarray, ref: np.ndarray, h: int, w: int) -> str:

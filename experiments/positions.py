@@ -186,9 +186,7 @@ def plot_curves(rows: list[dict], refs: dict, path) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("train loss (nats/token)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> dict:

@@ -76,9 +76,7 @@ def plot_iterations(rows: list[dict], path) -> None:
     shown = [ax for ax in axes[0] if ax.get_visible()]
     if shown:
         shown[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def train_model(args, spec, task_name: str, n: int, log) -> common.Run:

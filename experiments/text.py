@@ -68,9 +68,7 @@ def plot_curves(runs: list[common.Run], path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cross-entropy (nats/char)")
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> dict:

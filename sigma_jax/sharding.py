@@ -113,6 +113,13 @@ def local_mesh() -> jax.sharding.Mesh:
     return make_mesh(MeshConfig(), jax.devices()[:1])
 
 
+def as_mesh(mesh: jax.sharding.Mesh | MeshConfig | None) -> jax.sharding.Mesh:
+    """A Mesh from a Mesh (itself), a MeshConfig (`make_mesh`) or None (`local_mesh`)."""
+    if isinstance(mesh, MeshConfig):
+        return make_mesh(mesh)
+    return local_mesh() if mesh is None else mesh
+
+
 def mesh_text(mesh) -> str:
     """'data:fsdp:tensor' sizes of a mesh, e.g. '2:2:2' (how launchers and logs print a mesh)."""
     return ":".join(str(_axis_sizes(mesh).get(axis, 1)) for axis in MESH_AXES)
@@ -223,8 +230,7 @@ def fit_spec(spec: jax.P, shape: Sequence[int], mesh) -> jax.P:
     return jax.P(*fitted)
 
 
-def fitted_sharding(mesh, logical_names: Sequence[str | None], shape: Sequence[int]
-                    ) -> NamedSharding:
+def fitted_sharding(mesh, logical_names: Sequence[str | None], shape) -> NamedSharding:
     """The NamedSharding of an array of `shape` with these logical axes on `mesh` (`fit_spec`)."""
     return NamedSharding(mesh, fit_spec(logical_to_spec(logical_names), shape, mesh))
 
@@ -342,12 +348,9 @@ def mesh_config(text: str, axis_type: str = "auto", *, devices: int | None = Non
     """The launchers' --mesh value as a MeshConfig: 'data:fsdp:tensor', or 'auto'.
 
     'auto' puts every device on "data" (pure data parallelism), except on a single-process CPU
-    host, where it is one device. Several CPU devices there are fake ones (XLA_FLAGS=
-    --xla_force_host_platform_device_count, set for tests) sharing the same cores: whether they
-    help depends on the model (docs/scaling.md measures both ways), and one device keeps a CPU
-    run bit-identical to the unsharded library calls whatever XLA_FLAGS says. Ask for them
-    explicitly, e.g. --mesh=8:1:1. The keyword arguments default to the running JAX
-    (device_count, default_backend, process_count) and exist for tests.
+    host, where it is one device: several CPU devices there are fake ones sharing the same cores
+    (ask for them explicitly, e.g. --mesh=8:1:1). The keyword arguments default to the running
+    JAX (device_count, default_backend, process_count) and exist for tests.
     """
     if str(text).strip().lower() != "auto":
         return MeshConfig.parse(text, axis_type)

@@ -22,10 +22,8 @@ from sigma_jax.config import ModelConfig, TrainConfig
 from sigma_jax.data import load_task, make_iterator
 from sigma_jax.metrics_log import write_text_atomic
 from sigma_jax.sharding import (
-    MeshConfig,
+    as_mesh,
     check_batch,
-    local_mesh,
-    make_mesh,
     mesh_text,
     place_local_batch,
     to_host,
@@ -126,10 +124,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir, *, task=None,
     collectively, and only process 0 logs and writes config.json, metrics and plots; a SIGTERM
     on any process stops all of them at the next logged step (they agree on it collectively).
     """
-    if mesh is None:
-        mesh = local_mesh()
-    elif isinstance(mesh, MeshConfig):
-        mesh = make_mesh(mesh)
+    mesh = as_mesh(mesh)
     check_batch_fits(train_cfg, mesh)
     if task is None:
         task = load_task(train_cfg.task, seq_len=train_cfg.seq_len, data_path=train_cfg.data_path)

@@ -28,11 +28,11 @@ from sigma_jax import orders as orders_lib
 from sigma_jax.config import ModelConfig, TrainConfig
 from sigma_jax.model import forward, init_params, param_shardings
 from sigma_jax.sharding import (
+    as_mesh,
     auto_axes_call,
     batch_rows,
     constrain,
     fitted_sharding,
-    local_mesh,
     place_global,
     replicated,
 )
@@ -128,7 +128,7 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, *, mesh=None) -> 
     computes only its own shards, no host ever holds the whole model, and every process of a
     multi-host run gets the same global state.
     """
-    mesh = local_mesh() if mesh is None else mesh
+    mesh = as_mesh(mesh)
     return _sharded_init(model_cfg, _compiled_config(train_cfg), train_cfg.seed, mesh)()
 
 
@@ -261,7 +261,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh=None, *
     One jitted function per (configs, mesh, prompt_len); TrainConfig fields that do not change
     the step (data, logging, checkpointing, seed) never recompile it.
     """
-    mesh = local_mesh() if mesh is None else mesh
+    mesh = as_mesh(mesh)
     prompt_len = prompt_len if train_cfg.keep_prompt_first else 0
     return _compiled_step(model_cfg, _compiled_config(train_cfg), mesh, prompt_len)
 
@@ -335,7 +335,7 @@ def evaluate(model_cfg: ModelConfig, train_cfg: TrainConfig, params: dict, batch
     mesh (default: `sharding.local_mesh()`): params are sharded on it; each batch (a host array
     that every process holds in full) is placed with its rows over the batch axes, and the keys
     replicated."""
-    mesh = local_mesh() if mesh is None else mesh
+    mesh = as_mesh(mesh)
     step = place_global(jnp.asarray(step, jnp.int32), replicated(mesh))
     totals = None
     for i, tokens in enumerate(batches):
