@@ -9,7 +9,8 @@ experiments.
                   exact; random orders only)
 
 A `SamplerSpec` names a sampler with its generation order, window and K; `spec.prepare(...)` gives
-the public prepared call (`SamplerCall`) and `spec.sample(...)` runs it.
+the public prepared call (`SamplerCall`) and `spec.sample(...)` runs it. `sample_sharded` runs
+`sample_ar` or `sample_burst` on a device mesh, with the tokens of the unsharded call.
 """
 
 from __future__ import annotations
