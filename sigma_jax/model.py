@@ -11,7 +11,9 @@ itself only); the verify pass is "cache + CAUSAL"; K candidate orders are "cache
 SelfMask(blocks=K)", K causal blocks that all share the one cache (sigma_jax/attention.py).
 
 Public functions are pure: `init_params(cfg, key) -> params` (a plain nested dict) and
-`forward` / `forward_masked`, functions of (cfg, params, arrays).
+`forward` / `forward_masked`, functions of (cfg, params, arrays). Every parameter's logical axes
+are declared here too (`param_logical_axes`); `param_shardings` / `shard_params` place params on
+a device mesh by them (`sigma_jax.sharding`).
 """
 
 from __future__ import annotations
