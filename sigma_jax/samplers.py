@@ -150,10 +150,10 @@ def sample_sharded(sampler, cfg, params, key, tokens, known, *, mesh, **options)
     The batch is padded to a multiple of the batch axes with copies of the last row marked fully
     known (with keys of their own): they generate nothing, so the loop runs exactly as long as
     the unsharded call's and every statistic equals its. Rows are placed over ("data", "fsdp"), run
-    by one jitted kernel with in/out shardings (params by the rules, rows over the batch axes,
-    scalars replicated) that strips the padding rows and, when there are none, donates its token
-    buffer to the output. Rows are independent and each row's random stream depends only on its
-    key (threefry is partitionable), so the tokens equal the unsharded sampler's. Under an
+    by one jitted kernel with in/out shardings (params by their logical axes, rows over the batch
+    axes, scalars replicated) that strips the padding rows and, when there are none, donates its
+    token buffer to the output. Rows are independent and each row's random stream depends only
+    on its key (threefry is partitionable), so the tokens equal the unsharded sampler's. Under an
     Explicit mesh the sampler runs inside `auto_axes_call` (Auto axes inside). Every process of
     a multi-host run must call this with the same arguments. Returns (tokens [B, N], SampleStats)
     as global jax arrays; read them with `to_host` (multi-host safe).
