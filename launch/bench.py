@@ -24,6 +24,7 @@ from absl import logging as absl_logging
 from launch.flags import die, usage_errors
 
 FLAGS = flags.FLAGS
+# What to run and where the results go.
 flags.DEFINE_list("suite", ["sampling", "training", "roofline"],
                   "Suites to run: sampling, training, roofline.")
 flags.DEFINE_string("preset", None, "Preset for random weights (sigma_jax/presets.py); default "
@@ -31,19 +32,21 @@ flags.DEFINE_string("preset", None, "Preset for random weights (sigma_jax/preset
 flags.DEFINE_string("workdir", None, "Training run whose latest checkpoint to benchmark "
                     "(instead of random weights).")
 flags.DEFINE_integer("step", None, "Checkpoint step (with --workdir); default the latest.")
+flags.DEFINE_string("dtype", None, "float32 or bfloat16: inference copies of the weights in this "
+                    "dtype; bfloat16 trains in mixed precision (default: the preset's on CPU, "
+                    "bfloat16 on GPU).")
+flags.DEFINE_integer("seed", 0, "Seed of the weights and sampler keys.")
+flags.DEFINE_string("out", None, "Output directory (default experiments/results/bench_cpu on CPU, "
+                    "experiments/results/bench_gpu on GPU); 'none' writes nothing.")
+flags.DEFINE_float("budget_s", None, "Skip configurations not started within this many seconds "
+                   "of the start (recorded as skipped; default 150 on CPU so the default run "
+                   "stays within 3 minutes on a busy 2-core machine, none on GPU; inf = none).")
+
+# The sampling suite's grid.
 flags.DEFINE_list("lengths", None, "Sequence lengths N (default CPU 32,64; GPU 64,256,1024).")
 flags.DEFINE_list("batches", None, "Batch sizes (default CPU 1,4; GPU 1,16,256).")
 flags.DEFINE_enum("grid", "axes", ["axes", "cross"], "axes: every length at the first batch and "
                   "every batch at the last length; cross: every (length, batch) pair.")
-flags.DEFINE_list("windows", None, "Exact-burst windows swept at (last length, first batch); "
-                  "'none' = all remaining positions (default CPU 8,none; GPU 16,none).")
-flags.DEFINE_list("n_orders", ["1", "5"], "Paper-mode order counts swept (at --burst_window); "
-                  "the last one is used for the main grid.")
-flags.DEFINE_string("burst_window", None, "Window of the main-grid burst rows: an integer or "
-                    "'none' (default none on CPU, 64 on GPU).")
-flags.DEFINE_list("weights", None, "Weights for the burst sweep; the first also runs the main "
-                  "grid: init, peaked, product, checkpoint (default: init or checkpoint, then "
-                  "product, peaked).")
 flags.DEFINE_list("samplers", ["ar", "ar_nocache", "burst", "burst_paper"],
                   "Samplers of the main grid (sigma_jax.samplers: ar, ar_nocache, burst, "
                   "burst_jacobi, burst_paper).")
@@ -51,23 +54,25 @@ flags.DEFINE_list("batch_samplers", None, "Samplers measured at the batch sizes 
                   "(default CPU ar,burst; GPU all of --samplers).")
 flags.DEFINE_list("orders", ["random"], "Generation orders of the main grid's exact burst rows "
                   "(random, left_to_right, fractal, spread); AR and burst_paper use random.")
+flags.DEFINE_list("windows", None, "Exact-burst windows swept at (last length, first batch); "
+                  "'none' = all remaining positions (default CPU 8,none; GPU 16,none).")
+flags.DEFINE_string("burst_window", None, "Window of the main-grid burst rows: an integer or "
+                    "'none' (default none on CPU, 64 on GPU).")
+flags.DEFINE_list("n_orders", ["1", "5"], "Paper-mode order counts swept (at --burst_window); "
+                  "the last one is used for the main grid.")
 flags.DEFINE_integer("repeats", 3, "Timed calls per configuration (after 2 warm-up calls).")
-flags.DEFINE_string("dtype", None, "float32 or bfloat16: inference copies of the weights in this "
-                    "dtype; bfloat16 trains in mixed precision (default: the preset's on CPU, "
-                    "bfloat16 on GPU).")
+flags.DEFINE_list("weights", None, "Weights for the burst sweep; the first also runs the main "
+                  "grid: init, peaked, product, checkpoint (default: init or checkpoint, then "
+                  "product, peaked).")
 flags.DEFINE_integer("max_uncached_tokens", None, "Skip uncached AR where B*N*(N+1) exceeds this "
                      "(default CPU 10000, GPU 4300000).")
+
+# The training suite.
 flags.DEFINE_integer("train_batch", None, "Training suite batch (default CPU 4, GPU 16).")
-flags.DEFINE_boolean("train_reference", True, "Also time the fixed reference train step "
-                     "(4x128, block 256, batch 32, random order, float32).")
 flags.DEFINE_integer("train_length", None, "Training sequence length (default: the longest "
                      "sampling length, at most block_size).")
-flags.DEFINE_float("budget_s", None, "Skip configurations not started within this many seconds "
-                   "of the start (recorded as skipped; default 150 on CPU so the default run "
-                   "stays within 3 minutes on a busy 2-core machine, none on GPU; inf = none).")
-flags.DEFINE_integer("seed", 0, "Seed of the weights and sampler keys.")
-flags.DEFINE_string("out", None, "Output directory (default experiments/results/bench_cpu on CPU, "
-                    "experiments/results/bench_gpu on GPU); 'none' writes nothing.")
+flags.DEFINE_boolean("train_reference", True, "Also time the fixed reference train step "
+                     "(4x128, block 256, batch 32, random order, float32).")
 
 
 def _ints(name: str, values) -> tuple[int, ...]:
