@@ -6,11 +6,11 @@ compilation, and a subprocess with 8 fake devices for the tests that need them.
   item that runs them in a child pytest with `SIGMA_JAX_TEST_DEVICES=8` and fails with the
   child's report if any of them fails. `SIGMA_JAX_TEST_DEVICES=8 python -m pytest
   tests/test_sharding.py` runs them directly.
-- Compilation. The test models are tiny, so compiling dominates: XLA's backend optimization
-  level 0 compiles the sampler kernels about 3x faster at the same run time, and the persistent
-  compilation cache lets the pytest-xdist workers, the child runs and later runs reuse each
-  other's executables (SIGMA_JAX_TEST_CACHE names its folder; default: sigma_jax_jit_cache in
-  the temp dir). Launcher subprocesses inherit all of this through the environment.
+- Compilation. The test models are tiny, so compiling dominates: XLA compiles with the fast
+  flags of tests/cli_helpers.py, and the persistent compilation cache lets the pytest-xdist
+  workers, the child runs and later runs reuse each other's executables (SIGMA_JAX_TEST_CACHE
+  names its folder; default: sigma_jax_jit_cache in the temp dir). Child runs and launcher
+  subprocesses get the same through `cli_helpers.subprocess_env`.
 """
 
 import os
@@ -20,18 +20,18 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from cli_helpers import subprocess_env, xla_flags
 
 DEVICES = int(os.environ.get("SIGMA_JAX_TEST_DEVICES", "1"))
 MULTIDEVICE = 8  # devices a `multidevice` module needs
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={DEVICES} "
-                           "--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = xla_flags(DEVICES)
 os.environ.setdefault("SIGMA_JAX_DATA", os.path.join(os.path.dirname(__file__), "..", "..",
                                                      "shared", "data"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get(
     "SIGMA_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "sigma_jax_jit_cache")))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
 
@@ -54,8 +54,7 @@ class MultiDeviceRun(pytest.Item):
         self.add_marker("integration")
 
     def runtest(self):
-        env = {**os.environ, "SIGMA_JAX_TEST_DEVICES": str(MULTIDEVICE)}
-        env.pop("XLA_FLAGS", None)
+        env = subprocess_env(MULTIDEVICE, SIGMA_JAX_TEST_DEVICES=str(MULTIDEVICE))
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                "-o", "addopts=", *self.node_ids]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -6,13 +6,12 @@
   bit-identical to an uninterrupted run of the tiny preset (50 steps).
 - A run sent SIGTERM checkpoints the step it was on and exits (status 128 + 15) within 30 s.
 
-The subprocesses share a persistent compilation cache in a temporary directory, so only the first
-of them compiles the tiny model; the uninterrupted reference runs in this process.
+The subprocesses share the tests' persistent compilation cache (tests/conftest.py), so only the
+first of them compiles the tiny model; the uninterrupted reference runs in this process.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from cli_helpers import subprocess_env
 
 from launch import flags as launch_flags
 from launch.train import build
@@ -36,11 +36,8 @@ TINY = ["--config=tiny"] + [arg for item in SETS for arg in ("--set", item)]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+def env():
+    return subprocess_env(PYTHONPATH=str(REPO))
 
 
 def _launch(args, env, **kwargs):

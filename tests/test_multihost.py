@@ -14,7 +14,6 @@ every subprocess is bounded by a deadline and killed on failure.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from cli_helpers import subprocess_env
 from test_scale import (
     ATOL,
     PRESET,
@@ -57,9 +57,7 @@ def free_port() -> int:
 def launch_pair(module: str, args: list[str], tmp_path: Path, name: str):
     """Start `python -m module args` as processes 0 and 1 of a 2-process job."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    env = subprocess_env(4, PYTHONPATH=str(REPO), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     procs = []
     for i in range(2):
         cmd = [sys.executable, "-m", module, *args, "--mesh=8:1:1", "--distributed=on",
