@@ -6,10 +6,10 @@ import dataclasses
 
 import jax
 
-from bench.models import WEIGHTS_NOTES, cast_model, count_params, param_bytes, preset_model_config
+from bench.models import WEIGHTS_NOTES, cast_model, param_bytes, preset_model_config
 from sigma_jax.checkpoint import load
 from sigma_jax.config import ModelConfig
-from sigma_jax.model import init_params
+from sigma_jax.model import count_params, init_params
 from sigma_jax.samplers import SAMPLERS, SamplerSpec
 
 SUITES = ("sampling", "training", "roofline")

@@ -3,7 +3,7 @@
 - `preset_model_config`: a preset's ModelConfig without reading its task's data (`TASK_VOCAB`).
 - `variant_params` / `WEIGHTS_NOTES`: the weight kinds a run measures (init, peaked, product,
   checkpoint) and what each one says about burst acceptance.
-- `count_params`, `param_bytes`, `matmul_params`, `model_flops_per_token` (`FLOPS_FORMULA`),
+- `param_bytes`, `matmul_params`, `model_flops_per_token` (`FLOPS_FORMULA`),
   `kv_bytes`: the sizes that turn times into FLOP/s and bytes/s.
 """
 
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from sigma_jax.config import ModelConfig
 from sigma_jax.data import flights, maze, text_bpe
+from sigma_jax.model import count_params
 from sigma_jax.presets import PRESETS, build_model_config
 
 # Vocabulary sizes of the tasks, known without their data files (a benchmark machine may not
@@ -84,11 +85,6 @@ def variant_params(kind: str, cfg: ModelConfig, params: dict, seed: int = 0) -> 
         params["ln_f"] = ln_f
         return params
     raise ValueError(f"weights must be one of init, peaked, product, checkpoint; got {kind!r}")
-
-
-def count_params(params: dict) -> int:
-    """Number of parameters (array elements)."""
-    return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
 def param_bytes(params: dict) -> int:

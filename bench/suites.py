@@ -17,11 +17,12 @@ import jax.numpy as jnp
 
 from bench.config import BenchConfig, load_model
 from bench.harness import datasheet, device_kind, device_memory_bytes
-from bench.models import count_params, preset_model_config, variant_params
+from bench.models import preset_model_config, variant_params
 from bench.report import ResultWriter, environment, format_value, plot_sampling, write_json
 from bench.roofline import measure_copy_bandwidth, measure_decode, measure_matmul
 from bench.sampling import measure_sampler, sampler_peak_bytes
 from bench.training import measure_training
+from sigma_jax.model import count_params
 from sigma_jax.samplers import BURST_MODES, SamplerSpec
 
 # The fixed training-throughput configuration: the shipped reference model's step (4 x 128,

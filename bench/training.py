@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from bench.harness import compile_aot, time_calls
-from bench.models import FLOPS_FORMULA, count_params, matmul_params, model_flops_per_token
+from bench.models import FLOPS_FORMULA, matmul_params, model_flops_per_token
 from sigma_jax import train
 from sigma_jax.config import ModelConfig, TrainConfig
+from sigma_jax.model import count_params
 from sigma_jax.presets import PRESETS
 
 STEP_SOURCE = "sigma_jax.train.make_train_step"

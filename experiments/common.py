@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sigma_jax.model import count_params
 from sigma_jax.samplers import SamplerSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,10 +148,6 @@ class Run:
     train_s: float
     n_params: int
     reloaded: bool = False  # a finished run was loaded, not trained by this invocation
-
-
-def count_params(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def train_run(label: str, preset: str, workdir, task, *, model: dict | None = None,

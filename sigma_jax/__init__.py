@@ -4,7 +4,7 @@ from sigma_jax import orders
 from sigma_jax.cache import KVCache
 from sigma_jax.config import ModelConfig
 from sigma_jax.likelihood import conditionals, log_prob
-from sigma_jax.model import forward, init_params
+from sigma_jax.model import count_params, forward, init_params
 from sigma_jax.sample_ar import sample_ar, sample_ar_call
 from sigma_jax.sample_burst import burst_states, sample_burst, sample_burst_call
 from sigma_jax.sampling import SamplerCall, SampleStats
@@ -16,6 +16,7 @@ __all__ = [
     "SamplerCall",
     "burst_states",
     "conditionals",
+    "count_params",
     "forward",
     "init_params",
     "log_prob",

@@ -203,6 +203,13 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     return variables["params"]
 
 
+
+def count_params(params: dict) -> int:
+    """Number of parameters (array elements) in a params tree; works on arrays and on
+    jax.ShapeDtypeStruct leaves alike."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
 def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: jax.Array,
                    pos_out: jax.Array, mask: SelfMask = CAUSAL, *, cache: KVCache | None = None,
                    dropout_key: jax.Array | None = None):

@@ -9,10 +9,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from cli_helpers import subprocess_env
 
 from bench import harness, models, report, roofline, sampling, suites, training
 from bench.config import BenchConfig
-from sigma_jax import ModelConfig, init_params
+from sigma_jax import ModelConfig, count_params, init_params
 from sigma_jax.samplers import SamplerSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +51,7 @@ def _check_row(name, row):
 
 
 def _subprocess(code_or_args, **kwargs):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env(PYTHONPATH=REPO)
     args = code_or_args if isinstance(code_or_args, list) else ["-c", code_or_args]
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=120, **kwargs)
@@ -128,7 +128,7 @@ def test_cost_numbers_handles_dict_list_and_missing():
 
 def test_flops_formula(params):
     n_matmul = models.matmul_params(TINY, params)
-    assert n_matmul == models.count_params(params) - params["pos"]["wpe"].size
+    assert n_matmul == count_params(params) - params["pos"]["wpe"].size
     assert models.model_flops_per_token(TINY, params, 8) == 6 * n_matmul + 12 * 1 * 16 * 8
 
 

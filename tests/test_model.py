@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sigma_jax import ModelConfig, forward, init_params, orders
+from sigma_jax import ModelConfig, count_params, forward, init_params, orders
 from sigma_jax.model import sinusoidal_encoding
 
 CFG = ModelConfig(vocab_size=16, block_size=12, n_layer=2, n_head=4, n_embd=32)
@@ -89,6 +89,18 @@ def test_untied_head_and_no_bias_variant_runs_in_bf16():
     bf16 = forward(cfg, params, tokens, pos - 1, pos)
     assert bf16.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), atol=0.05)
+
+
+def test_count_params_matches_the_gpt_formula():
+    """Per layer 12 D^2 + 13 D (attention, MLP of width 4D, two LayerNorms, with biases); the
+    final LayerNorm 2D; learned positions (block + 1) x D/2 (each half of the double encoding
+    has D/2 dimensions); the tied embedding (V + 1) x D (with the start token). The same count
+    from abstract shapes, without computing the parameters."""
+    cfg = ModelConfig(vocab_size=11, block_size=10, n_layer=2, n_head=2, n_embd=16)
+    d, layers = cfg.n_embd, cfg.n_layer
+    want = layers * (12 * d * d + 13 * d) + 2 * d + 11 * d // 2 + 12 * d
+    assert count_params(init_params(cfg, jax.random.key(0))) == want == 6872
+    assert count_params(jax.eval_shape(init_params, cfg, jax.random.key(0))) == want
 
 
 def test_sinusoidal_encoding_matches_published_worked_example():
