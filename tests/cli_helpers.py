@@ -9,10 +9,22 @@ its workers, the child runs and launcher subprocesses) uses these flags."""
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def _fast_compile_flags() -> str:
+    flags = "--xla_backend_optimization_level=0"
+    # XLA aborts on a flag it does not know: add the fusion-emitter switch only to the jaxlib
+    # versions it was measured with.
+    if tuple(int(part) for part in version("jaxlib").split(".")[:2]) <= (0, 10):
+        flags += " --xla_cpu_use_fusion_emitters=false"
+    return flags
+
+
+FAST_COMPILE_FLAGS = _fast_compile_flags()
 
 
 def xla_flags(devices: int) -> str:
