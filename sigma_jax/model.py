@@ -203,7 +203,6 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     return variables["params"]
 
 
-
 def count_params(params: dict) -> int:
     """Number of parameters (array elements) in a params tree; works on arrays and on
     jax.ShapeDtypeStruct leaves alike."""

@@ -14,7 +14,6 @@ under the same setting.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_helpers import subprocess_env
 from sampler_helpers import peaked_params
 
 from launch import distributed
@@ -309,9 +309,9 @@ def test_distributed_flag_values():
 
 
 def test_launchers_reject_bad_meshes_with_one_line(tmp_path):
-    """Exit 2 and one line on stderr before any work (8 devices, inherited from conftest)."""
+    """Exit 2 and one line on stderr before any work (8 devices)."""
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo), "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(8, PYTHONPATH=str(repo))
     cases = {
         "too big": (["launch.train", "--config=tiny", "--mesh=4:4:1"], "needs 16 devices"),
         "batch": (["launch.train", "--config=tiny", "--mesh=8:1:1", "--set", "batch_size=12"],
