@@ -8,10 +8,15 @@ computes only the scores it needs:
   SelfMask(blocks=K)   the published verify pass: K independent causal blocks of T/K tokens that
                        share the cache (K candidate orders), never a (K·T/K)² block.
 
-With an empty cache the causal kernel skips the all-masked key blocks after each query block. With
-a cache, queries go through in chunks of `QUERY_CHUNK` (a sequential `lax.map`), so the scores in
-memory at once are chunk × (cache + keys): memory grows linearly with the sequence length. A single
-new token (cached decoding) has its own kernel that reads the cache in its stored layout.
+The cache-free causal pass has two kernels (`ModelConfig.attention`): the blocked one here, and
+a fused one, `jax.nn.dot_product_attention(is_causal=True)`, which accelerator backends may map to
+a fused kernel; `causal_kernel` resolves the setting when the model is traced.
+
+With an empty cache the blocked causal kernel skips the all-masked key blocks after each query
+block. With a cache, queries go through in chunks of `QUERY_CHUNK` (a sequential `lax.map`), so the
+scores in memory at once are chunk × (cache + keys): memory grows linearly with the sequence
+length. A single new token (cached decoding) has its own kernel that reads the cache in its stored
+layout.
 
 Masked keys never leak into a query: their probabilities are exactly zero, and non-finite keys or
 values of new tokens are replaced by zero before they meet other queries' probabilities (0 · NaN
@@ -78,6 +83,29 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout=None,
             probs = dropout(probs)
         outs.append(jnp.einsum("bhtu,buhd->bthd", probs.astype(v.dtype), v_seen[:, :end]))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def causal_kernel(setting: str) -> str:
+    """'blocked' or 'fused' for a `ModelConfig.attention` setting. 'auto' is 'fused' when JAX's
+    default backend is gpu or tpu and 'blocked' otherwise (CPU); it is read at trace time, so a
+    function traced on CPU and exported for an accelerator keeps the blocked kernel."""
+    if setting == "auto":
+        return "fused" if jax.default_backend() in ("gpu", "tpu") else "blocked"
+    return setting
+
+
+def fused_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal self-attention with no cache through `jax.nn.dot_product_attention`:
+    q, k, v [B, T, H, hd] -> [B, T, H, hd], the same function as `causal_attention` (no dropout).
+
+    The mask is `is_causal=True`, never a mask array of ours. On gpu/tpu the implementation is
+    left to JAX (None: it may choose cuDNN); elsewhere it is JAX's XLA formulation. Non-finite
+    keys and values are zeroed first, as in `causal_attention`, so they never meet another
+    query's probabilities.
+    """
+    on_accelerator = jax.default_backend() in ("gpu", "tpu")
+    return jax.nn.dot_product_attention(q, finite_or_zero(k), finite_or_zero(v), is_causal=True,
+                                        implementation=None if on_accelerator else "xla")
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 POS_ENCODINGS = ("learned", "sinusoidal")
 DTYPES = ("float32", "bfloat16")
+ATTENTIONS = ("auto", "blocked", "fused")
 
 # Position id of the start slot (the "previous position" of the first generated token). Learned
 # tables map it to their extra last row; the sinusoidal encoding evaluates PE(-1).
@@ -51,6 +52,13 @@ class ModelConfig:
       unconditional generation works. False is the published text convention (first token unscored).
     dtype / param_dtype: compute and storage dtypes, 'float32' or 'bfloat16'. Logits, softmax and
       log-probabilities are always float32.
+    attention: the kernel of the cache-free causal pass (training, and the prefill of the
+      samplers and densities): 'blocked' (sigma_jax.attention.causal_attention, query blocks that
+      skip the masked keys), 'fused' (jax.nn.dot_product_attention with is_causal, which an
+      accelerator backend may map to a fused kernel such as cuDNN's) or 'auto' (fused when JAX's
+      default backend is gpu or tpu, blocked on CPU; resolved when the model is traced). Passes
+      with dropout active use the blocked kernel whatever the setting. Cached passes always use
+      the cached kernels.
     """
 
     vocab_size: int
@@ -67,6 +75,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention: str = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -94,6 +103,7 @@ class ModelConfig:
                              f"got sinusoidal_scale={scale!r} with {self.pos_encoding!r}")
         _choice("dtype", self.dtype, DTYPES)
         _choice("param_dtype", self.param_dtype, DTYPES)
+        _choice("attention", self.attention, ATTENTIONS)
 
     @property
     def head_dim(self) -> int:

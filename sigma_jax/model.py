@@ -25,7 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sigma_jax.attention import CAUSAL, SelfMask, cached_attention, causal_attention
+from sigma_jax.attention import (
+    CAUSAL,
+    SelfMask,
+    cached_attention,
+    causal_attention,
+    causal_kernel,
+    fused_causal_attention,
+)
 from sigma_jax.cache import KVCache, init_cache
 from sigma_jax.config import START_POS, ModelConfig
 from sigma_jax.layers import Linear
@@ -92,8 +99,9 @@ def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
 
 class CausalSelfAttention(nn.Module):
     """x [B,T,D] -> (y [B,T,D], (k, v) [B,T,H,hd]) attending to the valid cache slots and to the
-    new tokens that `mask` lets each new token see. Dropout applies to the cache-free causal
-    pass (training) only."""
+    new tokens that `mask` lets each new token see. The cache-free causal pass uses the kernel
+    of `cfg.attention` (`attention.causal_kernel`), the blocked one while dropout is active;
+    dropout applies to that pass (training) only."""
 
     cfg: ModelConfig
     deterministic: bool
@@ -108,7 +116,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (constrain(a, ("batch", "seq", "heads", "head_dim")) for a in (q, k, v))
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         if self.mask == CAUSAL and k_cache.shape[1] == 0:
-            y = causal_attention(q, k, v, dropout if cfg.dropout > 0 else None)
+            dropping = cfg.dropout > 0 and not self.deterministic
+            if causal_kernel(cfg.attention) == "fused" and not dropping:
+                y = fused_causal_attention(q, k, v)
+            else:
+                y = causal_attention(q, k, v, dropout if dropping else None)
         else:
             y = cached_attention(q, k, v, k_cache, v_cache, cache_valid, self.mask)
         std = 0.02 / math.sqrt(2 * cfg.n_layer)
