@@ -19,7 +19,8 @@ characters; a token task needs the model's vocabulary to cover it.
 Exit code 2 with one line on stderr, and nothing written to DIR, for: a missing flag or file, a
 DIR that is not empty, a file that is not a published checkpoint, a pickle that asks for anything
 but tensors and plain containers, an architecture sigma_jax cannot express (the message names
-the field), a damaged or truncated file, a vocabulary that fits no known task.
+the field), a damaged, truncated, compressed or otherwise crafted file, an iter_num beyond the
+int32 step counter, a vocabulary that fits no known task.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from launch import flags as launch_flags
+from sigma_jax.torch_errors import short_repr
 
 FLAGS = flags.FLAGS
 
@@ -54,6 +56,7 @@ DATASET_TASKS = {"shakespeare_char": "shakespeare_char", "openwebtext": "text_bp
 VOCAB_TASKS = {65: "shakespeare_char", 50257: "text_bpe", 50304: "text_bpe"}
 CHARACTER_TASKS = ("shakespeare_char",)
 TEXT_TASKS = ("shakespeare_char", "text_bpe")  # windowed: their sequence length is block_size
+MAX_STEP = (1 << 31) - 1  # the train state's step is an int32
 
 
 def choose_task(vocab_size: int, dataset: str | None, requested: str | None) -> str:
@@ -64,7 +67,7 @@ def choose_task(vocab_size: int, dataset: str | None, requested: str | None) -> 
         return DATASET_TASKS[dataset]
     if vocab_size in VOCAB_TASKS:
         return VOCAB_TASKS[vocab_size]
-    named = f"dataset {dataset!r}, " if dataset else ""
+    named = f"dataset {short_repr(dataset)}, " if dataset else ""
     raise ValueError(f"the checkpoint's vocabulary ({named}{vocab_size} tokens) matches no known "
                      "task (shakespeare_char: 65 characters; text_bpe: GPT-2 BPE, 50257); pass "
                      "--task=NAME with a task whose tokens are the checkpoint's")
@@ -136,6 +139,9 @@ def main(argv) -> None:
         from sigma_jax.data import load_task
 
         ckpt = read_official(FLAGS.official)
+        if ckpt.iter_num > MAX_STEP:
+            raise ValueError(f"the checkpoint's iter_num {ckpt.iter_num} does not fit the run's "
+                             f"step counter (int32, at most {MAX_STEP})")
         cfg = ckpt.model_cfg
         name = choose_task(cfg.vocab_size, ckpt.config.get("dataset"), FLAGS.task)
         task = load_task(name, seq_len=cfg.block_size if name in TEXT_TASKS else None,

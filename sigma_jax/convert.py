@@ -22,36 +22,30 @@ Every problem with the input is a `CheckpointError` (a ValueError) with a one-li
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import re
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from sigma_jax.config import ModelConfig
 from sigma_jax.model import init_params
-from sigma_jax.torch_file import CheckpointError, LazyTensor, load_torch_file
+from sigma_jax.torch_errors import reading, short_repr
+from sigma_jax.torch_file import CheckpointError, LazyTensor, load_torch_file, read_tensors
 
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile puts before every state-dict key
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 _REQUIRED_ARGS = MODEL_ARGS[:-1]
+_SIZE_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+_MAX_SIZE_ARG = 1 << 31
+_MAX_ITER = 1 << 62
+_WTE, _HEAD = "transformer.wte.weight", "lm_head.weight"
 # nanoGPT's causal-mask buffer (saved only by old torch versions): not a parameter.
 _MASK_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
-
-
-def _array(x, name: str) -> np.ndarray:
-    """A floating tensor as float32 numpy."""
-    a = x.numpy() if isinstance(x, LazyTensor) else x
-    if not isinstance(a, np.ndarray):
-        raise CheckpointError(f"state dict entry {name} is a {type(x).__name__}, not a tensor")
-    if not (np.issubdtype(a.dtype, np.floating) or a.dtype == jnp.bfloat16):
-        raise CheckpointError(f"state dict entry {name} has dtype {a.dtype}, not floating point")
-    return a.astype(np.float32)
-
-
-def _shape(x) -> tuple[int, ...]:
-    return tuple(x.shape) if isinstance(x, LazyTensor | np.ndarray) else ()
 
 
 def _torch_name(path: tuple[str, ...]) -> tuple[str, bool]:
@@ -69,22 +63,103 @@ def _torch_name(path: tuple[str, ...]) -> tuple[str, bool]:
 
 
 def _model_config(model_args, tied: bool) -> ModelConfig:
+    """The ModelConfig of `model_args`, each field checked for its type and range first (sizes:
+    ints in [1, 2^31); bias: a bool; dropout: None or a finite number)."""
     if not isinstance(model_args, Mapping):
         raise CheckpointError(f"model_args is a {type(model_args).__name__}, not a dict")
-    unknown = sorted(set(model_args) - set(MODEL_ARGS))
+    unknown = [k for k in model_args if k not in MODEL_ARGS]
     if unknown:
         raise CheckpointError(f"cannot express this architecture: model_args field "
-                              f"{unknown[0]!r} is not part of the published text model")
+                              f"{short_repr(unknown[0])} is not part of the published text model")
     missing = [k for k in _REQUIRED_ARGS if k not in model_args]
     if missing:
         raise CheckpointError(f"model_args lacks {', '.join(missing)}")
+    for name in _SIZE_ARGS:
+        value = model_args[name]
+        if type(value) is not int or not 1 <= value < _MAX_SIZE_ARG:
+            raise CheckpointError(f"model_args {name} is {short_repr(value)}, not an integer "
+                                  "in [1, 2^31)")
+    if type(model_args["bias"]) is not bool:
+        raise CheckpointError(f"model_args bias is {short_repr(model_args['bias'])}, not a bool")
+    dropout = model_args.get("dropout") or 0.0
+    if type(dropout) not in (int, float) or not math.isfinite(dropout):
+        raise CheckpointError(f"model_args dropout is {short_repr(dropout)}, not a number")
     fields = {k: model_args[k] for k in _REQUIRED_ARGS}
     try:
-        dropout = float(model_args.get("dropout") or 0.0)
-        return ModelConfig(**fields, dropout=dropout, pos_encoding="learned", bos=False,
+        return ModelConfig(**fields, dropout=float(dropout), pos_encoding="learned", bos=False,
                            tie_embeddings=tied)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"cannot express this architecture: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """One leaf of the params tree: the state-dict names it is made of (one per layer for the
+    stacked layer leaves), whether each is transposed, and the torch shape each must have."""
+
+    names: tuple[str, ...]
+    transpose: bool
+    shape: tuple[int, ...]
+    stacked: bool
+
+
+def _layout(cfg: ModelConfig, entries: int) -> tuple[list[_Leaf], object]:
+    """The leaves of `init_params(cfg)` in tree order, and its treedef. Shapes come from a
+    one-layer model (the layer leaves are stacked on axis 0), so this costs nothing per layer
+    until the names are listed, which happens only if the state dict's `entries` could hold
+    them all (CheckpointError otherwise)."""
+    one = jax.eval_shape(init_params, dataclasses.replace(cfg, n_layer=1), jax.random.key(0))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(one)
+    per_layer = sum(path[0].key == "h" for path, _ in leaves)
+    if per_layer * cfg.n_layer + len(leaves) - per_layer > entries:
+        raise CheckpointError(f"model_args n_layer={cfg.n_layer} needs {per_layer} entries per "
+                              f"layer, but the state dict holds only {entries} entries")
+    layout = []
+    for path, spec in leaves:
+        keys = tuple(k.key for k in path)
+        name, transpose = _torch_name(keys)
+        stacked = keys[0] == "h"
+        shape = tuple(spec.shape[1:] if stacked else spec.shape)
+        names = tuple(name.format(i=i) for i in range(cfg.n_layer)) if stacked else (name,)
+        layout.append(_Leaf(names, transpose, shape[::-1] if transpose else shape, stacked))
+    return layout, treedef
+
+
+def _check_entry(weights: Mapping, name: str, want: tuple[int, ...], cfg: ModelConfig) -> None:
+    """CheckpointError unless `weights[name]` is a floating-point tensor of shape `want`."""
+    if name not in weights:
+        raise CheckpointError(f"the state dict lacks {name} (model_args: bias={cfg.bias}, "
+                              f"n_layer={cfg.n_layer})")
+    x = weights[name]
+    if not isinstance(x, LazyTensor | np.ndarray):
+        raise CheckpointError(f"state dict entry {name} is a {type(x).__name__}, not a tensor")
+    if tuple(x.shape) != want:
+        raise CheckpointError(f"{name} has shape {short_repr(list(x.shape))}, expected "
+                              f"{list(want)} from model_args")
+    if not (np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16):
+        raise CheckpointError(f"state dict entry {name} has dtype {x.dtype}, not floating point")
+
+
+def _read(weights: Mapping, names: list[str]) -> dict[str, np.ndarray]:
+    """name -> the values of weights[name], every storage read once (torch_file.read_tensors)."""
+    lazy = [n for n in names if isinstance(weights[n], LazyTensor)]
+    arrays = dict(zip(lazy, read_tensors([weights[n] for n in lazy]), strict=True))
+    arrays.update((n, weights[n]) for n in names if n not in arrays)
+    return arrays
+
+
+def _assemble(layout: list[_Leaf], treedef, arrays: dict) -> dict:
+    """The params tree: each leaf float32 (layer leaves stacked on axis 0, kernels transposed to
+    [in, out]), made a jax array as soon as it is built; its numpy parts are dropped from
+    `arrays` as they are used, so the numpy and jax copies never both hold every weight."""
+    leaves = []
+    for leaf in layout:
+        parts = [arrays.pop(name) for name in leaf.names]
+        parts = [p.T if leaf.transpose else p for p in parts]
+        value = np.stack(parts) if leaf.stacked else parts[0]
+        leaves.append(jnp.asarray(value.astype(np.float32, copy=False)))
+        del parts, value
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def convert_state_dict(model_args: Mapping, state_dict: Mapping) -> tuple[ModelConfig, dict]:
@@ -95,51 +170,39 @@ def convert_state_dict(model_args: Mapping, state_dict: Mapping) -> tuple[ModelC
     params: the plain nested dict of `init_params(cfg, key)`: the same tree, shapes and dtypes
     (float32), per-layer params stacked on axis 0, dense kernels [in, out]. The lm_head is tied
     unless the checkpoint stores a different `lm_head.weight`. A missing, extra or misshapen
-    entry, a field we cannot express: CheckpointError naming it.
+    entry, a field we cannot express: CheckpointError naming it. Every name, shape and dtype is
+    checked against `model_args` before a byte of tensor data is read, and each storage is read
+    once (the tensors read from one storage hold at most its elements).
     """
     if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
         raise CheckpointError("the model state dict is not a dict of named tensors")
     weights = {k.removeprefix(COMPILED_PREFIX): v for k, v in state_dict.items()
                if not _MASK_BUFFER.fullmatch(k.removeprefix(COMPILED_PREFIX))}
-    if "transformer.wte.weight" not in weights:
-        raise CheckpointError("the state dict has no transformer.wte.weight: not the published "
-                              "σ-GPT text model")
-    wte = _array(weights["transformer.wte.weight"], "transformer.wte.weight")
-    head = weights.pop("lm_head.weight", None)
-    tied = head is None or (_shape(head) == wte.shape
-                            and np.array_equal(_array(head, "lm_head.weight"), wte))
-    if not tied:
-        weights["lm_head.weight"] = head
-    cfg = _model_config(model_args, tied)
-    expected = jax.eval_shape(init_params, cfg, jax.random.key(0))
-    arrays = {"transformer.wte.weight": wte}  # what is read already
-
-    def fetch(name: str, transpose: bool, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in weights:
-            raise CheckpointError(f"the state dict lacks {name} (model_args: bias="
-                                  f"{cfg.bias}, n_layer={cfg.n_layer})")
-        want = shape[::-1] if transpose else shape
-        if _shape(weights[name]) != want:
-            raise CheckpointError(f"{name} has shape {list(_shape(weights[name]))}, expected "
-                                  f"{list(want)} from model_args")
-        if name not in arrays:
-            arrays[name] = _array(weights[name], name)
-        return arrays[name].T if transpose else arrays[name]
-
-    def leaf(path, spec):
-        keys = tuple(k.key for k in path)
-        name, transpose = _torch_name(keys)
-        if keys[0] == "h":  # stacked on a leading layer axis
-            return np.stack([fetch(name.format(i=i), transpose, spec.shape[1:])
-                             for i in range(cfg.n_layer)])
-        return fetch(name, transpose, spec.shape)
-
-    params = jax.tree_util.tree_map_with_path(leaf, expected)
-    extra = sorted(set(weights) - set(arrays))
+    if _WTE not in weights:
+        raise CheckpointError(f"the state dict has no {_WTE}: not the published σ-GPT text "
+                              "model")
+    cfg = _model_config(model_args, tied=True)
+    head = weights.get(_HEAD)
+    same_view = isinstance(head, LazyTensor) and isinstance(weights[_WTE], LazyTensor) and \
+        head == weights[_WTE]
+    if head is None or same_view:
+        weights.pop(_HEAD, None)
+    cfg = dataclasses.replace(cfg, tie_embeddings=_HEAD not in weights)
+    layout, treedef = _layout(cfg, len(weights))
+    for leaf in layout:
+        for name in leaf.names:
+            _check_entry(weights, name, leaf.shape, cfg)
+    extra = sorted(set(weights) - {name for leaf in layout for name in leaf.names})
     if extra:
         raise CheckpointError(f"cannot express this architecture: the state dict has "
-                              f"{len(extra)} entries the model has no place for, e.g. {extra[0]}")
-    return cfg, jax.tree.map(jnp.asarray, params)
+                              f"{len(extra)} entries the model has no place for, e.g. "
+                              f"{short_repr(extra[0])}")
+    arrays = _read(weights, list(weights))
+    if _HEAD in arrays and np.array_equal(arrays[_HEAD], arrays[_WTE]):  # tied, stored twice
+        del arrays[_HEAD]
+        cfg = dataclasses.replace(cfg, tie_embeddings=True)
+        layout, treedef = _layout(cfg, len(weights))
+    return cfg, _assemble(layout, treedef, arrays)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,28 +222,34 @@ def _describe(obj) -> str:
         return f"a {type(obj).__name__}"
     if obj and all(isinstance(v, LazyTensor | np.ndarray) for v in obj.values()):
         return "a bare state dict"
-    return f"a dict with keys {', '.join(map(str, list(obj)[:4]))}"
+    return f"a dict with keys {', '.join(short_repr(k, 30) for k in itertools.islice(obj, 4))}"
+
+
+def _iter_num(value) -> int:
+    if type(value) is not int or not 0 <= value < _MAX_ITER:
+        raise CheckpointError(f"iter_num is {short_repr(value)}, not a step number in [0, 2^62)")
+    return value
 
 
 def read_official(path) -> OfficialCheckpoint:
     """Read and convert the published `ckpt.pt` at `path` (see `convert_state_dict`).
 
-    Raises CheckpointError for anything but a published checkpoint dict (model_args + model),
-    FileNotFoundError for a missing file.
+    Raises CheckpointError (one line) for anything but a published checkpoint dict (model_args
+    + model), whatever goes wrong while reading it; FileNotFoundError for a missing file.
     """
     obj = load_torch_file(path)
-    if not isinstance(obj, dict) or "model_args" not in obj or "model" not in obj:
-        raise CheckpointError(f"{path} is not a published σ-GPT checkpoint: it holds "
-                              f"{_describe(obj)}, not the dict with model_args and model that "
-                              "the published train.py saves")
-    iter_num = obj.get("iter_num", 0)
-    if not isinstance(iter_num, int) or isinstance(iter_num, bool) or iter_num < 0:
-        raise CheckpointError(f"iter_num is {iter_num!r}, not a step number")
-    config = obj.get("config") or {}
-    if not isinstance(config, dict):
-        raise CheckpointError(f"config is a {type(config).__name__}, not a dict")
-    config = {str(k): v for k, v in config.items() if isinstance(v, int | float | str | bool)}
-    model_cfg, params = convert_state_dict(obj["model_args"], obj["model"])
+    with reading(path):
+        if not isinstance(obj, dict) or "model_args" not in obj or "model" not in obj:
+            raise CheckpointError(f"{path} is not a published σ-GPT checkpoint: it holds "
+                                  f"{_describe(obj)}, not the dict with model_args and model "
+                                  "that the published train.py saves")
+        iter_num = _iter_num(obj.get("iter_num", 0))
+        config = obj.get("config")
+        config = {} if config is None else config
+        if not isinstance(config, dict):
+            raise CheckpointError(f"config is a {type(config).__name__}, not a dict")
+        config = {str(k): v for k, v in config.items() if isinstance(v, int | float | str | bool)}
+        model_cfg, params = convert_state_dict(obj["model_args"], obj["model"])
     return OfficialCheckpoint(model_cfg, params, iter_num, config)
 
 

@@ -1,37 +1,47 @@
-"""Reading a file written by `torch.save`, without torch and without running its pickle.
+"""Reading a file written by `torch.save`, without torch and without running its pickle, at a
+cost bounded by the file.
 
-The file is a zip archive: `<name>/data.pkl`, a pickle whose tensors point (through persistent ids)
-at raw storages `<name>/data/<key>`. `load_torch_file` reads it through an unpickler that admits
-only the torch tensor-rebuild functions, the torch storage types and `collections.OrderedDict`
-(everything else raises `CheckpointError` before it is built), and reads a tensor's bytes only
-when asked (`LazyTensor.numpy`). Files in torch's pre-zip format are read by `torch.load(...,
-weights_only=True)` when torch is installed, and refused otherwise.
+The file is a zip archive (`torch_zip.Archive`: stored entries only, no overlaps):
+`<name>/data.pkl`, a pickle whose tensors point (through persistent ids) at raw storages
+`<name>/data/<key>`.
+`load_torch_file` runs the pickle on `torch_pickle.load`, which admits only the torch
+tensor-rebuild functions, the torch storage types and `collections.OrderedDict` (anything else
+raises `CheckpointError` before it is built). A storage's declared element count must match its
+entry's size, and a tensor must be a non-overlapping view inside its storage, so no tensor holds
+more bytes than the file. Tensor bytes are read only when asked: `read_tensors` (each storage
+once) or `LazyTensor.numpy`. Files in torch's pre-zip format are read by
+`torch.load(..., weights_only=True)` when torch is installed, and refused otherwise.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import pickle
+import math
 import zipfile
-import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
-import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+
+from sigma_jax import torch_pickle
+from sigma_jax.torch_errors import CheckpointError, printable, reading, short_repr
+from sigma_jax.torch_zip import Archive
+
+__all__ = ["CheckpointError", "LazyTensor", "load_torch_file", "read_tensors"]
 
 # The first bytes of torch's pre-zip format: pickle protocol 2, then its magic number as a long.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "BFloat16Storage": jnp.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
-
-
-class CheckpointError(ValueError):
-    """The file is not a published σ-GPT checkpoint we can read or express; one-line message."""
+_MAX_NDIM = 16
+_MAX_DIM = 1 << 62  # every size, stride and offset is below this
+_MAX_KEY = 64  # characters of a storage key
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,7 +69,8 @@ class _Storage:
 @dataclasses.dataclass(frozen=True, slots=True)
 class LazyTensor:
     """A tensor of a torch archive, not yet read: `shape` and `stride` (in elements) over its
-    storage from element `offset`. `numpy()` reads it: a new native-endian array of `dtype`."""
+    storage from element `offset`, a non-overlapping view inside it. `numpy()` reads it: a new
+    native-endian array of `dtype`."""
 
     storage: _Storage
     offset: int
@@ -70,27 +81,18 @@ class LazyTensor:
     def dtype(self) -> np.dtype:
         return self.storage.dtype
 
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
     def numpy(self) -> np.ndarray:
-        s = self.storage
-        try:
-            with zipfile.ZipFile(s.path) as archive:
-                raw = archive.read(s.entry)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-            raise CheckpointError(f"{s.path}: cannot read storage {s.entry} ({e})") from e
-        if len(raw) != s.numel * s.dtype.itemsize:
-            raise CheckpointError(f"{s.path}: storage {s.entry} holds {len(raw)} bytes, "
-                                  f"expected {s.numel} x {s.dtype.itemsize}")
-        _check_view(s, self.offset, self.shape, self.stride)
-        flat = np.frombuffer(raw, s.dtype.newbyteorder(">" if s.big_endian else "<"))
-        view = np.lib.stride_tricks.as_strided(
-            flat[self.offset:], self.shape, [st * s.dtype.itemsize for st in self.stride],
-            writeable=False)
-        return np.array(view, dtype=s.dtype)  # a copy, native byte order
+        return read_tensors([self])[0]
 
 
 def _int(value, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise CheckpointError(f"malformed tensor record: {what} is {type(value).__name__}")
+    """`value` if it is an int in [0, 2^62), else CheckpointError."""
+    if type(value) is not int or not 0 <= value < _MAX_DIM:
+        raise CheckpointError(f"malformed tensor record: {what} is {short_repr(value)}")
     return value
 
 
@@ -98,9 +100,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> LazyTen
     """torch._utils._rebuild_tensor(_v2): a view of `storage`, checked to lie inside it."""
     if not isinstance(storage, _Storage):
         raise CheckpointError("malformed tensor record: its storage is not a torch storage")
-    if not isinstance(size, tuple | list) or not isinstance(stride, tuple | list) or \
-            len(size) != len(stride):
+    if type(size) not in (tuple, list) or type(stride) not in (tuple, list) or \
+            len(size) != len(stride) or len(size) > _MAX_NDIM:
         raise CheckpointError("malformed tensor record: size and stride do not match")
+    for n in (storage_offset, *size, *stride):
+        if type(n) is int and n < 0:
+            raise CheckpointError("malformed tensor record: negative size, stride or offset")
     offset = _int(storage_offset, "storage_offset")
     shape = tuple(_int(n, "size") for n in size)
     strides = tuple(_int(n, "stride") for n in stride)
@@ -109,12 +114,25 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> LazyTen
 
 
 def _check_view(storage: _Storage, offset: int, shape, strides) -> None:
-    """CheckpointError unless the view (offset, shape, strides) lies inside `storage`."""
-    if offset < 0 or min((*shape, *strides), default=0) < 0 or len(shape) != len(strides):
-        raise CheckpointError("malformed tensor record: negative size, stride or offset")
-    last = offset + sum((n - 1) * st for n, st in zip(shape, strides, strict=True))
-    if 0 not in shape and last >= storage.numel:
-        raise CheckpointError(f"malformed tensor record: a view past the end of {storage.entry}")
+    """CheckpointError unless the view (offset, shape [n_i], strides [s_i]) lies inside `storage`
+    and no two of its elements share a storage element: with the dimensions of size > 1 sorted
+    by stride, each stride exceeds the span of all smaller ones (contiguous, transposed, permuted
+    and sliced layouts pass; zero and overlapping strides do not)."""
+    if 0 in shape:
+        if offset > storage.numel:
+            raise CheckpointError(f"malformed tensor record: a view past the end of "
+                                  f"{short_repr(storage.entry)}")
+        return
+    span = 1  # elements from the view's first to its last, so far
+    for n, st in sorted(((n, st) for n, st in zip(shape, strides, strict=True) if n > 1),
+                        key=lambda pair: pair[1]):
+        if st < span:
+            raise CheckpointError(f"malformed tensor record: a view whose elements overlap "
+                                  f"(sizes {list(shape)}, strides {list(strides)})")
+        span += (n - 1) * st
+    if offset + span > storage.numel:
+        raise CheckpointError(f"malformed tensor record: a view past the end of "
+                              f"{short_repr(storage.entry)}")
 
 
 def _rebuild_parameter(data, *_ignored) -> LazyTensor:
@@ -124,40 +142,55 @@ def _rebuild_parameter(data, *_ignored) -> LazyTensor:
     return data
 
 
-_REBUILDERS = {
+def _ordered_dict(*args) -> collections.OrderedDict:
+    """collections.OrderedDict(), as torch pickles it: no arguments (items come by SETITEMS)."""
+    if args:
+        raise CheckpointError("malformed pickle: an OrderedDict built from arguments")
+    return collections.OrderedDict()
+
+
+_GLOBALS = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): _ordered_dict,
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Builds tensors (as LazyTensor), storages and plain containers, and nothing else."""
+class _Loader:
+    """The two hooks of the pickle machine for one archive."""
 
-    def __init__(self, file, path: str, prefix: str, entries: set[str], big_endian: bool):
-        super().__init__(file)
-        self._path, self._prefix, self._entries = path, prefix, entries
-        self._big_endian = big_endian
+    def __init__(self, archive: Archive, prefix: str, big_endian: bool):
+        self.archive, self.prefix, self.big_endian = archive, prefix, big_endian
+        self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _REBUILDERS:
-            return _REBUILDERS[(module, name)]
+        if (module, name) in _GLOBALS:
+            return torch_pickle.Global(f"{module}.{name}", _GLOBALS[(module, name)])
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
         raise CheckpointError(f"refused to load {module}.{name}: a published checkpoint holds "
                               "only tensors and plain containers")
 
-    def persistent_load(self, pid):
-        ok = isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-        if not ok or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str):
-            raise CheckpointError(f"refused persistent id {str(pid)[:80]}: not a torch storage")
-        entry = f"{self._prefix}/data/{pid[2]}"
-        if entry not in self._entries:
-            raise CheckpointError(f"storage {entry} is missing from the archive")
+    def persistent_load(self, pid) -> _Storage:
+        """('storage', storage type, key, location, numel) -> that storage, whose entry must
+        hold exactly numel elements (the same key always with the same type and numel)."""
+        ok = type(pid) is tuple and len(pid) == 5 and type(pid[0]) is str and \
+            pid[0] == "storage" and isinstance(pid[1], _StorageType) and \
+            type(pid[2]) is str and 0 < len(pid[2]) <= _MAX_KEY and type(pid[3]) is str
+        if not ok:
+            raise CheckpointError(f"refused persistent id {short_repr(pid)}: not a torch storage")
+        dtype, entry = pid[1].dtype, f"{self.prefix}/data/{pid[2]}"
         numel = _int(pid[4], "storage numel")
-        return _Storage(self._path, entry, pid[1].dtype, numel, self._big_endian)
+        if self.archive.size(entry) != numel * dtype.itemsize:
+            raise CheckpointError(f"storage {short_repr(entry)} holds "
+                                  f"{self.archive.size(entry)} bytes, not {numel} x "
+                                  f"{dtype.itemsize}")
+        storage = _Storage(str(self.archive.path), entry, dtype, numel, self.big_endian)
+        if self.storages.setdefault(entry, storage) != storage:
+            raise CheckpointError(f"storage {short_repr(entry)} is declared with two types")
+        return self.storages[entry]
 
 
 def load_torch_file(path) -> object:
@@ -165,38 +198,89 @@ def load_torch_file(path) -> object:
     containers are dict / OrderedDict / list / tuple, leaves are plain Python values.
 
     A pickle that asks for any other class or function raises CheckpointError before building
-    it. Files in torch's pre-zip format go through `torch.load(weights_only=True)` (tensors
-    become numpy arrays) when torch is installed. Not a torch file, a damaged or truncated
-    archive: CheckpointError. Missing file: FileNotFoundError.
+    it; so does any damaged, truncated, compressed, oversized or otherwise foreign file, with a
+    one-line message. Files in torch's pre-zip format go through
+    `torch.load(weights_only=True)` (tensors become numpy arrays) when torch is installed.
+    Missing file: FileNotFoundError.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file {path}")
-    with open(path, "rb") as f:
-        head = f.read(len(_LEGACY_MAGIC))
-    if not zipfile.is_zipfile(path):
-        if head.startswith(b"PK"):
-            raise CheckpointError(f"{path} is a damaged or truncated zip archive")
-        if head == _LEGACY_MAGIC:
-            return _load_legacy(path)
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a zip archive)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pickles) != 1:
-                raise CheckpointError(f"{path} is a zip archive but not a PyTorch checkpoint "
-                                      "(no <name>/data.pkl)")
-            prefix = pickles[0][: -len("/data.pkl")]
-            order = f"{prefix}/byteorder"
-            big = order in names and archive.read(order).strip() == b"big"
-            with archive.open(pickles[0]) as f:
-                return _RestrictedUnpickler(f, str(path), prefix, set(names), big).load()
-    except CheckpointError:
-        raise
-    except (pickle.UnpicklingError, zipfile.BadZipFile, zlib.error, EOFError, ValueError,
-            TypeError, AttributeError, IndexError, KeyError, OSError) as e:
-        raise CheckpointError(f"{path} is damaged: {type(e).__name__}: {e}") from e
+        raise FileNotFoundError(printable(f"no checkpoint file {path}"))
+    with reading(path):
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_MAGIC))
+        if not zipfile.is_zipfile(path):
+            if head.startswith(b"PK"):
+                raise CheckpointError(f"{path} is a damaged or truncated zip archive")
+            if head == _LEGACY_MAGIC:
+                return _load_legacy(path)
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a zip archive)")
+        with Archive(path) as archive:
+            return _load_archive(archive)
+
+
+def _load_archive(archive: Archive) -> object:
+    names = archive.names()
+    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise CheckpointError(f"{archive.path} is a zip archive but not a PyTorch checkpoint "
+                              "(no <name>/data.pkl)")
+    prefix = pickles[0][: -len("/data.pkl")]
+    order = f"{prefix}/byteorder"
+    big = False
+    if order in names:
+        if archive.size(order) not in (3, 4, 6, 7):
+            raise CheckpointError(f"{archive.path}: {short_repr(order)} is not a byte order")
+        word = bytes(archive.read(order, archive.size(order))).strip()
+        if word not in (b"little", b"big"):
+            raise CheckpointError(f"{archive.path}: byte order {short_repr(word)}")
+        big = word == b"big"
+    size = archive.size(pickles[0])
+    if size > torch_pickle.MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{archive.path}: a pickle of {size} bytes (at most "
+                              f"{torch_pickle.MAX_PICKLE_BYTES})")
+    data = bytes(archive.read(pickles[0], size))
+    loader = _Loader(archive, prefix, big)
+    return torch_pickle.load(data, loader.find_class, loader.persistent_load, (LazyTensor,))
+
+
+def read_tensors(tensors: Sequence[LazyTensor]) -> list[np.ndarray]:
+    """The values of `tensors` (all from one file): new native-endian arrays [shape] of their
+    dtypes, in order. Each storage is read once, and the tensors asked of one storage may hold
+    at most as many elements as it does all together (so the arrays hold at most the bytes of
+    the storages they come from). CheckpointError for a damaged file or a storage asked for more."""
+    paths = {t.storage.path for t in tensors}
+    if len(paths) > 1:
+        raise ValueError("read_tensors: tensors of several files")
+    groups: dict[_Storage, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.storage, []).append(i)
+    for storage, members in groups.items():
+        if sum(tensors[i].size for i in members) > storage.numel:
+            raise CheckpointError(f"{storage.path}: {len(members)} tensors share storage "
+                                  f"{short_repr(storage.entry)} of {storage.numel} elements "
+                                  "and need more elements than it holds")
+    out: list = [None] * len(tensors)
+    if not tensors:
+        return out
+    with reading(paths.pop()), Archive(tensors[0].storage.path) as archive:
+        for storage, members in groups.items():
+            raw = archive.read(storage.entry, storage.numel * storage.dtype.itemsize)
+            flat = np.frombuffer(raw, storage.dtype.newbyteorder(">" if storage.big_endian
+                                                                  else "<"))
+            for i in members:
+                out[i] = _take(flat, tensors[i])
+    return out
+
+
+def _take(flat: np.ndarray, t: LazyTensor) -> np.ndarray:
+    """A native-endian copy of the view `t` of the storage elements `flat` (checked to lie inside
+    it when `t` was built; the stride of a dimension of size 0 or 1 is never used)."""
+    if t.size == 0:
+        return np.zeros(t.shape, t.dtype)
+    strides = [st * flat.itemsize if n > 1 else 0 for n, st in zip(t.shape, t.stride, strict=True)]
+    view = np.lib.stride_tricks.as_strided(flat[t.offset:], t.shape, strides, writeable=False)
+    return np.array(view, dtype=t.dtype)
 
 
 def _load_legacy(path: Path) -> object:
