@@ -10,7 +10,7 @@ from bench.models import WEIGHTS_NOTES, cast_model, param_bytes, preset_model_co
 from sigma_jax.checkpoint import load
 from sigma_jax.config import ModelConfig
 from sigma_jax.model import count_params, init_params
-from sigma_jax.samplers import SAMPLERS, SamplerSpec
+from sigma_jax.sampling import SAMPLERS, SampleOptions
 
 SUITES = ("sampling", "training", "roofline")
 
@@ -70,12 +70,10 @@ class BenchConfig:
                                  for v in values):
                 raise ValueError(f"{name} must be a non-empty list of positive integers; "
                                  f"got {values!r}")
-        if not self.windows or any(w is not None and (not isinstance(w, int) or w < 1)
-                                   for w in self.windows):
-            raise ValueError(f"windows must be positive integers or 'none'; got {self.windows!r}")
-        if self.burst_window is not None and self.burst_window < 1:
-            raise ValueError(f"burst_window must be a positive integer or none; "
-                             f"got {self.burst_window!r}")
+        if not self.windows:
+            raise ValueError("windows must be a non-empty list of positive integers or 'none'")
+        for window in (*self.windows, self.burst_window):
+            SampleOptions("burst", window=window)  # the sampler's own window check
         if self.grid not in ("axes", "cross"):
             raise ValueError(f"grid must be 'axes' or 'cross'; got {self.grid!r}")
         for w in self.weights:
@@ -89,7 +87,7 @@ class BenchConfig:
             if s not in SAMPLERS:
                 raise ValueError(f"samplers must be among {', '.join(SAMPLERS)}; got {s!r}")
         for order in self.orders or (None,):
-            SamplerSpec("burst", order=order)  # a one-line ValueError for an unknown order
+            SampleOptions("burst", order=order)  # the sampler's own order check
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16; got {self.dtype!r}")
         for name in ("repeats", "train_batch", "matmul_n", "copy_bytes"):

@@ -20,7 +20,7 @@ import numpy as np
 from bench.harness import compile_aot, time_calls, tree_signature
 from bench.models import kv_bytes, param_bytes
 from sigma_jax.config import ModelConfig
-from sigma_jax.samplers import BURST_MODES, SamplerSpec
+from sigma_jax.sampling import BURST_MODES, SampleOptions, prepare, sample
 
 
 def unconditional_inputs(cfg: ModelConfig, batch: int, length: int):
@@ -33,29 +33,29 @@ def unconditional_inputs(cfg: ModelConfig, batch: int, length: int):
     return tokens, known
 
 
-def kernel_matches_public(cfg, params, spec: SamplerSpec, key, tokens, known) -> bool:
+def kernel_matches_public(cfg, params, options: SampleOptions, key, tokens, known) -> bool:
     """True when the AOT-compiled kernel on prepared arguments returns the public function's
     tokens and stats."""
-    call = spec.prepare(cfg, params, key, tokens, known)
+    call = prepare(cfg, params, key, tokens, known, options)
     ours = compile_aot(call.kernel, call.args, call.static)(*call.args)
-    theirs = spec.sample(cfg, params, key, tokens, known)
+    theirs = sample(cfg, params, key, tokens, known, options)
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
                         ours, theirs)
     return all(jax.tree.leaves(same))
 
 
-def sampler_peak_bytes(cfg: ModelConfig, spec: SamplerSpec, length: int, batch: int) -> int:
+def sampler_peak_bytes(cfg: ModelConfig, options: SampleOptions, length: int, batch: int) -> int:
     """A rough upper estimate of the device memory a sampler configuration needs: float32 logits
     and their sampling copies, attention scores over the cache plus the new block, the cache and
     the parameters. Used to skip configurations that cannot fit, before compiling them."""
-    w = (spec.window or length) if spec.is_burst else 1
-    k = spec.n_orders if spec.name == "burst_paper" else 1
+    w = options.window_for(length)
+    k = options.n_orders if options.sampler == "burst_paper" else 1
     q = batch * k * w  # query slots of the largest pass
-    slots = length + int(cfg.bos) + w
-    if spec.name == "ar_nocache":
+    slots = options.cache_capacity(cfg, length)
+    if options.sampler == "ar_nocache":
         q, w, k, slots = batch * (length + 1), length + 1, 1, 0
     logits = 6 * q * cfg.vocab_size * 4
-    if spec.name == "burst_jacobi":  # every position's draft distribution, in the loop state
+    if options.sampler == "burst_jacobi":  # every position's draft distribution, in the loop state
         logits += 2 * batch * length * cfg.vocab_size * 4
     attention = 4 * batch * cfg.n_head * (k * w) * (slots + k * w) * 4
     hidden = 8 * q * max(cfg.hidden_dim, 3 * cfg.n_embd) * 4
@@ -84,7 +84,7 @@ def sampler_figures(outputs, median_s: float) -> dict:
     )
 
 
-def measure_sampler(cfg: ModelConfig, params: dict, spec: SamplerSpec, length: int, batch: int,
+def measure_sampler(cfg: ModelConfig, params: dict, options: SampleOptions, length: int, batch: int,
                     *, repeats: int = 3, warmup: int = 2, seed: int = 0, weights: str = "init",
                     kernels: dict | None = None) -> dict:
     """Time one sampler configuration on unconditional generation of `batch` sequences of
@@ -96,10 +96,10 @@ def measure_sampler(cfg: ModelConfig, params: dict, spec: SamplerSpec, length: i
     if length > cfg.block_size:
         raise ValueError(f"length {length} exceeds the model's block_size {cfg.block_size}")
     tokens, known = unconditional_inputs(cfg, batch, length)
-    calls = [spec.prepare(cfg, params, jax.random.key(seed * 1000 + i), tokens, known)
+    calls = [prepare(cfg, params, jax.random.key(seed * 1000 + i), tokens, known, options)
              for i in range(warmup + repeats)]
     arg_sets = [call.args for call in calls]
-    cache_key = (spec, cfg, length, batch, tree_signature(params))
+    cache_key = (options, cfg, length, batch, tree_signature(params))
     kernels = {} if kernels is None else kernels
     if cache_key not in kernels:
         kernels[cache_key] = compile_aot(calls[0].kernel, arg_sets[0], calls[0].static)
@@ -107,10 +107,10 @@ def measure_sampler(cfg: ModelConfig, params: dict, spec: SamplerSpec, length: i
     timing, outputs = time_calls(lambda i: kernel(*arg_sets[i]), repeats, warmup)
     figures = sampler_figures(outputs, timing.median_s)  # after timing: no effect on it
     row = dict(
-        suite="sampling", sampler=spec.name, label=spec.label, weights=weights,
-        mode=BURST_MODES.get(spec.name), order=spec.order,
-        window=spec.window, window_eff=(spec.window or length) if spec.is_burst else 1,
-        n_orders=spec.n_orders if spec.name == "burst_paper" else 1,
+        suite="sampling", sampler=options.sampler, label=options.label, weights=weights,
+        mode=BURST_MODES.get(options.sampler), order=options.order,
+        window=options.window, window_eff=options.window_for(length),
+        n_orders=options.n_orders if options.sampler == "burst_paper" else 1,
         length=length, batch=batch, n_known=int(np.asarray(known).sum(axis=1).min()),
         forward_passes=figures["forward_passes"],
         forward_passes_max=figures["forward_passes_max"],
@@ -123,10 +123,9 @@ def measure_sampler(cfg: ModelConfig, params: dict, spec: SamplerSpec, length: i
     )
     row["compile_s"], row["lower_s"] = kernel.compile_s, kernel.lower_s
     row.update(kernel.costs)
-    if spec.name != "ar_nocache":
+    if options.sampler != "ar_nocache":
         # Every cached model call reads the weights and the whole cache buffer (masked slots too).
-        capacity = length + int(cfg.bos) + (row["window_eff"] if spec.is_burst else 1)
-        per_call = param_bytes(params) + kv_bytes(cfg, batch, capacity)
+        per_call = param_bytes(params) + kv_bytes(cfg, batch, options.cache_capacity(cfg, length))
         row["bytes_per_call_est"] = per_call
         row["hbm_gbps_est"] = per_call * figures["forward_passes"] / timing.median_s / 1e9
     return row

@@ -23,7 +23,7 @@ from bench.roofline import measure_copy_bandwidth, measure_decode, measure_matmu
 from bench.sampling import measure_sampler, sampler_peak_bytes
 from bench.training import measure_training
 from sigma_jax.model import count_params
-from sigma_jax.samplers import BURST_MODES, SamplerSpec
+from sigma_jax.sampling import BURST_MODES, SampleOptions
 
 # The fixed training-throughput configuration: the shipped reference model's step (4 x 128,
 # block 256, batch 32, random order, float32), comparable across machines and commits.
@@ -50,7 +50,7 @@ def first_line(error: BaseException) -> str:
 
 
 def sampling_jobs(config: BenchConfig, primary: str) -> list[tuple]:
-    """(weights, SamplerSpec, length, batch, part) of the sampling suite, in measuring order.
+    """(weights, SampleOptions, length, batch, part) of the sampling suite, in measuring order.
 
     part 'grid': every sampler of the main grid at every point, primary weights; exact burst
     along every order, AR along random orders (its cost does not depend on the order), the
@@ -61,27 +61,27 @@ def sampling_jobs(config: BenchConfig, primary: str) -> list[tuple]:
     programs, grouped by program; then the other batch sizes.
     """
     paper_k = config.n_orders[-1]
-    main = [SamplerSpec(s, order=o, window=config.burst_window if s in BURST_MODES else None,
-                        n_orders=paper_k if s == "burst_paper" else 1)
+    main = [SampleOptions(s, order=o, window=config.burst_window if s in BURST_MODES else None,
+                          n_orders=paper_k if s == "burst_paper" else 1)
             for s in config.samplers for o in config.orders
             if o == "random" or s in ("burst", "burst_jacobi")]
     at_batch = set(config.samplers if config.batch_samplers is None else config.batch_samplers)
-    jobs = [(primary, spec, n, b, "grid") for n, b in config.points() for spec in main
-            if b == config.batches[0] or spec.name in at_batch]
+    jobs = [(primary, options, n, b, "grid") for n, b in config.points() for options in main
+            if b == config.batches[0] or options.sampler in at_batch]
     sweep_n, sweep_b = config.lengths[-1], config.batches[0]
     for weights in dict.fromkeys((primary, *[w for w in config.weights if w != "checkpoint"])):
-        jobs.append((weights, SamplerSpec("ar"), sweep_n, sweep_b, "sweep"))
+        jobs.append((weights, SampleOptions("ar"), sweep_n, sweep_b, "sweep"))
         if "burst" in config.samplers:
             for window in config.windows:
-                jobs.append((weights, SamplerSpec("burst", window=window), sweep_n,
+                jobs.append((weights, SampleOptions("burst", window=window), sweep_n,
                              sweep_b, "sweep"))
         if "burst_paper" in config.samplers:
             for k in config.n_orders:
-                jobs.append((weights, SamplerSpec("burst_paper", window=config.burst_window,
-                                                  n_orders=k), sweep_n, sweep_b, "sweep"))
+                jobs.append((weights, SampleOptions("burst_paper", window=config.burst_window,
+                                                    n_orders=k), sweep_n, sweep_b, "sweep"))
     # A window of N drafts everything: the same program as window None.
-    jobs = [(w, dataclasses.replace(spec, window=None) if spec.window and spec.window >= n
-             else spec, n, b, part) for w, spec, n, b, part in jobs]
+    jobs = [(w, options.replace(window=None) if options.window and options.window >= n
+             else options, n, b, part) for w, options, n, b, part in jobs]
     first = [j for j in jobs if j[4] == "grid" and j[3] == sweep_b]
     rest = [j for j in jobs if j[4] == "grid" and j[3] != sweep_b]
     compiled = {j[1:4] for j in first}
@@ -102,46 +102,47 @@ def run_sampling_suite(config: BenchConfig, cfg, params, primary: str, writer: R
     ar_rows: dict = {}
     rows = []
     variants, ready = {}, set()
-    for weights, spec, n, b, part in sampling_jobs(config, primary):
-        if (weights, spec, n, b) in done:
+    for weights, options, n, b, part in sampling_jobs(config, primary):
+        if (weights, options, n, b) in done:
             continue
-        done.add((weights, spec, n, b))
-        base = dict(suite="sampling", part=part, sampler=spec.name, label=spec.label,
-                    order=spec.order, weights=weights, window=spec.window,
-                    n_orders=spec.n_orders, length=n, batch=b)
+        done.add((weights, options, n, b))
+        base = dict(suite="sampling", part=part, sampler=options.sampler, label=options.label,
+                    order=options.order, weights=weights, window=options.window,
+                    n_orders=options.n_orders, length=n, batch=b)
         skip = None
         if n > cfg.block_size:
             skip = f"length > block_size {cfg.block_size}"
-        elif spec.name == "ar_nocache" and b * n * (n + 1) > config.max_uncached_tokens:
+        elif options.sampler == "ar_nocache" and b * n * (n + 1) > config.max_uncached_tokens:
             skip = f"uncached cost B*N*(N+1) > {config.max_uncached_tokens}"
-        elif sampler_peak_bytes(cfg, spec, n, b) > 0.7 * memory:
+        elif sampler_peak_bytes(cfg, options, n, b) > 0.7 * memory:
             skip = f"estimated memory > 70% of {memory / 2**30:.0f} GiB"
-        elif clock.over(grace=0.1 if (spec, n, b) in ready else 0.0):
+        elif clock.over(grace=0.1 if (options, n, b) in ready else 0.0):
             skip = "time budget"  # a compiled program (other weights) gets 10% grace
         if skip:
             rows.append(writer.add({**base, "skipped": skip}))
             continue
-        ready.add((spec, n, b))
+        ready.add((options, n, b))
         if weights not in variants:
             variants[weights] = variant_params(weights, cfg, params, config.seed)
         try:
-            row = measure_sampler(cfg, variants[weights], spec, n, b, repeats=config.repeats,
+            row = measure_sampler(cfg, variants[weights], options, n, b, repeats=config.repeats,
                                   warmup=config.warmup, seed=config.seed, weights=weights,
                                   kernels=kernels)
         except Exception as error:  # e.g. out of device memory: record it and go on
             rows.append(writer.add({**base, "error": first_line(error)}))
-            log(f"  {spec.label} N={n} B={b} [{weights}] failed: {first_line(error)}")
+            log(f"  {options.label} N={n} B={b} [{weights}] failed: {first_line(error)}")
             continue
         row.update(part=part, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                    params=count_params(params), device_kind=device_kind())
-        if spec.name == "ar":
+        if options.sampler == "ar":
             ar_rows[(weights, n, b)] = row
         ar = ar_rows.get((weights, n, b))
         row["speedup_vs_ar"] = row["tokens_per_s"] / ar["tokens_per_s"] if ar else None
         row["passes_vs_ar"] = row["forward_passes"] / ar["forward_passes"] if ar else None
         rows.append(writer.add(row))
-        log(f"  {spec.label:28s} N={n:<5d} B={b:<4d} [{weights}] {row['tokens_per_s']:.4g} tok/s,"
-            f" {row['forward_passes']:.4g} passes, compile {row['compile_s']:.2f}s")
+        log(f"  {options.label:28s} N={n:<5d} B={b:<4d} [{weights}] "
+            f"{row['tokens_per_s']:.4g} tok/s, {row['forward_passes']:.4g} passes, "
+            f"compile {row['compile_s']:.2f}s")
     return rows
 
 

@@ -38,7 +38,7 @@ from bench.report import environment
 from bench.sampling import sampler_figures
 from sigma_jax import log_prob, pretrained
 from sigma_jax.data import load_task
-from sigma_jax.samplers import SamplerSpec
+from sigma_jax.sampling import SampleOptions, prepare, sample
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("judge", "workdirs/judge", "Workdir of the left-to-right judge model.")
@@ -60,14 +60,14 @@ flags.DEFINE_boolean("report_only", False, "Only rewrite results.md from the JSO
 CONDITIONS = ("unconditional", "infilling")
 
 
-def sampler_specs(modes, orders, windows, windowed_orders, n_orders: int) -> list[SamplerSpec]:
+def sampler_specs(modes, orders, windows, windowed_orders, n_orders: int) -> list[SampleOptions]:
     """The speed grid: cached AR; each exact burst sampler along each order drafting every
     remaining position, and along each windowed order at each window; the published rule."""
-    return ([SamplerSpec("ar")]
-            + [SamplerSpec(m, order=o) for m in modes for o in orders]
-            + [SamplerSpec(m, order=o, window=w) for m in modes for o in windowed_orders
+    return ([SampleOptions("ar")]
+            + [SampleOptions(m, order=o) for m in modes for o in orders]
+            + [SampleOptions(m, order=o, window=w) for m in modes for o in windowed_orders
                for w in windows]
-            + [SamplerSpec("burst_paper", n_orders=n_orders)])
+            + [SampleOptions("burst_paper", n_orders=n_orders)])
 
 
 def inputs(condition: str, windows: np.ndarray, batch: int, length: int, rng):
@@ -82,17 +82,18 @@ def inputs(condition: str, windows: np.ndarray, batch: int, length: int, rng):
     return jnp.asarray(rows), jnp.asarray(known)
 
 
-def measure_speed(cfg, params, spec: SamplerSpec, condition, windows, length, batch) -> dict:
+def measure_speed(cfg, params, options: SampleOptions, condition, windows, length, batch) -> dict:
     rng = np.random.default_rng([FLAGS.seed, length, batch])
     tokens, known = inputs(condition, windows, batch, length, rng)
-    calls = [spec.prepare(cfg, params, jax.random.key(1000 * FLAGS.seed + i), tokens, known,
-                          temperature=FLAGS.temperature) for i in range(1 + FLAGS.repeats)]
+    options = options.replace(temperature=FLAGS.temperature)
+    calls = [prepare(cfg, params, jax.random.key(1000 * FLAGS.seed + i), tokens, known, options)
+             for i in range(1 + FLAGS.repeats)]
     kernel = compile_aot(calls[0].kernel, calls[0].args, calls[0].static)
     timing, outputs = time_calls(lambda i: kernel(*calls[i].args), FLAGS.repeats, 1)
     figures = sampler_figures(outputs, timing.median_s)
     return dict(
-        suite="sampling", sampler=spec.label, mode=spec.name, order=spec.order,
-        window=spec.window, condition=condition, length=length, batch=batch,
+        suite="sampling", sampler=options.label, mode=options.sampler, order=options.order,
+        window=options.window, condition=condition, length=length, batch=batch,
         n_known=int(np.asarray(known).sum(axis=1).min()), model_calls=figures["forward_passes"],
         **{name: figures[name] for name in ("iterations", "iterations_max",
                                             "tokens_per_iteration", "tokens_per_s",
@@ -122,10 +123,10 @@ def measure_quality(cfg, params, judge, windows, length) -> list[dict]:
     # The window does not change an exact sampler's law: the fastest on CPU samples it.
     orders = list(FLAGS.orders)
     fastest = {"burst": 16, "burst_jacobi": 32}
-    specs = ([SamplerSpec("ar", order=o) for o in ["left_to_right", *orders]]
-             + [SamplerSpec(m, order=o, window=fastest.get(m)) for m in FLAGS.modes
+    option_sets = ([SampleOptions("ar", order=o) for o in ["left_to_right", *orders]]
+             + [SampleOptions(m, order=o, window=fastest.get(m)) for m in FLAGS.modes
                 for o in orders]
-             + [SamplerSpec("burst_paper", n_orders=FLAGS.n_orders, window=16)])
+             + [SampleOptions("burst_paper", n_orders=FLAGS.n_orders, window=16)])
     batch = 16
     rows = []
     for condition in CONDITIONS:
@@ -135,12 +136,12 @@ def measure_quality(cfg, params, judge, windows, length) -> list[dict]:
         if condition == "infilling":
             data = np.concatenate([np.asarray(t) for t, _ in prompts])
             rows.append(quality_row("validation text", condition, judge_nll(*judge, data)))
-        for spec in specs:
-            samples = [np.asarray(spec.sample(cfg, params, jax.random.key(i), t, k,
-                                              temperature=FLAGS.temperature)[0])
+        for options in option_sets:
+            options = options.replace(temperature=FLAGS.temperature)
+            samples = [np.asarray(sample(cfg, params, jax.random.key(i), t, k, options)[0])
                        for i, (t, k) in enumerate(prompts)]
-            rows.append(quality_row(spec.label, condition,
-                                    judge_nll(*judge, np.concatenate(samples)), spec.order))
+            rows.append(quality_row(options.label, condition,
+                                    judge_nll(*judge, np.concatenate(samples)), options.order))
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -222,14 +223,14 @@ def main(argv) -> None:
         for condition in CONDITIONS:
             for length in lengths:
                 for batch in (int(b) for b in FLAGS.batches):
-                    for spec in sampler_specs(FLAGS.modes, FLAGS.orders, windows_w,
+                    for options in sampler_specs(FLAGS.modes, FLAGS.orders, windows_w,
                                               FLAGS.windowed_orders, FLAGS.n_orders):
-                        row = measure_speed(cfg, params, spec, condition, windows, length,
+                        row = measure_speed(cfg, params, options, condition, windows, length,
                                             batch)
                         speed.append(row)
                         f.write(json.dumps(row) + "\n")
                         f.flush()
-                        print(f"{condition:13s} N={length:<4d} B={batch:<3d} {spec.label:30s} "
+                        print(f"{condition:13s} N={length:<4d} B={batch:<3d} {options.label:30s} "
                               f"calls {row['model_calls']:7.1f}  iters {row['iterations']:6.1f}  "
                               f"tok/iter {row['tokens_per_iteration']:5.1f}  "
                               f"{row['tokens_per_s']:8.0f} tok/s  compile "

@@ -30,24 +30,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from sigma_jax.model import count_params
-from sigma_jax.samplers import SamplerSpec
+from sigma_jax.sampling import SampleOptions
+from sigma_jax.sampling import sample as sample_sampler
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = ("smoke", "cpu", "published")
-# The generation strategies of the experiments: named configurations of the library's samplers.
-STRATEGY_SPECS = {
-    "ar_left_to_right": SamplerSpec("ar", order="left_to_right"),
-    "ar_random": SamplerSpec("ar"),
-    "ar_fractal": SamplerSpec("ar", order="fractal"),
-    "burst_exact": SamplerSpec("burst"),
-    "burst_paper": SamplerSpec("burst_paper"),
+# The generation strategies of the experiments, named by the library's samplers
+# (`sampling.SAMPLERS`) with the AR generation order where it is not random: each name is a
+# display label of one `SampleOptions`.
+SAMPLER_OPTIONS = {
+    "ar_left_to_right": SampleOptions("ar", order="left_to_right"),
+    "ar_random": SampleOptions("ar"),
+    "ar_fractal": SampleOptions("ar", order="fractal"),
+    "burst": SampleOptions("burst"),
+    "burst_paper": SampleOptions("burst_paper"),
 }
-STRATEGIES = tuple(STRATEGY_SPECS)
+STRATEGIES = tuple(SAMPLER_OPTIONS)
 STRATEGY_LABELS = {
     "ar_left_to_right": "AR, left-to-right order",
     "ar_random": "AR, random order",
     "ar_fractal": "AR, fractal order",
-    "burst_exact": "burst, exact rule",
+    "burst": "burst, exact rule",
     "burst_paper": "burst, paper rule (K=5)",
 }
 
@@ -203,7 +206,7 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
            temperature: float = 1.0, chunk: int = 64, window: int | None = None,
            n_orders: int = 5, known_order: str = "random") -> tuple[np.ndarray, dict]:
     """Fill the unknown positions of tokens[B, N] with one generation strategy (STRATEGIES: a
-    `SamplerSpec` with the given window, n_orders and known_order), in chunks of `chunk` rows (the
+    `SampleOptions` with the given window, n_orders and known_order), in chunks of `chunk` rows (the
     last chunk is padded, so every call has one shape).
 
     known_order: how 'ar_random' and the burst strategies feed the known tokens (the samplers'
@@ -216,10 +219,10 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
     batched call: AR 1 + R, burst 1 + 2 x the slowest row's iterations), tokens_per_iteration,
     finished (fraction), seconds (wall, first call's compilation included).
     """
-    if strategy not in STRATEGY_SPECS:
+    if strategy not in SAMPLER_OPTIONS:
         raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
-    spec = dataclasses.replace(STRATEGY_SPECS[strategy], window=window, n_orders=n_orders,
-                               known_order=known_order)
+    options = SAMPLER_OPTIONS[strategy].replace(window=window, n_orders=n_orders,
+                                                known_order=known_order)
     tokens = np.asarray(tokens, np.int32)
     known = np.asarray(known, bool)
     b = tokens.shape[0]
@@ -230,7 +233,8 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
         idx = np.arange(lo, lo + chunk) % b  # pad the last chunk with rows from the start
         tk, kn = jnp.asarray(tokens[idx]), jnp.asarray(known[idx])
         k = jax.random.fold_in(key, i)
-        out, stats = spec.sample(model_cfg, params, k, tk, kn, temperature=temperature)
+        out, stats = sample_sampler(model_cfg, params, k, tk, kn,
+                                    options.replace(temperature=temperature))
         keep = min(chunk, b - lo)
         stats = jax.device_get(stats)
         outs.append(np.asarray(out)[:keep])

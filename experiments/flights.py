@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     patterns = {"prediction": common.prefix_known(len(refs), n, p),
                 "infilling": infill_known(len(refs), n, spec["n_known"])}
     plan = [("gpt", gpt, "ar_left_to_right"), ("sigma", sigma, "ar_left_to_right"),
-            ("sigma", sigma, "ar_random"), ("sigma", sigma, "burst_exact"),
+            ("sigma", sigma, "ar_random"), ("sigma", sigma, "burst"),
             ("sigma", sigma, "burst_paper")]
     rows, preds = [], {}
     for pattern, known in patterns.items():
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
     for pattern, known in patterns.items():
         chosen = [("GPT, AR", ("gpt", "ar_left_to_right")),
                   ("σ-GPT, AR random", ("sigma", "ar_random")),
-                  ("σ-GPT, burst exact", ("sigma", "burst_exact"))]
+                  ("σ-GPT, burst exact", ("sigma", "burst"))]
         if pattern == "infilling":
             chosen.append(("linear interpolation", ("baseline", "none")))
         plot_flights(refs[show], known[show],

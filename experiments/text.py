@@ -22,7 +22,7 @@ import numpy as np
 from experiments import common
 
 POLICIES = ("left_to_right", "random", "curriculum")
-SAMPLERS = ("ar_left_to_right", "ar_random", "burst_exact", "burst_paper")
+SAMPLERS = ("ar_left_to_right", "ar_random", "burst", "burst_paper")
 
 SIZES = {
     "smoke": dict(preset="shakespeare_char_cpu",

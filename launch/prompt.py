@@ -35,18 +35,26 @@ def parse_prompt(text: str, encode: Callable[[str], np.ndarray], length: int,
     """
     if length > block_size:
         raise ValueError(f"--length {length} exceeds the model's block_size {block_size}")
-    tokens, known = [], []
     pieces = _MISSING.split(text)  # alternating: text, count, text, count, ...
+    runs = []  # (token ids or None for a gap, run length), checked against length as they come
+    total = 0
     for i, piece in enumerate(pieces):
-        if i % 2:
-            tokens += [0] * int(piece)
-            known += [False] * int(piece)
+        if i % 2:  # a gap: its digits are bounded before they become a number
+            run = (None, int(piece) if len(piece) <= len(str(length)) else length + 1)
         elif piece:
-            ids = np.asarray(encode(piece), np.int32).tolist()
-            tokens += ids
-            known += [True] * len(ids)
-    if len(tokens) > length:
-        raise ValueError(f"the prompt is {len(tokens)} tokens long, more than --length {length} "
-                         f"(block_size {block_size}); shorten it or raise --length")
-    pad = length - len(tokens)
-    return (np.asarray(tokens + [0] * pad, np.int32), np.asarray(known + [False] * pad, bool))
+            ids = np.asarray(encode(piece), np.int32)
+            run = (ids, ids.size)
+        else:
+            continue
+        runs.append(run)
+        total += run[1]
+        if total > length:
+            raise ValueError(f"the prompt is more than --length {length} tokens long "
+                             f"(block_size {block_size}); shorten it or raise --length")
+    tokens, known = np.zeros(length, np.int32), np.zeros(length, bool)
+    at = 0
+    for ids, size in runs:
+        if ids is not None:
+            tokens[at:at + size], known[at:at + size] = ids, True
+        at += size
+    return tokens, known

@@ -10,13 +10,14 @@ redraws the sequence in the terminal as burst iterations fill it in.
 Sharded and multi-host (launch/distributed.py, docs/scaling.md): `--mesh=data:fsdp:tensor`
 (default auto), `--mesh_axis_type`, `--distributed`. The params are restored straight onto the
 mesh, each batch is padded to a multiple of the batch axes and sampled by one sharded kernel
-(`sigma_jax.samplers.sample_sharded`), and the samples are gathered from every process and
+(`sigma_jax.sampling.sample_sharded`), and the samples are gathered from every process and
 printed by process 0 only. `--animate` runs on a single process.
 
-Exit code 2 with one line on stderr, before any sampling, for: a missing checkpoint, an unknown
-shipped model, both or neither of --workdir and --pretrained, a prompt
-longer than the block size, characters outside the vocabulary, bad flag values, or a mesh that
-the devices cannot hold.
+Exit code 2 with one line on stderr, before any sampling and before the header, for: a missing
+checkpoint, an unknown shipped model, both or neither of --workdir and --pretrained, a prompt
+longer than --length or the block size, characters outside the vocabulary, a sampler option the
+samplers reject (`SampleOptions`, checked against the model and the length), or a mesh that the
+devices cannot hold.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from launch import flags as launch_flags
 from launch.prompt import parse_prompt, read_prompt
 from sigma_jax.model import shard_params
 from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
-from sigma_jax.samplers import SAMPLERS, SamplerSpec, sample_sharded
+from sigma_jax.sampling import SAMPLERS, SampleOptions, sample_sharded
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
@@ -103,54 +104,45 @@ def load_model(mesh):
             min(task.seq_len, cfg.block_size))
 
 
-def check_flags() -> None:
+def check_flags() -> SampleOptions:
+    """Every flag checked before any work: the sampler options of the flags."""
     if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
         raise ValueError("give exactly one of --workdir (a directory written by launch.train) "
                          "and --pretrained (a shipped model, e.g. shakespeare_char)")
-    for name in ("num_samples", "batch_size", "n_orders", "window", "top_k", "length"):
+    for name in ("num_samples", "batch_size", "length"):
         value = getattr(FLAGS, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1; got {value}")
-    if FLAGS.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0; got {FLAGS.temperature}")
-    if FLAGS.top_p is not None and not 0 < FLAGS.top_p <= 1:
-        raise ValueError(f"--top_p must be in (0, 1]; got {FLAGS.top_p}")
     if FLAGS.animate and not FLAGS.sampler.startswith("burst"):
         raise ValueError("--animate needs a burst sampler (burst, burst_jacobi, burst_paper)")
     if FLAGS.animate and jax.process_count() > 1:
         raise ValueError("--animate runs on a single process; drop it for multi-host sampling")
-    chosen_spec()  # an impossible sampler / order combination is a usage error too
+    return chosen_options()
 
 
-def chosen_spec() -> SamplerSpec:
-    """The sampler spec of the flags."""
-    return SamplerSpec(FLAGS.sampler, order=FLAGS.order, window=FLAGS.window,
-                       n_orders=FLAGS.n_orders, known_order=FLAGS.known_order)
+def chosen_options() -> SampleOptions:
+    """The sampler options of the flags (a one-line ValueError for any value they reject)."""
+    return SampleOptions(FLAGS.sampler, order=FLAGS.order, window=FLAGS.window,
+                         n_orders=FLAGS.n_orders, top_k=FLAGS.top_k, known_order=FLAGS.known_order,
+                         temperature=FLAGS.temperature, top_p=FLAGS.top_p)
 
 
-def sampling_options() -> dict:
-    return dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
-
-
-def run_sampler(cfg, params, key, tokens, known, mesh):
+def run_sampler(cfg, params, key, tokens, known, mesh, options: SampleOptions):
     """One batch through the chosen sampler, sharded on `mesh`: (tokens [B, N], SampleStats) as
     host numpy arrays, gathered from every process (every process must call this)."""
     from sigma_jax import sharding as sh
 
-    spec = chosen_spec()
-    return sh.to_host(sample_sharded(spec.function, cfg, params, key, tokens, known,
-                                        mesh=mesh, **spec.options(**sampling_options())))
+    return sh.to_host(sample_sharded(cfg, params, key, tokens, known, options, mesh=mesh))
 
 
-def animate(cfg, params, key, tokens, known, decode) -> None:
+def animate(cfg, params, key, tokens, known, decode, options: SampleOptions) -> None:
     """Burst sampling one iteration at a time (`sigma_jax.burst_states`), redrawing the first row
     after each."""
     from sigma_jax import burst_states
 
-    options = chosen_spec().options(**sampling_options())
     n = tokens.shape[1]
     for iteration, (state, _) in enumerate(burst_states(cfg, params, key, tokens, known,
-                                                        **options)):
+                                                        options=options)):
         filled = np.asarray(state.filled[0])
         text = decode(np.where(filled, np.asarray(state.tokens[0]), 0))
         shown = "".join(c if f else "_" for c, f in zip(text, filled, strict=False)) \
@@ -168,7 +160,7 @@ def main(argv) -> None:
         launch_flags.die(f"unexpected arguments: {' '.join(argv[1:])}")
     with launch_flags.usage_errors():
         distributed.initialize()  # first: before any other JAX call
-        check_flags()
+        options = check_flags()
         mesh = distributed.build_mesh()
         # --animate samples one row step by step on one device; everything else on the mesh.
         cfg, params, encode, decode, source, default_length = load_model(
@@ -180,6 +172,7 @@ def main(argv) -> None:
         tokens, known = parse_prompt(text, encode or (lambda s: []), length, cfg.block_size)
         if not cfg.bos and not known.any():
             raise ValueError("this model has no start token: give a non-empty --prompt")
+        options.check_for(cfg, length)
     batch = FLAGS.batch_size or FLAGS.num_samples
     key = jax.random.key(FLAGS.seed)
     primary = distributed.is_primary()
@@ -187,7 +180,8 @@ def main(argv) -> None:
         print(f"# {source}: sampler={FLAGS.sampler} length={length} "
               f"known={int(known.sum())} mesh={distributed.mesh_text(mesh)}")
     if FLAGS.animate:
-        animate(cfg, params, key, jnp.asarray(tokens)[None], jnp.asarray(known)[None], decode)
+        animate(cfg, params, key, jnp.asarray(tokens)[None], jnp.asarray(known)[None], decode,
+                options)
         return
     done = 0
     while done < FLAGS.num_samples:
@@ -196,7 +190,7 @@ def main(argv) -> None:
         tok = np.broadcast_to(np.asarray(tokens), (b, length))
         kn = np.broadcast_to(np.asarray(known), (b, length))
         start = time.perf_counter()
-        out, stats = run_sampler(cfg, params, keys, tok, kn, mesh)
+        out, stats = run_sampler(cfg, params, keys, tok, kn, mesh, options)
         wall = time.perf_counter() - start
         its, calls = stats.iterations, int(stats.forward_passes)
         compiled = " incl. compilation" if done == 0 else ""

@@ -5,13 +5,21 @@ from sigma_jax.cache import KVCache
 from sigma_jax.config import ModelConfig
 from sigma_jax.likelihood import conditionals, log_prob
 from sigma_jax.model import count_params, forward, init_params
-from sigma_jax.sample_ar import sample_ar, sample_ar_call
-from sigma_jax.sample_burst import burst_states, sample_burst, sample_burst_call
-from sigma_jax.sampling import SamplerCall, SampleStats
+from sigma_jax.sampling import (
+    SampleOptions,
+    SamplerCall,
+    SampleStats,
+    burst_states,
+    sample_ar,
+    sample_ar_call,
+    sample_burst,
+    sample_burst_call,
+)
 
 __all__ = [
     "KVCache",
     "ModelConfig",
+    "SampleOptions",
     "SampleStats",
     "SamplerCall",
     "burst_states",

@@ -9,10 +9,11 @@ and what is allowed, before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
+
+from sigma_jax.checks import check_bool, check_choice, check_float, check_int
 
 POS_ENCODINGS = ("learned", "sinusoidal")
 DTYPES = ("float32", "bfloat16")
@@ -21,16 +22,6 @@ ATTENTIONS = ("auto", "blocked", "fused")
 # Position id of the start slot (the "previous position" of the first generated token). Learned
 # tables map it to their extra last row; the sinusoidal encoding evaluates PE(-1).
 START_POS = -1
-
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 @jax.tree_util.register_static
@@ -79,9 +70,9 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            _positive_int(name, getattr(self, name))
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
         if self.d_ff is not None:
-            _positive_int("d_ff", self.d_ff)
+            object.__setattr__(self, "d_ff", check_int("d_ff", self.d_ff, 1))
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
@@ -89,21 +80,17 @@ class ModelConfig:
             raise ValueError(
                 f"n_embd must be a multiple of 4 (two position halves of even width), "
                 f"got {self.n_embd}")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        check_float("dropout", self.dropout, 0.0, 1.0, high_open=True)
         for name in ("bias", "bos", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        _choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
-        scale = self.sinusoidal_scale
-        if not isinstance(scale, int | float) or isinstance(scale, bool) or not scale > 0:
-            raise ValueError(f"sinusoidal_scale must be a positive float, got {scale!r}")
+            check_bool(name, getattr(self, name))
+        check_choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        scale = check_float("sinusoidal_scale", self.sinusoidal_scale, 0.0, low_open=True)
         if scale != 1.0 and self.pos_encoding != "sinusoidal":
             raise ValueError("sinusoidal_scale only applies to pos_encoding='sinusoidal'; "
                              f"got sinusoidal_scale={scale!r} with {self.pos_encoding!r}")
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("param_dtype", self.param_dtype, DTYPES)
-        _choice("attention", self.attention, ATTENTIONS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("param_dtype", self.param_dtype, DTYPES)
+        check_choice("attention", self.attention, ATTENTIONS)
 
     @property
     def head_dim(self) -> int:
@@ -152,20 +139,6 @@ def parse_order_policy(policy: str) -> tuple[str, float]:
     raise ValueError(
         "order_policy must be 'left_to_right', 'random', 'fractal', 'curriculum' or "
         f"'randcur:P' with 0 <= P <= 100; got {policy!r}")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value, low: float, high: float | None = None,
-                 *, high_open: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and value >= low and (high is None or value < high or (value == high and not high_open))
-    if not ok:
-        bound = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
-        raise ValueError(f"{name} must be a number >= {low}{bound}, got {value!r}")
 
 
 @jax.tree_util.register_static
@@ -219,27 +192,24 @@ class TrainConfig:
         if self.data_path is not None and not isinstance(self.data_path, str):
             raise ValueError(f"data_path must be a path string or None, got {self.data_path!r}")
         if self.seq_len is not None:
-            _check_int("seq_len", self.seq_len, 1)
+            object.__setattr__(self, "seq_len", check_int("seq_len", self.seq_len, 1))
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints",
                      "log_every"):
-            _check_int(name, getattr(self, name), 1)
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
-            _check_int(name, getattr(self, name), 0)
-        _check_float("learning_rate", self.learning_rate, 0.0)
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        _check_float("min_lr", self.min_lr, 0.0, self.learning_rate)
-        _check_float("weight_decay", self.weight_decay, 0.0)
-        _check_float("beta1", self.beta1, 0.0, 1.0, high_open=True)
-        _check_float("beta2", self.beta2, 0.0, 1.0, high_open=True)
-        _check_float("grad_clip", self.grad_clip, 0.0)
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 0))
+        check_float("learning_rate", self.learning_rate, 0.0, low_open=True)
+        check_float("min_lr", self.min_lr, 0.0, self.learning_rate)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("beta1", self.beta1, 0.0, 1.0, high_open=True)
+        check_float("beta2", self.beta2, 0.0, 1.0, high_open=True)
+        check_float("grad_clip", self.grad_clip, 0.0)
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps "
                              f"({self.max_steps})")
         parse_order_policy(self.order_policy)  # ValueError naming order_policy
         for name in ("per_row_curriculum", "keep_prompt_first"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         for name in ("learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
             object.__setattr__(self, name, float(getattr(self, name)))
 

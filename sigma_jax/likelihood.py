@@ -12,44 +12,22 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sigma_jax import orders as orders_lib
+from sigma_jax.checks import check_int, check_known, int_positions, token_ids
 from sigma_jax.config import ModelConfig
-from sigma_jax.decode import burst_pass, prefill
+from sigma_jax.decode import burst_pass, cache_capacity, prefill
 from sigma_jax.model import forward
 
 
-def is_concrete(*xs) -> bool:
-    """True unless one of xs is a tracer (its value unknown until the traced call runs)."""
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
-def check_known(cfg: ModelConfig, tokens, known, order=None) -> None:
-    """One-line ValueErrors for bad inputs (skipped under tracing, where values are unknown)."""
-    if tokens.ndim != 2 or tokens.shape != known.shape:
-        raise ValueError(f"tokens and known must both be [B, N]; got {tokens.shape} and "
-                         f"{known.shape}")
-    if tokens.shape[1] > cfg.block_size:
-        raise ValueError(f"sequence length {tokens.shape[1]} exceeds block_size "
-                         f"{cfg.block_size}")
-    if order is not None and order.shape != tokens.shape:
-        raise ValueError(f"order must be [B, N] like tokens; got {order.shape}")
-    if not is_concrete(tokens, known, order):
-        return
-    tokens, known = np.asarray(tokens), np.asarray(known, bool)
-    if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= cfg.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
-    if not cfg.bos and not known.any(axis=1).all():
-        raise ValueError("without a start token (bos=False) every row needs >= 1 known token")
-    if order is not None:
-        order = np.asarray(order)
-        if not (np.sort(order, axis=1) == np.arange(order.shape[1])).all():
-            raise ValueError("order rows must be permutations of range(N)")
-        n_known = known.sum(axis=1, keepdims=True)
-        first = np.arange(order.shape[1])[None] < n_known
-        if not (np.take_along_axis(known, order, 1) == first).all():
-            raise ValueError("order must list every row's known positions first")
+def _checked(cfg: ModelConfig, tokens, known, order, known_order: str):
+    """(tokens int32, known bool, order int32 or None) [B, N] after the one-line input checks."""
+    tokens, known = token_ids(tokens), jnp.asarray(known).astype(bool)
+    order = None if order is None else int_positions(order)
+    check_known(cfg, tokens, known, order)
+    orders_lib.check_known_order(known_order)
+    return (jnp.asarray(tokens, jnp.int32), known,
+            None if order is None else jnp.asarray(order, jnp.int32))
 
 
 @jax.jit
@@ -84,9 +62,8 @@ def log_prob(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.Array
     gives the full-sequence log-likelihood. A model that is consistent across orders gives the
     same value for every order; the spread over orders is a consistency diagnostic.
     """
-    known = jnp.asarray(known, bool)
-    check_known(cfg, tokens, known, order)
-    orders_lib.check_known_order(known_order)
+    tokens, known, order = _checked(cfg, tokens, known, order, known_order)
+    n_orders = check_int("n_orders", n_orders, 1)
     if order is not None:
         if n_orders != 1:
             raise ValueError("pass either an explicit order or n_orders > 1, not both")
@@ -105,7 +82,7 @@ def log_prob(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.Array
 def _conditionals(cfg: ModelConfig, params: dict, tokens, known, order):
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)
     cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known,
-                                        capacity=tokens.shape[1] + int(cfg.bos))
+                                        capacity=cache_capacity(cfg, tokens.shape[1]))
     targets = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     probs = jax.nn.softmax(burst_pass(cfg, params, cache, last_tok, last_pos, targets), axis=-1)
     one_hot = jax.nn.one_hot(tokens, cfg.vocab_size, dtype=probs.dtype)
@@ -123,9 +100,7 @@ def conditionals(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.A
     ascending with known_order='ascending' (no key needed). Rows of known positions are the
     one-hot of the known token; the values of `tokens` at unknown positions are ignored.
     """
-    known = jnp.asarray(known, bool)
-    check_known(cfg, tokens, known, order)
-    orders_lib.check_known_order(known_order)
+    tokens, known, order = _checked(cfg, tokens, known, order, known_order)
     if order is None:
         if key is None and known_order == "random":
             raise ValueError("conditionals needs a PRNG key to draw the order of the known "

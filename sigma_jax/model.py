@@ -34,6 +34,7 @@ from sigma_jax.attention import (
     fused_causal_attention,
 )
 from sigma_jax.cache import KVCache, init_cache
+from sigma_jax.checks import is_concrete
 from sigma_jax.config import START_POS, ModelConfig
 from sigma_jax.layers import Linear
 from sigma_jax.sharding import (
@@ -197,7 +198,7 @@ def check_positions(cfg: ModelConfig, *positions) -> None:
     position); skipped for traced values, where an out-of-range position instead makes its own
     slot's logits NaN and leaves every other slot unchanged."""
     for pos in positions:
-        if isinstance(pos, jax.core.Tracer):
+        if not is_concrete(pos):
             continue
         pos = np.asarray(pos)
         if pos.size and (pos.min() < START_POS or pos.max() >= cfg.block_size):

@@ -76,25 +76,39 @@ def bit_reversed_rank(n: int) -> np.ndarray:
     return np.argsort(np.argsort(reversed_index)).astype(np.int32)
 
 
+@functools.lru_cache(maxsize=16)
+def _bit_reversed_rank_table(n: int) -> np.ndarray:
+    """int32 [n + 1, n]: row l = `bit_reversed_rank(l)` (0 past l)."""
+    table = np.zeros((n + 1, n), np.int32)
+    for length in range(1, n + 1):
+        table[length, :length] = bit_reversed_rank(length)
+    return table
+
+
 @jax.jit
-def spread_known_first(known: jax.Array) -> jax.Array:
+def spread_known_first(known: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
     """Known positions ascending, then the unknown ones farthest-first: int32 [B, N].
 
     Each next position is the unknown one farthest from every position placed so far (the known
-    ones and the two virtual positions -1 and N at the ends), ties broken by `bit_reversed_rank`.
+    ones and the two virtual positions -1 and L at the ends), ties broken by `bit_reversed_rank`.
     With nothing known this bisects the sequence (N = 8: 4, 2, 6, 0, 1, 5, 3, 7); with known
     tokens it fills the middle of the widest gap first. Consecutive positions of the order lie far
     apart, so the drafts of one burst iteration are nearly independent and are accepted most.
+    lengths: int32 [B] (None: N); positions >= a row's length are absent and come last,
+    ascending, and the row's first L steps are its order at N = L.
     """
     b, n = known.shape
     pos = jnp.arange(n, dtype=jnp.int32)[None, :]  # [1, N]
-    tie = jnp.asarray(bit_reversed_rank(n))[None, :]  # [1, N]
+    absent = _absent(known, lengths)
+    tie = jnp.asarray(_bit_reversed_rank_table(n))[
+        jnp.full((b,), n, jnp.int32) if lengths is None else lengths]  # [B, N]
+    wall = known | absent  # a row's end acts as a known position
 
     # Distances to the nearest known position (or virtual end) on the left and on the right.
     left = pos - jax.lax.cummax(jnp.where(known, pos, -1), axis=1)
-    flipped = jax.lax.cummax(jnp.flip(jnp.where(known, n - 1 - pos, -1), 1), axis=1)
+    flipped = jax.lax.cummax(jnp.flip(jnp.where(wall, n - 1 - pos, -1), 1), axis=1)
     right = n - 1 - jnp.flip(flipped, 1) - pos
-    dist = jnp.where(known, -1, jnp.minimum(left, right))  # [B, N]; -1 = already placed
+    dist = jnp.where(wall, -1, jnp.minimum(left, right))  # [B, N]; -1 = already placed
 
     def place(t, carry):
         dist, step = carry
@@ -106,7 +120,14 @@ def spread_known_first(known: jax.Array) -> jax.Array:
         return dist, step
 
     _, step = jax.lax.fori_loop(0, n, place, (dist, jnp.zeros((b, n), jnp.int32)))
-    return _order_from_keys(jnp.where(known, pos - n, step))
+    return _order_from_keys(jnp.where(known, pos - n, jnp.where(absent, n + pos, step)))
+
+
+def _absent(known: jax.Array, lengths: jax.Array | None) -> jax.Array:
+    """bool [B, N]: positions at or past each row's length (all False for lengths None)."""
+    if lengths is None:
+        return jnp.zeros(known.shape, bool)
+    return jnp.arange(known.shape[-1])[None, :] >= lengths[:, None]
 
 
 # ---------------------------------------------------------------- orders from masks
@@ -122,22 +143,32 @@ def _order_from_keys(keys: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames="known_order")
-def random_order(key: jax.Array, known: jax.Array, *, known_order: str = "random"
-                 ) -> jax.Array:
+def random_order(key: jax.Array, known: jax.Array, *, known_order: str = "random",
+                 lengths: jax.Array | None = None) -> jax.Array:
     """The known-first order of the convention (module docstring): int32 [B, N].
 
     The known positions of each row come first, in a uniformly random order (known_order='random')
     or ascending (known_order='ascending'); then its unknown positions in a uniformly random order.
     key: one typed key for the batch, or one per row ([B]; row b then depends only on key[b]).
-    known: bool [B, N].
+    known: bool [B, N]. lengths: int32 [B] (None: N); positions >= a row's length are absent and
+    come last, ascending. With one key per row (or B = 1), a row's first L steps are its order at
+    N = L: the uniforms of threefry's partitionable mode do not depend on the trailing length.
     """
     check_known_order(known_order)
     if key.ndim == 1:  # one key per row
-        one_row = lambda k, kn: random_order(k, kn[None], known_order=known_order)[0]
-        return jax.vmap(one_row)(key, known)
+        one_row = lambda k, kn, ln: random_order(k, kn[None], known_order=known_order,
+                                                 lengths=ln[None])[0]
+        rows = _full_lengths(known) if lengths is None else lengths
+        return jax.vmap(one_row)(key, known, rows)
     u = jax.random.uniform(key, known.shape)  # [B, N]
     first = jnp.arange(known.shape[-1]) / known.shape[-1] if known_order == "ascending" else u
-    return _order_from_keys(jnp.where(known, first, 2.0 + u))
+    absent_last = 4.0 + jnp.arange(known.shape[-1])  # [N]
+    return _order_from_keys(jnp.where(known, first, jnp.where(_absent(known, lengths),
+                                                              absent_last, 2.0 + u)))
+
+
+def _full_lengths(known: jax.Array) -> jax.Array:
+    return jnp.full(known.shape[:1], known.shape[-1], jnp.int32)
 
 
 def check_known_order(known_order: str) -> None:
@@ -147,44 +178,52 @@ def check_known_order(known_order: str) -> None:
                          f"got {known_order!r}")
 
 
-def ordered_known_first(known: jax.Array) -> jax.Array:
-    """Known positions ascending, then unknown positions ascending: int32 [B, N]."""
-    idx = jnp.arange(known.shape[-1])
-    return _order_from_keys(jnp.where(known, idx, known.shape[-1] + idx))
+def ordered_known_first(known: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+    """Known positions ascending, then unknown positions ascending (then the absent ones past
+    each row's length, lengths int32 [B] or None): int32 [B, N]."""
+    n = known.shape[-1]
+    idx = jnp.arange(n)
+    return _order_from_keys(jnp.where(known, idx, jnp.where(_absent(known, lengths), 2 * n + idx,
+                                                            n + idx)))
 
 
 @jax.jit
-def fractal_known_first(known: jax.Array) -> jax.Array:
+def fractal_known_first(known: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
     """Known positions ascending, then the R_b unknown positions in the order F(R_b) applied to
-    their sorted indices (per row). known: bool [B, N] -> int32 [B, N]."""
+    their sorted indices (per row), then the absent positions past each row's length (lengths
+    int32 [B] or None), ascending. known: bool [B, N] -> int32 [B, N]."""
     n = known.shape[-1]
     table = jnp.asarray(_fractal_rank_table(n))  # [N + 1, N]
-    unknown = ~known
+    absent = _absent(known, lengths)
+    unknown = ~known & ~absent
     rank = jnp.cumsum(unknown, axis=-1) - 1  # rank of each unknown among the row's unknowns
     n_unknown = jnp.sum(unknown, axis=-1)  # [B]
     step = table[n_unknown[:, None], jnp.clip(rank, 0, n - 1)]  # [B, N]
-    return _order_from_keys(jnp.where(known, jnp.arange(n) - n, step))
+    return _order_from_keys(jnp.where(known, jnp.arange(n) - n,
+                                      jnp.where(absent, n + jnp.arange(n), step)))
 
 
 def order_from_mask(kind: str, known: jax.Array, key: jax.Array | None = None, *,
-                    known_order: str = "random") -> jax.Array:
+                    known_order: str = "random", lengths: jax.Array | None = None) -> jax.Array:
     """Known positions first, then the unknown ones in the named kind of order (per row).
 
     kind: 'left_to_right' (both groups ascending), 'random' (`random_order`: the known group as
     `known_order` says, the unknown one shuffled; needs a key, one or one per row) or 'fractal'
     (known ascending, unknown in bisection order) or 'spread' (known ascending, unknown
-    farthest-first: `spread_known_first`).
+    farthest-first: `spread_known_first`). lengths: int32 [B] (None: every row has length N):
+    the positions at or past a row's length are absent (known must be False there); they come
+    last, ascending, and the first L steps of a row are its order at N = L.
     """
     if kind == "random":
         if key is None:
             raise ValueError("order 'random' needs a PRNG key")
-        return random_order(key, known, known_order=known_order)
+        return random_order(key, known, known_order=known_order, lengths=lengths)
     if kind == "left_to_right":
-        return ordered_known_first(known)
+        return ordered_known_first(known, lengths)
     if kind == "fractal":
-        return fractal_known_first(known)
+        return fractal_known_first(known, lengths)
     if kind == "spread":
-        return spread_known_first(known)
+        return spread_known_first(known, lengths)
     raise ValueError(f"order must be one of {', '.join(ORDER_KINDS)}; got {kind!r}")
 
 

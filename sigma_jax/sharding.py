@@ -1,5 +1,5 @@
 """Device meshes, the logical-axis table, and `constrain()`: the one helper every sharding hint
-uses. This module knows meshes and axis names only; it imports nothing else of sigma_jax.
+uses. This module knows meshes and axis names only; of sigma_jax it imports only the leaf checks.
 
 The mesh has three axes, always in this order:
 
@@ -11,11 +11,10 @@ The mesh has three axes, always in this order:
 Library code never names mesh axes. It names *logical* axes ("batch", "heads", ...) and the
 `DEFAULT_RULES` table maps them onto mesh axes. The model declares its parameters' logical axes
 (`model.param_shardings`), the cache its own (`cache.cache_sharding`); training
-(`sigma_jax.train`) and sharded sampling (`samplers.sample_sharded`) put them on their jitted
-entry points. Without an ambient mesh (`jax.set_mesh`), `constrain()` does nothing.
-
-Divisibility: `fit_spec` drops a mesh axis from a dimension it does not divide (a vocabulary of
-11 on tensor=4 stays replicated), so tiny models run on any mesh; batches use `check_batch`.
+(`sigma_jax.train`) and sharded sampling (`sampling.sample_sharded`) put them on their jitted
+entry points. Without an ambient mesh (`jax.set_mesh`), `constrain()` does nothing. `fit_spec`
+drops a mesh axis from a dimension it does not divide (a vocabulary of 11 on tensor=4 stays
+replicated), so tiny models run on any mesh; batches use `check_batch`.
 
 Axis types. Auto meshes (the default, `MeshConfig.axis_type='auto'`) let XLA propagate shardings;
 `constrain` then uses `jax.lax.with_sharding_constraint`. Explicit meshes carry shardings in the
@@ -26,10 +25,9 @@ array types; `constrain` then uses `jax.sharding.reshard`. Under Explicit:
   - `cache.write` passes `out_sharding=explicit_spec(...)` to its scatter;
   - calls need `with jax.set_mesh(mesh):` (the ambient mesh is how `constrain` sees it).
 
-Host data: each process's share of a batch enters with `place_local_batch`
-(`jax.make_array_from_process_local_data`), data every process holds in full with
-`place_global`; results leave with `to_host` (`process_allgather` for arrays spread over several
-processes). `mesh_config` reads the launchers' --mesh flag ('auto' or data:fsdp:tensor).
+Host data: each process's share of a batch enters with `place_local_batch`, data every process
+holds in full with `place_global`; results leave with `to_host` (all-gathered across processes).
+`mesh_config` reads the launchers' --mesh flag ('auto' or data:fsdp:tensor).
 """
 
 from __future__ import annotations
@@ -44,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
+
+from sigma_jax.checks import is_concrete
 
 MESH_AXES = ("data", "fsdp", "tensor")
 AXIS_TYPES = ("auto", "explicit")
@@ -259,7 +259,7 @@ def constrain(x: jax.Array, logical_names: Sequence[str | None]) -> jax.Array:
     spec = fit_spec(logical_to_spec(logical_names), x.shape, mesh)
     if _all_explicit(mesh):
         return jax.sharding.reshard(x, spec)
-    if not isinstance(x, jax.core.Tracer):  # eager call on a concrete array: place it
+    if is_concrete(x):  # eager call on a concrete array: place it
         return jax.device_put(x, spec)
     return jax.lax.with_sharding_constraint(x, spec)
 
@@ -380,8 +380,8 @@ def place_local_batch(local_batch, mesh) -> jax.Array:
 def place_global(x, sharding: NamedSharding) -> jax.Array:
     """A host array that every process holds in full (same values everywhere), placed by
     `sharding`: each process copies only the slices its own devices hold. Works across hosts,
-    where `jax.device_put` of a host array onto other processes' devices does not. Typed PRNG
-    keys are placed through their key data."""
+    where `jax.device_put` of a host array onto other processes' devices does not (typed PRNG
+    keys go through their key data)."""
     if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         impl = jax.random.key_impl(x)
         return jax.random.wrap_key_data(place_global(jax.random.key_data(x), sharding), impl=impl)

@@ -14,7 +14,7 @@ from cli_helpers import subprocess_env
 from bench import harness, models, report, roofline, sampling, suites, training
 from bench.config import BenchConfig
 from sigma_jax import ModelConfig, count_params, init_params
-from sigma_jax.samplers import SamplerSpec
+from sigma_jax.sampling import SampleOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
@@ -31,21 +31,21 @@ def params():
 
 @pytest.fixture(scope="module")
 def sampling_rows(params):
-    specs = [SamplerSpec("ar"), SamplerSpec("burst"),
-             SamplerSpec("burst_jacobi", order="spread")]
-    return {s.name: sampling.measure_sampler(TINY, params, s, N, B, repeats=2, seed=1)
-            for s in specs}
+    option_sets = [SampleOptions("ar"), SampleOptions("burst"),
+                   SampleOptions("burst_jacobi", order="spread")]
+    return {s.sampler: sampling.measure_sampler(TINY, params, s, N, B, repeats=2, seed=1)
+            for s in option_sets}
 
 
 def _check_row(name, row):
-    spec = SamplerSpec(name, order=row["order"])
-    expected = spec.expected_forward_passes(N, row["n_known"], row["iterations_max"])
+    options = SampleOptions(name, order=row["order"])
+    expected = options.expected_forward_passes(N, row["n_known"], row["iterations_max"])
     assert row["forward_passes_max"] == expected, name
     assert row["generated_per_seq"] == N and row["finished_frac"] == 1.0
     assert row["compile_s"] > 0 and row["lower_s"] > 0
     assert row["tokens_per_s"] > 0 and row["ms_per_seq"] > 0
     assert row["time_min_s"] <= row["time_median_s"] <= row["time_max_s"]
-    if spec.is_burst:
+    if options.is_burst:
         assert 1 <= row["iterations"] <= N
         assert row["tokens_per_iteration"] == pytest.approx(N / row["iterations"])
 
@@ -70,16 +70,16 @@ def test_sampler_counters_follow_sample_stats(sampling_rows):
 
 @pytest.mark.slow
 def test_sampler_counters_uncached_and_paper(params):
-    for spec in (SamplerSpec("ar_nocache"),
-                 SamplerSpec("burst_paper", window=4, n_orders=3)):
-        row = sampling.measure_sampler(TINY, params, spec, N, B, repeats=2, seed=1)
-        _check_row(spec.name, row)
+    for options in (SampleOptions("ar_nocache"),
+                    SampleOptions("burst_paper", window=4, n_orders=3)):
+        row = sampling.measure_sampler(TINY, params, options, N, B, repeats=2, seed=1)
+        _check_row(options.sampler, row)
     assert row["window_eff"] == 4 and row["n_orders"] == 3
 
 
 def test_product_law_weights_accept_every_candidate(params):
     product = models.variant_params("product", TINY, params)
-    row = sampling.measure_sampler(TINY, product, SamplerSpec("burst"), N, B,
+    row = sampling.measure_sampler(TINY, product, SampleOptions("burst"), N, B,
                                    repeats=1, warmup=2, weights="product")
     assert row["iterations_max"] == 1 and row["forward_passes"] == 3
     assert row["weights"] == "product"
@@ -88,16 +88,17 @@ def test_product_law_weights_accept_every_candidate(params):
 def test_kernel_matches_public_function(params):
     tokens, known = sampling.unconditional_inputs(TINY, B, N)
     key = jax.random.key(5)
-    assert sampling.kernel_matches_public(TINY, params, SamplerSpec("burst"), key,
+    assert sampling.kernel_matches_public(TINY, params, SampleOptions("burst"), key,
                                           tokens, known)
 
 
 @pytest.mark.slow
 def test_kernel_matches_public_function_all_samplers(params):
     tokens, known = sampling.unconditional_inputs(TINY, B, N)
-    for spec in (SamplerSpec("ar"), SamplerSpec("ar_nocache"),
-                 SamplerSpec("burst_paper", window=4, n_orders=2)):
-        assert sampling.kernel_matches_public(TINY, params, spec, jax.random.key(5), tokens, known)
+    for options in (SampleOptions("ar"), SampleOptions("ar_nocache"),
+                    SampleOptions("burst_paper", window=4, n_orders=2)):
+        assert sampling.kernel_matches_public(TINY, params, options, jax.random.key(5), tokens,
+                                              known)
 
 
 def test_time_calls_warms_up_and_times():

@@ -50,7 +50,7 @@ def test_sample_statistics_on_an_untrained_model():
     params = init_params(cfg, jax.random.key(0))
     refs = np.tile(np.arange(10) % 5, (3, 1)).astype(np.int32)
     known = common.prefix_known(3, 10, 4)
-    for strategy in ("ar_random", "burst_exact", "burst_paper"):
+    for strategy in ("ar_random", "burst", "burst_paper"):
         out, stats = common.sample(cfg, params, jax.random.key(1), refs, known, strategy,
                                    chunk=2)
         assert out.shape == refs.shape and (out[:, :4] == refs[:, :4]).all()
@@ -169,7 +169,7 @@ def test_synthetic_smoke_product(tmp_path):
     rows = record["results"]
     check_synthetic_rows(rows)
     burst = {(r["seq_len"], r["sampler"]) for r in rows if r["sampler"].startswith("burst")}
-    assert burst == {(n, s) for n in (8, 16) for s in ("burst_exact", "burst_paper")}
+    assert burst == {(n, s) for n in (8, 16) for s in ("burst", "burst_paper")}
     assert [r["seq_len"] for r in record["training"]] == [16]  # one shared product model
 
 

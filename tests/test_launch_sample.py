@@ -63,13 +63,20 @@ def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler, order):
     (["--length=999"], "block_size"),
     (["--temperature=-1"], "temperature"),
     (["--sampler=burst_paper", "--order=spread"], "order='random'"),
+    (["--temperature=nan"], "temperature"),
+    (["--top_k=1000"], "top_k must be an integer in [1, "),
+    (["--window=30", "--length=24"], "window must be an integer in [1, 24]"),
+    (["--prompt=ab<missing>300000000</missing>", "--length=16"], "more than --length 16"),
+    (["--top_p=0"], "top_p"),
 ])
 @pytest.mark.integration
 def test_bad_input_exits_2_with_one_line(char_run, args, message):
+    """Every flag the samplers reject fails before any work: nothing on stdout (no header)."""
     out = run_module("-m", "launch.sample", f"--workdir={char_run}", *args)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.stderr
+    assert out.stdout == ""
 
 
 @pytest.mark.integration
@@ -87,3 +94,4 @@ def test_animate_redraws_until_every_position_is_filled(char_run):
     frames = re.findall(r"\[iteration (\d+), (\d+)/24 filled\]", out.stdout)
     assert int(frames[0][0]) == 0 and int(frames[0][1]) == 6  # the prompt is known at the start
     assert int(frames[-1][1]) == 24 and len(frames) >= 1 + 18 // 8
+

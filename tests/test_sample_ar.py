@@ -7,7 +7,7 @@ import pytest
 from sampler_helpers import SMALL, peaked_params, ragged_known
 
 from sigma_jax import orders
-from sigma_jax.sample_ar import sample_ar
+from sigma_jax.sampling.ar import sample_ar
 
 pytestmark = pytest.mark.integration  # every test here compiles and runs whole AR sampler kernels
 

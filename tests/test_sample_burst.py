@@ -18,8 +18,8 @@ from sampler_helpers import (
 )
 
 from sigma_jax import ModelConfig
-from sigma_jax.sample_ar import _sample_ar, sample_ar
-from sigma_jax.sample_burst import _sample_burst, sample_burst
+from sigma_jax.sampling.ar import _sample_ar, sample_ar
+from sigma_jax.sampling.burst import _sample_burst, sample_burst
 
 TINY = ModelConfig(vocab_size=3, block_size=4, n_layer=2, n_head=2, n_embd=16)
 KNOWN = {0: 2, 2: 1}  # two scattered known tokens: their feeding order changes the law

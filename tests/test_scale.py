@@ -27,11 +27,11 @@ from sampler_helpers import peaked_params
 
 from launch import distributed
 from launch.train import build
-from sigma_jax import checkpoint, sample_ar, sample_burst
+from sigma_jax import checkpoint
 from sigma_jax import sharding as sh
 from sigma_jax.data import make_iterator
 from sigma_jax.model import shard_params
-from sigma_jax.samplers import sample_sharded
+from sigma_jax.sampling import SampleOptions, sample, sample_sharded
 from sigma_jax.train import (
     check_batch_fits,
     configs_dict,
@@ -235,13 +235,12 @@ def sampler_inputs():
 
 
 # The Explicit case reuses the burst reference (same call), so it costs one compile.
-@pytest.mark.parametrize("sampler, options, shape, axis_type", [
-    (sample_ar, dict(order="random"), "2:2:2", "auto"),
-    (sample_burst, dict(mode="exact", window=4), "2:2:2", "auto"),
-    (sample_burst, dict(mode="exact", window=4), "1:2:4", "explicit"),
+@pytest.mark.parametrize("options, shape, axis_type", [
+    (SampleOptions("ar", order="random"), "2:2:2", "auto"),
+    (SampleOptions("burst", window=4), "2:2:2", "auto"),
+    (SampleOptions("burst", window=4), "1:2:4", "explicit"),
 ], ids=["ar-auto", "burst-auto", "burst-explicit"])
-def test_sharded_samplers_give_the_unsharded_tokens(sampler_inputs, sampler, options, shape,
-                                                    axis_type):
+def test_sharded_samplers_give_the_unsharded_tokens(sampler_inputs, options, shape, axis_type):
     """Tokens and every statistic, for several seeds: the padding rows (6 rows on 4 batch
     devices) must not change how long the loop runs."""
     cfg, params, tokens, known = sampler_inputs
@@ -249,9 +248,8 @@ def test_sharded_samplers_give_the_unsharded_tokens(sampler_inputs, sampler, opt
     placed = shard_params(params, mesh)
     for seed in range(6):
         key = jax.random.key(seed)
-        want, want_stats = sampler(cfg, params, key, tokens, known, temperature=1.0, **options)
-        out, stats = sample_sharded(sampler, cfg, placed, key, tokens, known, mesh=mesh,
-                                       temperature=1.0, **options)
+        want, want_stats = sample(cfg, params, key, tokens, known, options)
+        out, stats = sample_sharded(cfg, placed, key, tokens, known, options, mesh=mesh)
         assert out.shape == (6, 8) and out.sharding.mesh == mesh
         got, got_stats = sh.to_host((out, stats))
         np.testing.assert_array_equal(got, want)

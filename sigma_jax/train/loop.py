@@ -141,96 +141,163 @@ def _stop_requested(flag, agree: bool) -> bool:
     return stop
 
 
+@dataclasses.dataclass
+class _Run:
+    """What a training run carries from step to step (mutated by the actions below)."""
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    mesh: jax.sharding.Mesh
+    log: Callable[[str], None]
+    configs: dict
+    state: object
+    step_fn: Callable
+    data_iter: object
+    validation: np.ndarray  # int32 [eval_batches, batch_size, N]
+    eval_key: jax.Array
+    prompt_len: int
+    tokens_per_step: int
+    manager: CheckpointManager
+    writer: metrics_log.MetricsWriter
+    flag: dict  # {"signal": None or the SIGTERM received}
+    resumed_from: int | None
+    step: int
+    start_step: int
+    saved_step: int | None
+    last: dict
+    t_start: float
+    t_mark: float
+    interval: list = dataclasses.field(default_factory=list)  # device metrics since the last row
+    stopped: bool = False
+
+
 def _train_loop(model_cfg, train_cfg, workdir: Path, task, log, mesh) -> dict:
+    """`train` under its mesh: the run's files, then one action per step, then the last save."""
+    primary = jax.process_index() == 0
+    if not primary:
+        log = lambda line: None  # noqa: E731 (only process 0 reports)
+    configs = _write_configs(model_cfg, train_cfg, workdir, task, log, primary)
+    manager = CheckpointManager(workdir, every=train_cfg.checkpoint_every,
+                                keep=train_cfg.keep_checkpoints)
+    flag, restore_handler = _install_sigterm()
+    run = None
+    try:
+        run = _start(model_cfg, train_cfg, workdir, task, log, mesh, configs, manager, flag)
+        while run.step < train_cfg.max_steps and not run.stopped:
+            _train_step(run)
+        _finish(run)
+    finally:
+        restore_handler()
+        manager.close()
+        if run is not None:
+            run.writer.close()
+    if primary:
+        metrics_log.plot_losses(metrics_log.read_metrics(workdir / "metrics.jsonl"),
+                                workdir / "loss.png")
+    return {**run.last, "step": run.step, "preempted": run.stopped or flag["signal"] is not None,
+            "resumed_from": run.resumed_from}
+
+
+def _write_configs(model_cfg, train_cfg, workdir: Path, task, log, primary: bool) -> dict:
+    """Create the workdir and write config.json (both configs and the task; process 0)."""
     workdir.mkdir(parents=True, exist_ok=True)
     configs = configs_dict(model_cfg, train_cfg)
     configs["task"] = {"name": task.name, "vocab_size": task.vocab_size,
                        "seq_len": task.seq_len, "prompt_len": task.prompt_len}
-    primary = jax.process_index() == 0
-    if not primary:
-        log = lambda line: None  # noqa: E731 (only process 0 reports)
-    multi = jax.process_count() > 1
     changed = check_workdir(workdir, model_cfg, train_cfg)
     if changed:
         log(f"note: train settings changed since the last run in {workdir}: {', '.join(changed)}")
     if primary:
         write_text_atomic(workdir / "config.json", json.dumps(configs, indent=2, sort_keys=True))
+    return configs
 
+
+def _start(model_cfg, train_cfg, workdir, task, log, mesh, configs, manager, flag) -> _Run:
+    """The state, step, data and validation of the run, restored from the latest checkpoint."""
     state = init_state(model_cfg, train_cfg, mesh=mesh)
-    step_fn = make_train_step(model_cfg, train_cfg, mesh, prompt_len=task.prompt_len)
     data_iter = make_iterator(task, "train", train_cfg.global_batch, train_cfg.seed)
-    validation = val_batches(task, train_cfg)
-    eval_key = jax.random.fold_in(jax.random.key(train_cfg.seed), EVAL_STREAM)
-    prompt_len = task.prompt_len
-    tokens_per_step = train_cfg.global_batch * task.seq_len
+    state, resumed_from = manager.restore_latest(state, data_iter)
+    step = int(state.step)
+    writer = metrics_log.MetricsWriter(workdir, start_step=step, enabled=jax.process_index() == 0)
+    if resumed_from is not None:
+        log(f"resumed from step {resumed_from} in {workdir}")
+    now = time.perf_counter()
+    return _Run(
+        model_cfg=model_cfg, train_cfg=train_cfg, mesh=mesh, log=log, configs=configs,
+        state=state, step_fn=make_train_step(model_cfg, train_cfg, mesh,
+                                             prompt_len=task.prompt_len),
+        data_iter=data_iter, validation=val_batches(task, train_cfg),
+        eval_key=jax.random.fold_in(jax.random.key(train_cfg.seed), EVAL_STREAM),
+        prompt_len=task.prompt_len, tokens_per_step=train_cfg.global_batch * task.seq_len,
+        manager=manager, writer=writer, flag=flag, resumed_from=resumed_from, step=step,
+        start_step=step, saved_step=resumed_from, last={"step": step}, t_start=now, t_mark=now)
 
-    manager = CheckpointManager(workdir, every=train_cfg.checkpoint_every,
-                                           keep=train_cfg.keep_checkpoints)
-    flag, restore_handler = _install_sigterm()
-    writer = None
-    try:
-        state, resumed_from = manager.restore_latest(state, data_iter)
-        step = start_step = int(state.step)
-        writer = metrics_log.MetricsWriter(workdir, start_step=step, enabled=primary)
-        if resumed_from is not None:
-            log(f"resumed from step {resumed_from} in {workdir}")
-        last = {"step": step}
-        saved_step, stopped = resumed_from, False
-        t_start = t_mark = time.perf_counter()
-        interval = []  # device metrics of the steps since the last row
-        while step < train_cfg.max_steps:
-            batch = next(data_iter)
-            batch = place_local_batch(batch, mesh)  # this process's rows -> one global batch
-            state, metrics = step_fn(state, batch)
-            step += 1
-            interval.append(metrics)
-            first = step == start_step + 1
-            done = step == train_cfg.max_steps
-            row_due = first or step % train_cfg.log_every == 0
-            # Multi-host: processes agree on stopping at logged steps only (one tiny collective).
-            stop = _stop_requested(flag, agree=row_due) if multi else flag["signal"] is not None
-            eval_due = done or (train_cfg.eval_every and step % train_cfg.eval_every == 0)
-            if row_due or eval_due or stop:
-                host = to_host(interval)  # the host sync of this interval
-                seconds = time.perf_counter() - t_mark
-                row = {"step": step, **{k: float(v) for k, v in host[-1].items()},
-                       "loss_avg": float(np.mean([h["loss"] for h in host]))}
-                if first:  # this interval is dominated by compilation: no throughput
-                    row["compile_s"] = seconds
-                else:
-                    row["tokens_per_s"] = len(host) * tokens_per_step / max(seconds, 1e-9)
-                    row["eta_s"] = (train_cfg.max_steps - step) * seconds / len(host)
-                row["elapsed_s"] = time.perf_counter() - t_start
-                if eval_due:
-                    row.update(evaluate(model_cfg, train_cfg, state.params, validation,
-                                        eval_key, step, prompt_len=prompt_len, mesh=mesh))
-                writer.write(row)
-                log(metrics_log.progress_line(row, train_cfg.max_steps))
-                last = row
-                t_mark, interval = time.perf_counter(), []
-            if done or stop or manager.should_save(step):
-                t_save = time.perf_counter()
-                manager.save(step, state, data_iter=data_iter, configs=configs)
-                saved_step = step
-                t_mark += time.perf_counter() - t_save  # keep the blocking save out of tokens/s
-            if stop:
-                stopped = True
-                got = flag["signal"] if flag["signal"] is not None else "on another process"
-                log(f"signal {got} at step {step}: checkpoint saved; exiting")
-                break
-        if step == start_step:  # nothing to train: report the evaluation of the checkpoint
-            last = {"step": step, **evaluate(model_cfg, train_cfg, state.params, validation,
-                                             eval_key, step, prompt_len=prompt_len, mesh=mesh)}
-        elif saved_step != step:
-            manager.save(step, state, data_iter=data_iter, configs=configs)
-        manager.wait()
-    finally:
-        restore_handler()
-        manager.close()
-        if writer is not None:
-            writer.close()
-    if primary:
-        metrics_log.plot_losses(metrics_log.read_metrics(workdir / "metrics.jsonl"),
-                                workdir / "loss.png")
-    return {**last, "step": step, "preempted": stopped or flag["signal"] is not None,
-            "resumed_from": resumed_from}
+
+def _train_step(run: _Run) -> None:
+    """One update, then what is due at its step: a metrics row (with an evaluation), a save, a
+    stop agreed by every process."""
+    cfg = run.train_cfg
+    batch = place_local_batch(next(run.data_iter), run.mesh)  # this process's rows -> global
+    run.state, metrics = run.step_fn(run.state, batch)
+    run.step += 1
+    run.interval.append(metrics)
+    first = run.step == run.start_step + 1
+    done = run.step == cfg.max_steps
+    row_due = first or run.step % cfg.log_every == 0
+    # Multi-host: processes agree on stopping at logged steps only (one tiny collective).
+    stop = (_stop_requested(run.flag, agree=row_due) if jax.process_count() > 1
+            else run.flag["signal"] is not None)
+    eval_due = done or (cfg.eval_every and run.step % cfg.eval_every == 0)
+    if row_due or eval_due or stop:
+        _log_row(run, first, eval_due)
+    if done or stop or run.manager.should_save(run.step):
+        _save(run)
+    if stop:
+        run.stopped = True
+        got = run.flag["signal"] if run.flag["signal"] is not None else "on another process"
+        run.log(f"signal {got} at step {run.step}: checkpoint saved; exiting")
+
+
+def _log_row(run: _Run, first: bool, eval_due: bool) -> None:
+    """The metrics row of the steps since the last one (the interval's one host sync): losses,
+    throughput (or the compile time of the first interval), and the evaluation when due."""
+    host = to_host(run.interval)
+    seconds = time.perf_counter() - run.t_mark
+    row = {"step": run.step, **{k: float(v) for k, v in host[-1].items()},
+           "loss_avg": float(np.mean([h["loss"] for h in host]))}
+    if first:  # this interval is dominated by compilation: no throughput
+        row["compile_s"] = seconds
+    else:
+        row["tokens_per_s"] = len(host) * run.tokens_per_step / max(seconds, 1e-9)
+        row["eta_s"] = (run.train_cfg.max_steps - run.step) * seconds / len(host)
+    row["elapsed_s"] = time.perf_counter() - run.t_start
+    if eval_due:
+        row.update(_evaluate(run))
+    run.writer.write(row)
+    run.log(metrics_log.progress_line(row, run.train_cfg.max_steps))
+    run.last = row
+    run.t_mark, run.interval = time.perf_counter(), []
+
+
+def _evaluate(run: _Run) -> dict:
+    """The validation losses of the current params."""
+    return evaluate(run.model_cfg, run.train_cfg, run.state.params, run.validation, run.eval_key,
+                    run.step, prompt_len=run.prompt_len, mesh=run.mesh)
+
+
+def _save(run: _Run) -> None:
+    """Checkpoint the step (state and data iterator); its blocking time stays out of tokens/s."""
+    t_save = time.perf_counter()
+    run.manager.save(run.step, run.state, data_iter=run.data_iter, configs=run.configs)
+    run.saved_step = run.step
+    run.t_mark += time.perf_counter() - t_save
+
+
+def _finish(run: _Run) -> None:
+    """After the last step: evaluate a run that had nothing to train, save an unsaved last step,
+    and wait for the checkpoints to be written."""
+    if run.step == run.start_step:
+        run.last = {"step": run.step, **_evaluate(run)}
+    elif run.saved_step != run.step:
+        _save(run)
+    run.manager.wait()

@@ -48,37 +48,19 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
-from sigma_jax.burst_steps import (
-    MODES,
-    BurstOptions,
-    BurstState,
-    burst_step,
-    jacobi_init,
-    jacobi_step,
-)
+from sigma_jax.checks import check_choice
 from sigma_jax.config import ModelConfig
-from sigma_jax.decode import cache_capacity, prefill
-from sigma_jax.sampling import (
-    SamplerCall,
-    SampleStats,
-    check_sampler_inputs,
-    generation_order,
-    row_keys,
-    scalar,
-    truncation_options,
+from sigma_jax.decode import prefill
+from sigma_jax.sampling.burst_steps import BurstState, burst_step, jacobi_init, jacobi_step
+from sigma_jax.sampling.call import SamplerCall, SampleStats
+from sigma_jax.sampling.inputs import checked_inputs, kernel_inputs
+from sigma_jax.sampling.options import (
+    BURST_MODES,
+    MODES,
+    KernelOptions,
+    SampleOptions,
+    model_calls,
 )
-
-
-def _check_options(mode, n_orders, window, n, order):
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
-    if mode == "paper" and not (isinstance(order, str) and order == "random"):
-        raise ValueError("mode='paper' draws its own random candidate orders: use order='random' "
-                         "or mode='exact'")
-    if not isinstance(n_orders, int) or n_orders < 1:
-        raise ValueError(f"n_orders must be a positive integer; got {n_orders!r}")
-    if window is not None and (not isinstance(window, int) or not 1 <= window <= n):
-        raise ValueError(f"window must be None or an integer in [1, {n}]; got {window!r}")
 
 
 def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
@@ -95,17 +77,18 @@ def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
     known positions in a uniformly random order from the row's key, or ascending with
     known_order='ascending', then the unknown ones uniformly shuffled), 'left_to_right',
     'fractal', 'spread' (known positions ascending, then the unknown ones in that kind of order;
-    see `orders.order_from_mask`) or an explicit int32 [B, N] order listing each row's known
-    positions first. Exact mode samples the AR law along it; paper mode takes 'random' only.
+    see `orders.order_from_mask`) or an explicit int32 [B, N] order (a list or an array) listing
+    each row's known positions first. Exact mode samples the AR law along it; paper mode takes
+    'random' only.
     n_orders: candidate orders of the paper mode (exact mode verifies one order: more would need
     a multi-draft verifier to stay exact).
     window: draft (exact, paper) or verify (jacobi) only the next `window` positions of the
     order per iteration (static; None = all N).
-    temperature (>= 0; 0 = greedy), top_p (in (0, 1]) and max_iters (default N) are traced:
-    changing them never recompiles; top_k (in [1, V]) is static; concrete out-of-range values
-    raise ValueError. The same truncation applies to p and q, so exact mode samples the truncated
-    model exactly. Returns (tokens [B, N], SampleStats); rows stopped by max_iters keep unfilled
-    positions at 0 and report finished=False.
+    temperature (>= 0; 0 = greedy), top_p (in (0, 1]) and max_iters (>= 1, default N) are
+    traced: changing them never recompiles; top_k (in [1, V]) is static; concrete out-of-range
+    values raise ValueError (see `SampleOptions`). The same truncation applies to p and q, so
+    exact mode samples the truncated model exactly. Returns (tokens [B, N], SampleStats); rows
+    stopped by max_iters keep unfilled positions at 0 and report finished=False.
     """
     return sample_burst_call(cfg, params, key, tokens, known, mode=mode, order=order,
                              n_orders=n_orders, temperature=temperature, top_k=top_k,
@@ -114,24 +97,39 @@ def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
 
 
 def sample_burst_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
-                      known: jax.Array, *, mode: str = "exact", order="random",
-                      n_orders: int = 5, temperature=1.0, top_k: int | None = None,
-                      top_p=None, max_iters=None, window: int | None = None,
-                      known_order: str = "random") -> SamplerCall:
+                      known: jax.Array, *, mode: str = "exact", order="random", **options
+                      ) -> SamplerCall:
     """`sample_burst`'s arguments checked and prepared, not yet run: a `SamplerCall` (call it to
-    sample, `.lower()` to compile ahead of time). Bad input raises ValueError before any work."""
-    known = jnp.asarray(known, bool)
-    tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32), 0)
-    check_sampler_inputs(cfg, tokens, known, order, known_order)
+    sample, `.lower()` to compile ahead of time). options: the other keyword arguments of
+    `sample_burst`. Bad input raises ValueError before any work."""
+    options, explicit = burst_options(mode, order, **options)
+    return prepare_burst(cfg, params, key, tokens, known, options, explicit)
+
+
+def burst_options(mode: str = "exact", order="random", **options
+                  ) -> tuple[SampleOptions, object | None]:
+    """(SampleOptions, explicit order or None) of `sample_burst`'s keyword arguments."""
+    check_choice("mode", mode, MODES)
+    sampler = next(name for name, m in BURST_MODES.items() if m == mode)
+    kind, explicit = (order, None) if isinstance(order, str) else ("random", order)
+    return SampleOptions(sampler, order=kind, **options), explicit
+
+
+def prepare_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known,
+                  options: SampleOptions, order=None) -> SamplerCall:
+    """The `SamplerCall` of a burst sampler with checked `options`, along `options.order` or
+    the explicit `order` [B, N]."""
+    tokens, known, order = checked_inputs(cfg, tokens, known, options, order)
+    keys, order = kernel_inputs(key, tokens, known, options, order)
+    return SamplerCall(_sample_burst,
+                       burst_args(cfg, params, keys, tokens, known, order, options), {})
+
+
+def burst_args(cfg, params, keys, tokens, known, order, options: SampleOptions) -> tuple:
+    """The arguments of the burst kernel for prepared inputs (keys [B], order int32 [B, N])."""
     n = tokens.shape[1]
-    _check_options(mode, n_orders, window, n, order)
-    temperature, top_k, top_p = truncation_options(cfg, temperature, top_k, top_p)
-    opts = BurstOptions(mode=mode, window=window or n, n_orders=n_orders if mode == "paper" else 1,
-                        top_k=top_k)
-    order, keys = generation_order(order, known, row_keys(key, tokens.shape[0]), known_order)
-    max_iters = scalar(n if max_iters is None else max_iters, jnp.int32, "max_iters")
-    args = (cfg, params, keys, tokens, known, order, temperature, top_p, max_iters, opts)
-    return SamplerCall(_sample_burst, args, {})
+    return (cfg, params, keys, tokens, known, order, *options.traced_values(n),
+            options.kernel_options(n))
 
 
 @jax.jit
@@ -143,32 +141,31 @@ def _sample_burst(cfg, params, keys, tokens, known, order, temperature, top_p, m
     return state.tokens, stats_of(state, known, opts)
 
 
-def stats_of(state: BurstState, known, opts: BurstOptions) -> SampleStats:
+def stats_of(state: BurstState, known, opts: KernelOptions) -> SampleStats:
     """The SampleStats of a loop state (known: bool [B, N], the input mask)."""
-    calls = 2 + state.step if opts.mode == "jacobi" else 1 + 2 * state.step
     return SampleStats(
         iterations=state.iterations,
         generated=(jnp.sum(state.filled, axis=1) - jnp.sum(known, axis=1)).astype(jnp.int32),
-        forward_passes=calls.astype(jnp.int32),
+        forward_passes=model_calls(opts.mode, state.step).astype(jnp.int32),
         finished=jnp.all(state.filled, axis=1))
 
 
 def advance(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
-            opts: BurstOptions) -> BurstState:
+            opts: KernelOptions) -> BurstState:
     """One iteration of opts.mode for every unfinished row."""
     step = jacobi_step if opts.mode == "jacobi" else burst_step
     return step(cfg, params, state, temperature, top_p, opts)
 
 
 def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, order, temperature, top_p,
-                opts: BurstOptions) -> BurstState:
+                opts: KernelOptions) -> BurstState:
     """The loop state before the first iteration: the known tokens prefilled along the generation
     order int32 [B, N] (known positions first) into a cache with room for one W block, and, in
     jacobi mode, the first drafts. keys [B]: the sampling streams of `generation_order`."""
     n = tokens.shape[1]
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)
-    capacity = cache_capacity(cfg, n, headroom=opts.window)
-    cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known, capacity)
+    cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known,
+                                        opts.cache_capacity(cfg, n))
     state = BurstState(tokens=tokens, filled=known, order=order, cache=cache, last_tok=last_tok,
                        last_pos=last_pos, keys=keys,
                        iterations=jnp.zeros(tokens.shape[:1], jnp.int32),
@@ -188,9 +185,13 @@ def burst_states(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
     before the first iteration and after each, until every row is filled or max_iters
     iterations ran. state.tokens / state.filled [B, N] show the progress; the last yield holds
     what `sample_burst` returns for the same arguments. options: those of `sample_burst`
-    (checked the same way, before any work). Each iteration is one jitted call and a host sync.
+    (checked the same way, before any work), or `options=` one burst `SampleOptions` (then
+    `order=` may give an explicit order). Each iteration is one jitted call and a host sync.
     """
-    call = sample_burst_call(cfg, params, key, tokens, known, **options)
+    if "options" in options:
+        call = prepare_burst(cfg, params, key, tokens, known, options.pop("options"), **options)
+    else:
+        call = sample_burst_call(cfg, params, key, tokens, known, **options)
     cfg, params, keys, tokens, known, order, temperature, top_p, max_iters, opts = call.args
     state = _start_jit(cfg, params, keys, tokens, known, order, temperature, top_p, opts)
     yield state, stats_of(state, known, opts)

@@ -1,6 +1,6 @@
 """One iteration of each burst sampling mode over the loop state (see `sample_burst` for the
-modes and their laws): the state and static options, the exact and paper draft + verify round, and
-the one-call jacobi round with its initial drafts."""
+modes and their laws): the state, the exact and paper draft + verify round, and the one-call
+jacobi round with its initial drafts."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import jax.numpy as jnp
 from sigma_jax.cache import KVCache, write
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import burst_pass, extend_pass
-from sigma_jax.sampling import draw, to_probs, uniforms
-
-MODES = ("exact", "jacobi", "paper")
+from sigma_jax.sampling.draws import draw, to_probs, uniforms
+from sigma_jax.sampling.options import KernelOptions
 
 
 @jax.tree_util.register_dataclass
@@ -37,17 +36,6 @@ class BurstState:
     step: jax.Array
     drafts: jax.Array | None = None
     proposals: jax.Array | None = None
-
-
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class BurstOptions:
-    """Static choices of the kernel (each value compiles once)."""
-
-    mode: str
-    window: int
-    n_orders: int
-    top_k: int | None
 
 
 def _take(x, idx):  # x [B, W, ...] gathered along axis 1 with idx [B, ...]
@@ -109,7 +97,7 @@ def _commit(state: BurstState, new_tok, new_pos, n_new, k_new, v_new, **changes)
 
 
 def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
-               opts: BurstOptions) -> BurstState:
+               opts: KernelOptions) -> BurstState:
     """One draft + verify + commit round ('exact' or 'paper') for every unfinished row."""
     n = state.tokens.shape[1]
     w = opts.window
@@ -173,7 +161,7 @@ def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, pr
 
 
 def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
-                opts: BurstOptions) -> BurstState:
+                opts: KernelOptions) -> BurstState:
     """Draft every position from one burst pass given the known tokens: drafts int32 [B, N] and
     their distributions float32 [B, N, V], in position layout (known positions' are unused)."""
     b, n = state.tokens.shape
@@ -185,7 +173,7 @@ def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
 
 
 def jacobi_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
-                opts: BurstOptions) -> BurstState:
+                opts: KernelOptions) -> BurstState:
     """One verify pass over the next W drafts; commit up to the first replaced one; keep the rest
     (coupled to the verifier's conditionals) as drafts."""
     w = opts.window

@@ -1,0 +1,132 @@
+"""The one-line checks shared by the configs, the sampling options, the samplers and the density
+functions: typed field values (`check_int`, `check_float`, `check_choice`, `check_bool`) and the
+[B, N] inputs of a model call (`token_ids`, `check_known`).
+
+Every check raises `ValueError` with one line naming the value, what is allowed and what was
+given. Values that are tracers (inside `jax.jit`) are unknown until the call runs: their
+value checks are skipped (`is_concrete`), their shape checks are not.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import numpy as np
+
+
+def is_concrete(*xs) -> bool:
+    """True unless one of xs is a tracer (its value unknown until the traced call runs)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """`value` as a Python int: an int or a numpy integer (not a bool), in [minimum, maximum]."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer{_bounds(minimum, maximum)}; "
+                         f"got {short_repr(value)}")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an integer{_bounds(minimum, maximum)}; got {value}")
+    return value
+
+
+def _bounds(minimum, maximum) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    return f" >= {minimum}" if minimum is not None else (
+        f" <= {maximum}" if maximum is not None else "")
+
+
+def check_float(name: str, value, low: float, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """`value` as a finite Python float (ints and numpy scalars accepted, bools not) in the
+    interval from `low` to `high` (None: unbounded), each end closed unless `*_open`."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    ok = ok and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, " + (
+            "inf)" if high is None else f"{high:g}{')' if high_open else ']'}")
+        raise ValueError(f"{name} must be a finite number in {interval}; "
+                         f"got {short_repr(value)}")
+    return float(value)
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """`value` is one of `allowed`."""
+    if not isinstance(value, str | int | None) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; "
+                         f"got {short_repr(value)}")
+
+
+def short_repr(value, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters (arrays and long strings in one-line errors)."""
+    text = repr(value) if not hasattr(value, "shape") else (
+        f"{type(value).__name__} of shape {tuple(value.shape)}")
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_bool(name: str, value) -> None:
+    """`value` is True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {short_repr(value)}")
+
+
+def token_ids(tokens, name: str = "tokens") -> jax.Array | np.ndarray:
+    """`tokens` as an integer array, unchanged in dtype (lists and numpy arrays accepted):
+    refuses floats and bools, which would otherwise be truncated into ids silently."""
+    if not hasattr(tokens, "dtype"):
+        tokens = np.asarray(tokens)
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{name} must be integer token ids; got dtype {tokens.dtype}")
+    return tokens
+
+
+def int_positions(order, name: str = "order"):
+    """An explicit order (lists and arrays accepted) as an integer array, dtype unchanged."""
+    if not hasattr(order, "dtype"):
+        order = np.asarray(order)
+    if not np.issubdtype(order.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer positions; got dtype {order.dtype}")
+    return order
+
+
+def check_known(cfg, tokens, known, order=None) -> None:
+    """One-line ValueErrors for bad [B, N] inputs of the samplers and density functions: shapes,
+    an empty batch or sequence, the block size; and, for concrete values, token ids outside
+    [0, V), a row with nothing known when the model has no start token, and an explicit order
+    that is not a known-first permutation of every row."""
+    if tokens.ndim != 2 or tokens.shape != known.shape:
+        raise ValueError(f"tokens and known must both be [B, N]; got {tokens.shape} and "
+                         f"{known.shape}")
+    if tokens.shape[0] == 0:
+        raise ValueError("the batch is empty (B = 0): pass at least one row")
+    if tokens.shape[1] == 0:
+        raise ValueError("the sequences are empty (N = 0): pass at least one position")
+    if tokens.shape[1] > cfg.block_size:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds block_size "
+                         f"{cfg.block_size}")
+    if order is not None and order.shape != tokens.shape:
+        raise ValueError(f"order must be [B, N] like tokens; got {order.shape}")
+    if not is_concrete(tokens, known, order):
+        return
+    tokens, known = np.asarray(tokens), np.asarray(known, bool)
+    if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+    if not cfg.bos and not known.any(axis=1).all():
+        raise ValueError("without a start token (bos=False) every row needs >= 1 known token")
+    if order is not None:
+        _check_known_first(np.asarray(order), known)
+
+
+def _check_known_first(order: np.ndarray, known: np.ndarray) -> None:
+    if not (np.sort(order, axis=1) == np.arange(order.shape[1])).all():
+        raise ValueError("order rows must be permutations of range(N)")
+    n_known = known.sum(axis=1, keepdims=True)
+    first = np.arange(order.shape[1])[None] < n_known
+    if not (np.take_along_axis(known, order, 1) == first).all():
+        raise ValueError("order must list every row's known positions first")

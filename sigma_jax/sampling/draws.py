@@ -1,0 +1,56 @@
+"""The random pieces every sampler shares: per-row keys, logits -> sampling probabilities
+(temperature, top-k, top-p), token draws and uniforms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def row_keys(key: jax.Array, batch: int) -> jax.Array:
+    """One typed key per row: `key` [B] is used as is; a single key is folded with the row index."""
+    if not hasattr(key, "dtype") or jnp.issubdtype(key.dtype, jnp.integer):
+        raise ValueError("pass a typed PRNG key (jax.random.key(seed)), not a legacy uint32 key")
+    if key.ndim == 1:
+        if key.shape[0] != batch:
+            raise ValueError(f"got {key.shape[0]} per-row keys for a batch of {batch}")
+        return key
+    if key.ndim != 0:
+        raise ValueError(f"key must be one key or one key per row; got shape {key.shape}")
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def to_probs(logits: jax.Array, temperature: jax.Array, top_k: int | None,
+             top_p: jax.Array | None) -> jax.Array:
+    """Sampling distribution of float32 logits [..., V]: temperature (<= 0 = greedy one-hot), then
+    top-k (static k) and top-p (nucleus, traced) truncation. The most probable token is always
+    kept, so every traced top_p (even <= 0) gives a distribution. Returns float32 probs [..., V].
+    """
+    logits = logits.astype(jnp.float32)
+    neg = jnp.finfo(jnp.float32).min
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    greedy = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
+    t = jnp.maximum(temperature, 1e-6)
+    probs = jax.nn.softmax(logits / t, axis=-1)
+    if top_p is not None:
+        sorted_p = jnp.sort(probs, axis=-1)[..., ::-1]
+        mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+        kept = jnp.where(mass_before < top_p, sorted_p, jnp.inf)  # [..., V]
+        kept = kept.at[..., 0].set(sorted_p[..., 0])  # the top token, even for top_p <= 0
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        probs = jnp.where(probs >= threshold, probs, 0.0)
+        probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    return jnp.where(temperature > 0, probs, greedy)
+
+
+def draw(keys: jax.Array, probs: jax.Array) -> jax.Array:
+    """One token per row from probs [B, ..., V] with keys [B]: int32 [B, ...]."""
+    sample = lambda k, p: jax.random.categorical(k, jnp.log(p), axis=-1)
+    return jax.vmap(sample)(keys, probs).astype(jnp.int32)
+
+
+def uniforms(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """float32 [B, *shape], one independent stream per row."""
+    return jax.vmap(lambda k: jax.random.uniform(k, shape))(keys)
