@@ -13,6 +13,7 @@ import math
 import numbers
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -95,11 +96,30 @@ def int_positions(order, name: str = "order"):
     return order
 
 
-def check_known(cfg, tokens, known, order=None) -> None:
+def row_lengths(lengths, shape: tuple[int, int]) -> jax.Array:
+    """Each row's length as int32 [B]: N for None; else a [B] integer array (lists accepted)
+    with values in [1, N] (checked when concrete)."""
+    b, n = shape
+    if lengths is None:
+        return jnp.full((b,), n, jnp.int32)
+    lengths = int_positions(lengths, "lengths")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must be [B] = [{b}], one length per row; got shape "
+                         f"{tuple(lengths.shape)}")
+    if is_concrete(lengths):
+        values = np.asarray(lengths)
+        if values.size and (values.min() < 1 or values.max() > n):
+            raise ValueError(f"lengths must lie in [1, {n}] (N = {n}); got values in "
+                             f"[{values.min()}, {values.max()}]")
+    return jnp.asarray(lengths, jnp.int32)
+
+
+def check_known(cfg, tokens, known, order=None, lengths=None) -> None:
     """One-line ValueErrors for bad [B, N] inputs of the samplers and density functions: shapes,
     an empty batch or sequence, the block size; and, for concrete values, token ids outside
     [0, V), a row with nothing known when the model has no start token, and an explicit order
-    that is not a known-first permutation of every row."""
+    that is not a known-first permutation of every row (with the absent positions past each
+    row's length, lengths int32 [B] or None, last)."""
     if tokens.ndim != 2 or tokens.shape != known.shape:
         raise ValueError(f"tokens and known must both be [B, N]; got {tokens.shape} and "
                          f"{known.shape}")
@@ -119,14 +139,18 @@ def check_known(cfg, tokens, known, order=None) -> None:
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
     if not cfg.bos and not known.any(axis=1).all():
         raise ValueError("without a start token (bos=False) every row needs >= 1 known token")
-    if order is not None:
-        _check_known_first(np.asarray(order), known)
+    if order is not None and is_concrete(lengths):
+        _check_known_first(np.asarray(order), known, None if lengths is None
+                           else np.asarray(lengths))
 
 
-def _check_known_first(order: np.ndarray, known: np.ndarray) -> None:
+def _check_known_first(order: np.ndarray, known: np.ndarray, lengths) -> None:
     if not (np.sort(order, axis=1) == np.arange(order.shape[1])).all():
         raise ValueError("order rows must be permutations of range(N)")
     n_known = known.sum(axis=1, keepdims=True)
-    first = np.arange(order.shape[1])[None] < n_known
-    if not (np.take_along_axis(known, order, 1) == first).all():
+    steps = np.arange(order.shape[1])[None]
+    if not (np.take_along_axis(known, order, 1) == (steps < n_known)).all():
         raise ValueError("order must list every row's known positions first")
+    if lengths is not None and not (order[steps >= lengths[:, None]]
+                                    >= np.repeat(lengths, order.shape[1] - lengths)).all():
+        raise ValueError("order must list the positions past each row's length last")

@@ -28,14 +28,19 @@ import re
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from sigma_jax.config import ModelConfig
 from sigma_jax.model import init_params
 from sigma_jax.torch_errors import reading, short_repr
-from sigma_jax.torch_file import CheckpointError, LazyTensor, load_torch_file, read_tensors
+from sigma_jax.torch_file import (
+    CheckpointError,
+    LazyTensor,
+    check_shared,
+    load_torch_file,
+    read_into,
+)
 
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile puts before every state-dict key
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
@@ -45,6 +50,7 @@ _MAX_SIZE_ARG = 1 << 31
 _MAX_ITER = 1 << 62
 _WTE, _HEAD = "transformer.wte.weight", "lm_head.weight"
 # nanoGPT's causal-mask buffer (saved only by old torch versions): not a parameter.
+_ALIGN = 64  # bytes
 _MASK_BUFFER = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)")
 
 
@@ -140,26 +146,62 @@ def _check_entry(weights: Mapping, name: str, want: tuple[int, ...], cfg: ModelC
         raise CheckpointError(f"state dict entry {name} has dtype {x.dtype}, not floating point")
 
 
-def _read(weights: Mapping, names: list[str]) -> dict[str, np.ndarray]:
-    """name -> the values of weights[name], every storage read once (torch_file.read_tensors)."""
-    lazy = [n for n in names if isinstance(weights[n], LazyTensor)]
-    arrays = dict(zip(lazy, read_tensors([weights[n] for n in lazy]), strict=True))
-    arrays.update((n, weights[n]) for n in names if n not in arrays)
-    return arrays
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """A new float32 array [shape] whose data starts on a 64-byte boundary: XLA's CPU client
+    takes such an array without copying it, so `jax.device_put` hands its buffer to jax."""
+    nbytes = math.prod(shape) * 4
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + nbytes].view(np.float32).reshape(shape)
 
 
-def _assemble(layout: list[_Leaf], treedef, arrays: dict) -> dict:
-    """The params tree: each leaf float32 (layer leaves stacked on axis 0, kernels transposed to
-    [in, out]), made a jax array as soon as it is built; its numpy parts are dropped from
-    `arrays` as they are used, so the numpy and jax copies never both hold every weight."""
-    leaves = []
+def _fill(layout: list[_Leaf], weights: Mapping) -> list[np.ndarray]:
+    """The float32 values of the leaves of `layout` (layer leaves stacked on axis 0, kernels
+    transposed to [in, out]): one new array per leaf, each tensor read (`read_into`) or cast
+    straight into its slot, so besides these arrays only a chunk of the file is held. The
+    tensors' element counts are checked against their storages (`check_shared`) first."""
+    check_shared([weights[n] for leaf in layout for n in leaf.names
+                  if isinstance(weights[n], LazyTensor)])
+    values, lazy, slots = [], [], []
     for leaf in layout:
-        parts = [arrays.pop(name) for name in leaf.names]
-        parts = [p.T if leaf.transpose else p for p in parts]
-        value = np.stack(parts) if leaf.stacked else parts[0]
-        leaves.append(jnp.asarray(value.astype(np.float32, copy=False)))
-        del parts, value
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+        shape = leaf.shape[::-1] if leaf.transpose else leaf.shape  # ours: kernels [in, out]
+        values.append(_aligned_empty((len(leaf.names), *shape) if leaf.stacked else shape))
+        for i, name in enumerate(leaf.names):
+            slot = values[-1][i] if leaf.stacked else values[-1]
+            slot = slot.T if leaf.transpose else slot  # the torch layout, a view of the leaf
+            if isinstance(weights[name], LazyTensor):
+                lazy.append(weights[name])
+                slots.append(slot)
+            else:
+                np.copyto(slot, weights[name], casting="unsafe")
+    read_into(lazy, slots)
+    return values
+
+
+def _stored_twice(layout: list[_Leaf], weights: Mapping, values: list[np.ndarray]) -> bool:
+    """Whether the lm_head leaf of `layout` (if any) equals the token embedding: compared as
+    read (as float32, exact for every stored float type but float64, which is read again)."""
+    read = {leaf.names[0]: value.T if leaf.transpose else value  # in the torch layout
+            for leaf, value in zip(layout, values, strict=True)}
+    if _HEAD not in read:
+        return False
+    head, wte = weights[_HEAD], weights[_WTE]
+    if np.dtype(np.float64) in (head.dtype, wte.dtype):
+        head, wte = (x.numpy() if isinstance(x, LazyTensor) else x for x in (head, wte))
+        return np.array_equal(head, wte)
+    return np.array_equal(read[_HEAD], read[_WTE])
+
+
+def _to_jax(values: list[np.ndarray]) -> list[jax.Array]:
+    """`values` as jax arrays, emptying the list as it goes: on CPU each jax array takes over
+    its (aligned) buffer, elsewhere each host array is freed once it is copied, so the host
+    never holds two copies of the weights."""
+    out = []
+    for i, value in enumerate(values):
+        out.append(jax.device_put(value))
+        values[i] = None
+        del value
+    return out
 
 
 def convert_state_dict(model_args: Mapping, state_dict: Mapping) -> tuple[ModelConfig, dict]:
@@ -197,12 +239,14 @@ def convert_state_dict(model_args: Mapping, state_dict: Mapping) -> tuple[ModelC
         raise CheckpointError(f"cannot express this architecture: the state dict has "
                               f"{len(extra)} entries the model has no place for, e.g. "
                               f"{short_repr(extra[0])}")
-    arrays = _read(weights, list(weights))
-    if _HEAD in arrays and np.array_equal(arrays[_HEAD], arrays[_WTE]):  # tied, stored twice
-        del arrays[_HEAD]
+    values = _fill(layout, weights)
+    if _stored_twice(layout, weights, values):  # tied, but stored twice: drop the head
+        by_names = {leaf.names: value for leaf, value in zip(layout, values, strict=True)}
         cfg = dataclasses.replace(cfg, tie_embeddings=True)
         layout, treedef = _layout(cfg, len(weights))
-    return cfg, _assemble(layout, treedef, arrays)
+        values = [by_names.pop(leaf.names) for leaf in layout]
+        del by_names  # now only the head: freed
+    return cfg, jax.tree_util.tree_unflatten(treedef, _to_jax(values))
 
 
 @dataclasses.dataclass(frozen=True)

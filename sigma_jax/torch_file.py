@@ -8,9 +8,11 @@ The file is a zip archive (`torch_zip.Archive`: stored entries only, no overlaps
 tensor-rebuild functions, the torch storage types and `collections.OrderedDict` (anything else
 raises `CheckpointError` before it is built). A storage's declared element count must match its
 entry's size, and a tensor must be a non-overlapping view inside its storage, so no tensor holds
-more bytes than the file. Tensor bytes are read only when asked: `read_tensors` (each storage
-once) or `LazyTensor.numpy`. Files in torch's pre-zip format are read by
-`torch.load(..., weights_only=True)` when torch is installed, and refused otherwise.
+more bytes than the file. Tensor bytes are read only when asked: `read_tensors` (new arrays),
+`read_into` (arrays the caller made, e.g. slots of a bigger one; a storage that is one whole
+tensor streams into it without a copy of its own) or `LazyTensor.numpy`, each storage once.
+Files in torch's pre-zip format are read by `torch.load(..., weights_only=True)` when torch is
+installed, and refused otherwise.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import numpy as np
 
 from sigma_jax import torch_pickle
 from sigma_jax.torch_errors import CheckpointError, printable, reading, short_repr
-from sigma_jax.torch_zip import Archive
+from sigma_jax.torch_zip import MAX_READ, Archive
 
-__all__ = ["CheckpointError", "LazyTensor", "load_torch_file", "read_tensors"]
+__all__ = ["CheckpointError", "LazyTensor", "check_shared", "load_torch_file", "read_into",
+           "read_tensors"]
 
 # The first bytes of torch's pre-zip format: pickle protocol 2, then its magic number as a long.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -244,43 +247,101 @@ def _load_archive(archive: Archive) -> object:
     return torch_pickle.load(data, loader.find_class, loader.persistent_load, (LazyTensor,))
 
 
-def read_tensors(tensors: Sequence[LazyTensor]) -> list[np.ndarray]:
-    """The values of `tensors` (all from one file): new native-endian arrays [shape] of their
-    dtypes, in order. Each storage is read once, and the tensors asked of one storage may hold
-    at most as many elements as it does all together (so the arrays hold at most the bytes of
-    the storages they come from). CheckpointError for a damaged file or a storage asked for more."""
-    paths = {t.storage.path for t in tensors}
-    if len(paths) > 1:
-        raise ValueError("read_tensors: tensors of several files")
-    groups: dict[_Storage, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.storage, []).append(i)
-    for storage, members in groups.items():
-        if sum(tensors[i].size for i in members) > storage.numel:
-            raise CheckpointError(f"{storage.path}: {len(members)} tensors share storage "
+def check_shared(tensors: Sequence[LazyTensor]) -> None:
+    """CheckpointError unless the tensors asked of each storage hold at most as many elements
+    as it does all together (so the arrays of `tensors` hold at most the bytes of the storages
+    they come from, which lie in the file). ValueError for tensors of several files."""
+    if len({t.storage.path for t in tensors}) > 1:
+        raise ValueError("tensors of several files")
+    asked: dict[_Storage, list[int]] = {}
+    for t in tensors:
+        asked.setdefault(t.storage, [0, 0])
+        asked[t.storage][0] += 1
+        asked[t.storage][1] += t.size
+    for storage, (count, elements) in asked.items():
+        if elements > storage.numel:
+            raise CheckpointError(f"{storage.path}: {count} tensors share storage "
                                   f"{short_repr(storage.entry)} of {storage.numel} elements "
                                   "and need more elements than it holds")
-    out: list = [None] * len(tensors)
-    if not tensors:
-        return out
-    with reading(paths.pop()), Archive(tensors[0].storage.path) as archive:
-        for storage, members in groups.items():
-            raw = archive.read(storage.entry, storage.numel * storage.dtype.itemsize)
-            flat = np.frombuffer(raw, storage.dtype.newbyteorder(">" if storage.big_endian
-                                                                  else "<"))
-            for i in members:
-                out[i] = _take(flat, tensors[i])
+
+
+def read_tensors(tensors: Sequence[LazyTensor]) -> list[np.ndarray]:
+    """The values of `tensors` (all from one file): new native-endian arrays [shape] of their
+    dtypes, in order (`read_into` new arrays, after `check_shared`)."""
+    check_shared(tensors)
+    out = [np.empty(t.shape, t.dtype) for t in tensors]
+    read_into(tensors, out)
     return out
 
 
-def _take(flat: np.ndarray, t: LazyTensor) -> np.ndarray:
-    """A native-endian copy of the view `t` of the storage elements `flat` (checked to lie inside
-    it when `t` was built; the stride of a dimension of size 0 or 1 is never used)."""
-    if t.size == 0:
-        return np.zeros(t.shape, t.dtype)
+def read_into(tensors: Sequence[LazyTensor], out: Sequence[np.ndarray]) -> None:
+    """Write the value of each of `tensors` (all from one file, `check_shared`) into the
+    writable array of its shape at the same place of `out` (any layout, any dtype its values
+    cast to, as `astype` casts them). Each storage is read once; one that holds exactly one
+    C-ordered tensor goes into it `MAX_READ` bytes (or one row of its first axis) at a time,
+    any other is read whole first. So beyond `out` this needs at most the largest storage
+    shared by several tensors or read through a strided view (none, in what torch.save writes
+    for a model) plus a chunk. CheckpointError for a damaged file; then `out` holds garbage."""
+    if len(out) != len(tensors) or any(
+            o.shape != t.shape for o, t in zip(out, tensors, strict=True)):
+        raise ValueError("read_into: the arrays do not have the shapes of the tensors")
+    check_shared(tensors)
+    groups: dict[_Storage, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.size:
+            groups.setdefault(t.storage, []).append(i)
+    if not groups:
+        return
+    with reading(tensors[0].storage.path), Archive(tensors[0].storage.path) as archive:
+        for storage, members in groups.items():
+            if len(members) == 1 and _fills(tensors[members[0]]):
+                _stream(archive, tensors[members[0]], out[members[0]])
+                continue
+            flat = _flat(storage, archive.read(storage.entry, _nbytes(storage)))
+            for i in members:
+                np.copyto(out[i], _view(flat, tensors[i]), casting="unsafe")
+
+
+def _nbytes(storage: _Storage) -> int:
+    return storage.numel * storage.dtype.itemsize
+
+
+def _flat(storage: _Storage, raw) -> np.ndarray:
+    """The elements of `storage` in the bytes `raw` (its byte order)."""
+    return np.frombuffer(raw, storage.dtype.newbyteorder(">" if storage.big_endian else "<"))
+
+
+def _fills(t: LazyTensor) -> bool:
+    """Whether `t` is its whole storage in C order (so its storage's bytes, row by row of its
+    first axis, are its rows)."""
+    if t.offset or t.size != t.storage.numel or not t.shape:
+        return False
+    step = 1
+    for n, st in reversed(tuple(zip(t.shape, t.stride, strict=True))):
+        if n > 1 and st != step:
+            return False
+        step *= n
+    return True
+
+
+def _stream(archive: Archive, t: LazyTensor, out: np.ndarray) -> None:
+    """Write `t` (one that `_fills` its storage) into `out`, a few rows of its first axis at a
+    time."""
+    row = t.size // t.shape[0]
+    rows = max(1, MAX_READ // (row * t.dtype.itemsize))
+    done = 0
+    for raw in archive.chunks(t.storage.entry, _nbytes(t.storage), rows * row * t.dtype.itemsize):
+        part = _flat(t.storage, raw)
+        n = part.size // row
+        np.copyto(out[done:done + n], part.reshape(n, *t.shape[1:]), casting="unsafe")
+        done += n
+
+
+def _view(flat: np.ndarray, t: LazyTensor) -> np.ndarray:
+    """The view `t` of the storage elements `flat` (checked to lie inside it when `t` was built;
+    the stride of a dimension of size 0 or 1 is never used)."""
     strides = [st * flat.itemsize if n > 1 else 0 for n, st in zip(t.shape, t.stride, strict=True)]
-    view = np.lib.stride_tricks.as_strided(flat[t.offset:], t.shape, strides, writeable=False)
-    return np.array(view, dtype=t.dtype)
+    return np.lib.stride_tricks.as_strided(flat[t.offset:], t.shape, strides, writeable=False)
 
 
 def _load_legacy(path: Path) -> object:

@@ -11,7 +11,9 @@ and checks, before any entry's data is read:
 - every entry (local header to end of data) lies inside the file and overlaps no other entry.
 
 So the entries hold at most as many bytes as the file. `Archive.read(name, size)` returns an
-entry's bytes (exactly `size` of them), read in `MAX_READ` chunks with its CRC-32 checked.
+entry's bytes (exactly `size` of them), read in `MAX_READ` chunks with its CRC-32 checked;
+`Archive.chunks(name, size, chunk)` yields them piece by piece, so a reader can put them where
+they belong without ever holding the whole entry.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import io
 import os
 import struct
 import zipfile
+from collections.abc import Iterator
 
 from sigma_jax.torch_errors import CheckpointError, short_repr
 
@@ -134,19 +137,40 @@ class Archive:
     def read(self, name: str, size: int) -> bytearray:
         """The `size` bytes of entry `name`, CRC-checked; CheckpointError if the entry is
         missing or not `size` bytes long (checked before reading)."""
+        out = bytearray(size)
+        done = 0
+        for chunk in self.chunks(name, size, MAX_READ):
+            out[done:done + len(chunk)] = chunk
+            done += len(chunk)
+        return out
+
+    def chunks(self, name: str, size: int, chunk: int) -> Iterator[bytearray]:
+        """The `size` bytes of entry `name` in consecutive pieces of `chunk` bytes (the last one
+        shorter when `chunk` does not divide `size`), each a new bytearray, each read from the
+        file in `MAX_READ` pieces. The CRC-32 is checked as the last byte is read, before the
+        last piece is yielded, so a damaged entry raises before its iteration ends (earlier
+        pieces may already have been used). CheckpointError if the entry is missing or not
+        `size` bytes long (its recorded size is checked before reading)."""
         if self.size(name) != size:
             raise CheckpointError(f"{self.path}: entry {short_repr(name)} holds "
                                   f"{self.size(name)} bytes, expected {size}")
+        if chunk < 1:
+            raise ValueError(f"chunks of {chunk} bytes")
+        with self._zip.open(self._infos[name]) as entry:
+            for start in range(0, size, chunk):
+                yield self._piece(entry, name, min(chunk, size - start))
+            if entry.read(1):  # also the read that checks the CRC of an empty entry
+                raise CheckpointError(f"{self.path}: entry {short_repr(name)} is too long")
+
+    def _piece(self, entry, name: str, size: int) -> bytearray:
+        """The next `size` bytes of the open entry `entry`."""
         out = bytearray(size)
         view = memoryview(out)
         done = 0
-        with self._zip.open(self._infos[name]) as entry:
-            while done < size:
-                chunk = entry.read(min(MAX_READ, size - done))
-                if not chunk:
-                    raise CheckpointError(f"{self.path}: entry {short_repr(name)} is truncated")
-                view[done:done + len(chunk)] = chunk
-                done += len(chunk)
-            if entry.read(1):  # also the read that checks the CRC of an empty tail
-                raise CheckpointError(f"{self.path}: entry {short_repr(name)} is too long")
+        while done < size:
+            data = entry.read(min(MAX_READ, size - done))
+            if not data:
+                raise CheckpointError(f"{self.path}: entry {short_repr(name)} is truncated")
+            view[done:done + len(data)] = data
+            done += len(data)
         return out

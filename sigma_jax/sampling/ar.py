@@ -23,7 +23,7 @@ from sigma_jax.sampling.options import KernelOptions, SampleOptions, model_calls
 
 def sample_ar(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
               known: jax.Array, *, order="random", temperature=1.0, top_k: int | None = None,
-              top_p=None, use_cache: bool = True, known_order: str = "random"
+              top_p=None, use_cache: bool = True, known_order: str = "random", lengths=None
               ) -> tuple[jax.Array, SampleStats]:
     """Fill every unknown position, one token per model call, in the given order.
 
@@ -38,48 +38,52 @@ def sample_ar(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
     greedy) and top_p (in (0, 1]) are traced; top_k (in [1, V]) is static; concrete
     out-of-range values raise ValueError (see `SampleOptions`).
     use_cache=False recomputes the whole prefix at every step (the oracle for the cached path).
+    lengths: int32 [B] (None: N), each row's length: positions past it are absent, neither known
+    nor generated; a row of length L gets the tokens of the same row alone at N = L, same key.
     Returns (tokens [B, N] with known tokens unchanged, SampleStats).
     """
     return sample_ar_call(cfg, params, key, tokens, known, order=order, temperature=temperature,
                           top_k=top_k, top_p=top_p, use_cache=use_cache,
-                          known_order=known_order)()
+                          known_order=known_order, lengths=lengths)()
 
 
 def sample_ar_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
                    known: jax.Array, *, order="random", temperature=1.0,
                    top_k: int | None = None, top_p=None, use_cache: bool = True,
-                   known_order: str = "random") -> SamplerCall:
+                   known_order: str = "random", lengths=None) -> SamplerCall:
     """`sample_ar`'s arguments checked and prepared, not yet run: a `SamplerCall` (call it to
     sample, `.lower()` to compile ahead of time). Bad input raises ValueError before any work."""
     kind, explicit = (order, None) if isinstance(order, str) else ("random", order)
     options = SampleOptions("ar" if use_cache else "ar_nocache", order=kind,
                             temperature=temperature, top_k=top_k, top_p=top_p,
                             known_order=known_order)
-    return prepare_ar(cfg, params, key, tokens, known, options, explicit)
+    return prepare_ar(cfg, params, key, tokens, known, options, explicit, lengths)
 
 
 def prepare_ar(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known,
-               options: SampleOptions, order=None) -> SamplerCall:
+               options: SampleOptions, order=None, lengths=None) -> SamplerCall:
     """The `SamplerCall` of an AR sampler ('ar' or 'ar_nocache') with checked `options`, along
-    `options.order` or the explicit `order` [B, N]."""
-    tokens, known, order = checked_inputs(cfg, tokens, known, options, order)
-    keys, order = kernel_inputs(key, tokens, known, options, order)
-    return SamplerCall(_sample_ar, ar_args(cfg, params, keys, tokens, known, order, options),
-                       {})
+    `options.order` or the explicit `order` [B, N], with per-row `lengths` [B] (None: N)."""
+    tokens, known, order, lengths = checked_inputs(cfg, tokens, known, options, order, lengths)
+    keys, order = kernel_inputs(key, tokens, known, options, order, lengths)
+    return SamplerCall(_sample_ar,
+                       ar_args(cfg, params, keys, tokens, known, order, lengths, options), {})
 
 
-def ar_args(cfg, params, keys, tokens, known, order, options: SampleOptions) -> tuple:
-    """The arguments of the AR kernel for prepared inputs (keys [B], order int32 [B, N])."""
+def ar_args(cfg, params, keys, tokens, known, order, lengths, options: SampleOptions) -> tuple:
+    """The arguments of the AR kernel for prepared inputs (keys [B], order int32 [B, N],
+    lengths int32 [B])."""
     temperature, top_p, _ = options.traced_values(tokens.shape[1])
-    return (cfg, params, keys, tokens, known, order, temperature, top_p,
+    return (cfg, params, keys, tokens, known, order, temperature, top_p, lengths,
             options.kernel_options(tokens.shape[1]))
 
 
 @jax.jit
-def _sample_ar(cfg, params, keys, tokens, known, order, temperature, top_p,
+def _sample_ar(cfg, params, keys, tokens, known, order, temperature, top_p, lengths,
                opts: KernelOptions):
-    """The AR loop along order int32 [B, N] (known positions first); keys [B]: the sampling
-    streams of `generation_order`; opts.mode 'ar' (cached) or 'ar_nocache'."""
+    """The AR loop along order int32 [B, N] (known positions first, absent ones last); keys [B]:
+    the sampling streams of `generation_order`; lengths int32 [B]; opts.mode 'ar' (cached) or
+    'ar_nocache'."""
     b, n = tokens.shape
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)  # [B]
     seq = orders_lib.permute(tokens, order)  # tokens in generation order
@@ -87,16 +91,16 @@ def _sample_ar(cfg, params, keys, tokens, known, order, temperature, top_p,
     def sample_next(seq, cursor, logits):  # logits [B, V] for order index `cursor` [B]
         step_keys = jax.vmap(jax.random.fold_in)(keys, cursor)
         new = draw(step_keys, to_probs(logits, temperature, opts.top_k, top_p))
-        active = cursor < n
+        active = cursor < lengths
         rows = jnp.arange(b)
         return seq.at[rows, jnp.minimum(cursor, n - 1)].set(
             jnp.where(active, new, seq[rows, jnp.minimum(cursor, n - 1)])), active
 
-    steps = n - jnp.min(n_known)  # the loop runs until the row with most unknowns is done
+    steps = jnp.max(lengths - n_known)  # the loop runs until the row with most unknowns is done
     loop = _cached_loop if opts.mode == "ar" else _uncached_loop
     seq = loop(cfg, params, tokens, order, n_known, seq, steps, sample_next, opts)
     out = jnp.where(known, tokens, orders_lib.unpermute(seq, order))
-    generated = n - n_known
+    generated = lengths - n_known
     stats = SampleStats(iterations=generated, generated=generated,
                         forward_passes=jnp.asarray(model_calls(opts.mode, steps), jnp.int32),
                         finished=jnp.ones((b,), bool))

@@ -66,7 +66,7 @@ from sigma_jax.sampling.options import (
 def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
                  known: jax.Array, *, mode: str = "exact", order="random", n_orders: int = 5,
                  temperature=1.0, top_k: int | None = None, top_p=None, max_iters=None,
-                 window: int | None = None, known_order: str = "random"
+                 window: int | None = None, known_order: str = "random", lengths=None
                  ) -> tuple[jax.Array, SampleStats]:
     """Fill every unknown position by burst rejection sampling.
 
@@ -87,23 +87,26 @@ def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
     temperature (>= 0; 0 = greedy), top_p (in (0, 1]) and max_iters (>= 1, default N) are
     traced: changing them never recompiles; top_k (in [1, V]) is static; concrete out-of-range
     values raise ValueError (see `SampleOptions`). The same truncation applies to p and q, so
-    exact mode samples the truncated model exactly. Returns (tokens [B, N], SampleStats); rows
-    stopped by max_iters keep unfilled positions at 0 and report finished=False.
+    exact mode samples the truncated model exactly. lengths: int32 [B] (None: N), each row's
+    length: positions past it are absent, neither known nor generated; a row of length L gets the
+    tokens of the same row alone at N = L with the same key (paper mode: with a window <= L).
+    Returns (tokens [B, N], SampleStats); rows stopped by max_iters keep unfilled positions at 0
+    and report finished=False.
     """
     return sample_burst_call(cfg, params, key, tokens, known, mode=mode, order=order,
                              n_orders=n_orders, temperature=temperature, top_k=top_k,
                              top_p=top_p, max_iters=max_iters, window=window,
-                             known_order=known_order)()
+                             known_order=known_order, lengths=lengths)()
 
 
 def sample_burst_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
-                      known: jax.Array, *, mode: str = "exact", order="random", **options
-                      ) -> SamplerCall:
+                      known: jax.Array, *, mode: str = "exact", order="random", lengths=None,
+                      **options) -> SamplerCall:
     """`sample_burst`'s arguments checked and prepared, not yet run: a `SamplerCall` (call it to
     sample, `.lower()` to compile ahead of time). options: the other keyword arguments of
     `sample_burst`. Bad input raises ValueError before any work."""
     options, explicit = burst_options(mode, order, **options)
-    return prepare_burst(cfg, params, key, tokens, known, options, explicit)
+    return prepare_burst(cfg, params, key, tokens, known, options, explicit, lengths)
 
 
 def burst_options(mode: str = "exact", order="random", **options
@@ -116,27 +119,31 @@ def burst_options(mode: str = "exact", order="random", **options
 
 
 def prepare_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known,
-                  options: SampleOptions, order=None) -> SamplerCall:
+                  options: SampleOptions, order=None, lengths=None) -> SamplerCall:
     """The `SamplerCall` of a burst sampler with checked `options`, along `options.order` or
-    the explicit `order` [B, N]."""
-    tokens, known, order = checked_inputs(cfg, tokens, known, options, order)
-    keys, order = kernel_inputs(key, tokens, known, options, order)
+    the explicit `order` [B, N], with per-row `lengths` [B] (None: N)."""
+    tokens, known, order, lengths = checked_inputs(cfg, tokens, known, options, order, lengths)
+    keys, order = kernel_inputs(key, tokens, known, options, order, lengths)
     return SamplerCall(_sample_burst,
-                       burst_args(cfg, params, keys, tokens, known, order, options), {})
+                       burst_args(cfg, params, keys, tokens, known, order, lengths, options), {})
 
 
-def burst_args(cfg, params, keys, tokens, known, order, options: SampleOptions) -> tuple:
-    """The arguments of the burst kernel for prepared inputs (keys [B], order int32 [B, N])."""
+def burst_args(cfg, params, keys, tokens, known, order, lengths, options: SampleOptions
+               ) -> tuple:
+    """The arguments of the burst kernel for prepared inputs (keys [B], order int32 [B, N],
+    lengths int32 [B])."""
     n = tokens.shape[1]
-    return (cfg, params, keys, tokens, known, order, *options.traced_values(n),
+    return (cfg, params, keys, tokens, known, order, *options.traced_values(n), lengths,
             options.kernel_options(n))
 
 
 @jax.jit
-def _sample_burst(cfg, params, keys, tokens, known, order, temperature, top_p, max_iters, opts):
-    state = start_state(cfg, params, keys, tokens, known, order, temperature, top_p, opts)
+def _sample_burst(cfg, params, keys, tokens, known, order, temperature, top_p, max_iters,
+                  lengths, opts):
+    state = start_state(cfg, params, keys, tokens, known, order, lengths, temperature, top_p,
+                        opts)
     state = jax.lax.while_loop(
-        lambda s: jnp.any(~jnp.all(s.filled, axis=1)) & (s.step < max_iters),
+        lambda s: jnp.any(s.unfilled()) & (s.step < max_iters),
         lambda s: advance(cfg, params, s, temperature, top_p, opts), state)
     return state.tokens, stats_of(state, known, opts)
 
@@ -147,7 +154,7 @@ def stats_of(state: BurstState, known, opts: KernelOptions) -> SampleStats:
         iterations=state.iterations,
         generated=(jnp.sum(state.filled, axis=1) - jnp.sum(known, axis=1)).astype(jnp.int32),
         forward_passes=model_calls(opts.mode, state.step).astype(jnp.int32),
-        finished=jnp.all(state.filled, axis=1))
+        finished=~jnp.any(state.unfilled(), axis=1))
 
 
 def advance(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
@@ -157,11 +164,12 @@ def advance(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_
     return step(cfg, params, state, temperature, top_p, opts)
 
 
-def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, order, temperature, top_p,
-                opts: KernelOptions) -> BurstState:
+def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, order, lengths,
+                temperature, top_p, opts: KernelOptions) -> BurstState:
     """The loop state before the first iteration: the known tokens prefilled along the generation
     order int32 [B, N] (known positions first) into a cache with room for one W block, and, in
-    jacobi mode, the first drafts. keys [B]: the sampling streams of `generation_order`."""
+    jacobi mode, the first drafts. keys [B]: the sampling streams of `generation_order`;
+    lengths int32 [B]: each row's length."""
     n = tokens.shape[1]
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)
     cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known,
@@ -169,7 +177,7 @@ def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, order, temp
     state = BurstState(tokens=tokens, filled=known, order=order, cache=cache, last_tok=last_tok,
                        last_pos=last_pos, keys=keys,
                        iterations=jnp.zeros(tokens.shape[:1], jnp.int32),
-                       step=jnp.zeros((), jnp.int32))
+                       step=jnp.zeros((), jnp.int32), lengths=lengths)
     if opts.mode == "jacobi":
         state = jacobi_init(cfg, params, state, temperature, top_p, opts)
     return state
@@ -186,15 +194,16 @@ def burst_states(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
     iterations ran. state.tokens / state.filled [B, N] show the progress; the last yield holds
     what `sample_burst` returns for the same arguments. options: those of `sample_burst`
     (checked the same way, before any work), or `options=` one burst `SampleOptions` (then
-    `order=` may give an explicit order). Each iteration is one jitted call and a host sync.
+    `order=` and `lengths=` may follow). Each iteration is one jitted call and a host sync.
     """
     if "options" in options:
         call = prepare_burst(cfg, params, key, tokens, known, options.pop("options"), **options)
     else:
         call = sample_burst_call(cfg, params, key, tokens, known, **options)
-    cfg, params, keys, tokens, known, order, temperature, top_p, max_iters, opts = call.args
-    state = _start_jit(cfg, params, keys, tokens, known, order, temperature, top_p, opts)
+    (cfg, params, keys, tokens, known, order, temperature, top_p, max_iters, lengths,
+     opts) = call.args
+    state = _start_jit(cfg, params, keys, tokens, known, order, lengths, temperature, top_p, opts)
     yield state, stats_of(state, known, opts)
-    while not bool(jnp.all(state.filled)) and int(state.step) < int(max_iters):
+    while bool(jnp.any(state.unfilled())) and int(state.step) < int(max_iters):
         state = _advance_jit(cfg, params, state, temperature, top_p, opts)
         yield state, stats_of(state, known, opts)

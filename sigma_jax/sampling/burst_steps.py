@@ -19,23 +19,25 @@ from sigma_jax.sampling.options import KernelOptions
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BurstState:
-    """The while-loop carry. tokens/filled: [B, N] in position layout; order: int32 [B, N], the
-    generation order (known positions first); last_tok/last_pos [B]: the last accepted (token,
-    position), not yet in the cache; iterations [B]; step: int32[]. jacobi mode only (None
-    otherwise): drafts int32 [B, N], the current draft of every position, and proposals float32
-    [B, N, V], the distribution each draft was drawn from."""
+    """The while-loop carry of burst sampling, positions in position layout."""
 
-    tokens: jax.Array
-    filled: jax.Array
-    order: jax.Array
-    cache: KVCache
-    last_tok: jax.Array
-    last_pos: jax.Array
-    keys: jax.Array
-    iterations: jax.Array
-    step: jax.Array
-    drafts: jax.Array | None = None
-    proposals: jax.Array | None = None
+    tokens: jax.Array  # int32 [B, N]: known and committed tokens (0 elsewhere)
+    filled: jax.Array  # bool [B, N]: known or committed
+    order: jax.Array  # int32 [B, N]: the generation order (known first, absent last)
+    cache: KVCache  # [L, B, C, H, hd]: every accepted entry but the last
+    last_tok: jax.Array  # int32 [B]: the last accepted token, not yet in the cache
+    last_pos: jax.Array  # int32 [B]: its position (START_POS for the start token)
+    keys: jax.Array  # key [B]: each row's sampling stream
+    iterations: jax.Array  # int32 [B]: iterations in which the row was generating
+    step: jax.Array  # int32 []: iterations of the whole loop
+    lengths: jax.Array  # int32 [B]: each row's length; positions past it are absent
+    drafts: jax.Array | None = None  # jacobi: int32 [B, N], every position's current draft
+    proposals: jax.Array | None = None  # jacobi: float32 [B, N, V], what each was drawn from
+
+    def unfilled(self) -> jax.Array:
+        """bool [B, N]: the positions still to generate (neither filled nor past the length)."""
+        present = jnp.arange(self.filled.shape[1])[None, :] < self.lengths[:, None]
+        return ~self.filled & present
 
 
 def _take(x, idx):  # x [B, W, ...] gathered along axis 1 with idx [B, ...]
@@ -81,7 +83,7 @@ def _verify(cfg, params, state: BurstState, draft, targets):
 def _commit(state: BurstState, new_tok, new_pos, n_new, k_new, v_new, **changes) -> BurstState:
     """Write the first n_new [B] of (new_tok, new_pos) [B, W] (their cache entries k_new/v_new)
     and advance the counters of the rows that were still generating."""
-    active = jnp.any(~state.filled, axis=1)  # [B]
+    active = jnp.any(state.unfilled(), axis=1)  # [B]
     n_new = jnp.where(active, n_new, 0).astype(jnp.int32)
     commit = jnp.arange(new_tok.shape[1])[None, :] < n_new[:, None]  # [B, W]
     rows = jnp.arange(new_tok.shape[0])[:, None]
@@ -101,7 +103,7 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
     """One draft + verify + commit round ('exact' or 'paper') for every unfinished row."""
     n = state.tokens.shape[1]
     w = opts.window
-    remaining = ~state.filled
+    remaining = state.unfilled()
     n_valid = jnp.minimum(jnp.sum(remaining, axis=1), w)  # candidates that exist per row
     k_order, k_draft, k_accept, k_extra = _iteration_keys(state, 4)
     slot = jnp.arange(w)[None, :]  # [1, W]
@@ -177,7 +179,7 @@ def jacobi_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
     """One verify pass over the next W drafts; commit up to the first replaced one; keep the rest
     (coupled to the verifier's conditionals) as drafts."""
     w = opts.window
-    n_valid = jnp.minimum(jnp.sum(~state.filled, axis=1), w)  # [B]
+    n_valid = jnp.minimum(jnp.sum(state.unfilled(), axis=1), w)  # [B]
     k_accept, k_extra = _iteration_keys(state, 2)
     valid = jnp.arange(w)[None, :] < n_valid[:, None]  # [B, W]
     targets = _next_in_order(state, w)

@@ -16,28 +16,31 @@ from sigma_jax.sampling.options import SampleOptions
 
 
 def prepare(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known,
-            options: SampleOptions, order=None) -> SamplerCall:
+            options: SampleOptions, order=None, lengths=None) -> SamplerCall:
     """The sampler of `options` on (key, tokens [B, N], known [B, N]) checked and prepared, not
     yet run: call it to sample, `.lower()` to compile ahead of time. order: an explicit int32
     [B, N] order listing each row's known positions first (None: `options.order`'s kind).
-    key: one typed key or one per row [B]. Bad input raises a one-line ValueError first."""
+    key: one typed key or one per row [B]. lengths: int32 [B], each row's length (None: N).
+    Bad input raises a one-line ValueError first."""
     prepare_call = prepare_burst if options.is_burst else prepare_ar
-    return prepare_call(cfg, params, key, tokens, known, options, order)
+    return prepare_call(cfg, params, key, tokens, known, options, order, lengths)
 
 
 def sample(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known, options: SampleOptions,
-           order=None) -> tuple[jax.Array, SampleStats]:
+           order=None, lengths=None) -> tuple[jax.Array, SampleStats]:
     """Run the sampler of `options`: (tokens [B, N] with the known tokens unchanged,
     SampleStats). Arguments as in `prepare`."""
-    return prepare(cfg, params, key, tokens, known, options, order)()
+    return prepare(cfg, params, key, tokens, known, options, order, lengths)()
 
 
 def kernel_call(cfg: ModelConfig, params: dict, keys: jax.Array, tokens: jax.Array,
-                known: jax.Array, order: jax.Array, options: SampleOptions
+                known: jax.Array, order: jax.Array, lengths: jax.Array, options: SampleOptions
                 ) -> tuple[Callable, tuple]:
     """(kernel, args) of the sampler of `options` for prepared inputs: keys [B], the sampling
     streams of `inputs.generation_order`; tokens int32 [B, N] (0 at unknown positions); known
-    bool [B, N]; order int32 [B, N]. Works under tracing (nothing is checked here)."""
+    bool [B, N]; order int32 [B, N]; lengths int32 [B]. Works under tracing (nothing is checked
+    here)."""
+    args = (cfg, params, keys, tokens, known, order, lengths, options)
     if options.is_burst:
-        return _sample_burst, burst_args(cfg, params, keys, tokens, known, order, options)
-    return _sample_ar, ar_args(cfg, params, keys, tokens, known, order, options)
+        return _sample_burst, burst_args(*args)
+    return _sample_ar, ar_args(*args)

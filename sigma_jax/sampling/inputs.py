@@ -11,54 +11,60 @@ import jax.numpy as jnp
 import numpy as np
 
 from sigma_jax import orders as orders_lib
-from sigma_jax.checks import check_known, int_positions, is_concrete, token_ids
+from sigma_jax.checks import check_known, int_positions, is_concrete, row_lengths, token_ids
 from sigma_jax.config import ModelConfig
 from sigma_jax.sampling.draws import row_keys
 from sigma_jax.sampling.options import SampleOptions
 
 
-def checked_inputs(cfg: ModelConfig, tokens, known, options: SampleOptions, order=None):
+def checked_inputs(cfg: ModelConfig, tokens, known, options: SampleOptions, order=None,
+                   lengths=None):
     """(tokens int32 [B, N] with 0 at unknown positions, known bool [B, N], explicit order int32
-    [B, N] or None), after every one-line check of the inputs and of the options against them.
-    Lists, numpy and jax arrays are accepted; token values at unknown positions are ignored."""
+    [B, N] or None, lengths int32 [B]), after every one-line check of the inputs and of the
+    options against them. Lists, numpy and jax arrays are accepted; token values at unknown
+    positions are ignored. lengths (None: N for every row): positions at or past a row's length
+    are absent, neither known nor generated (known is cleared there)."""
     known = jnp.asarray(known).astype(bool)
     tokens = token_ids(tokens)
+    lengths = row_lengths(lengths, known.shape)
+    known = known & (jnp.arange(known.shape[-1])[None, :] < lengths[:, None])
+    order = None if order is None else int_positions(order)
     if is_concrete(tokens, known):  # range-check the given ids before any cast can wrap them
-        check_known(cfg, np.where(np.asarray(known), np.asarray(tokens), 0), known,
-                    None if order is None else int_positions(order))
+        check_known(cfg, np.where(np.asarray(known), np.asarray(tokens), 0), known, order, lengths)
     else:
-        check_known(cfg, tokens, known, None if order is None else int_positions(order))
+        check_known(cfg, tokens, known, order, lengths)
     options.check_for(cfg, tokens.shape[1], explicit_order=order is not None)
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32), 0)
-    return tokens, known, None if order is None else jnp.asarray(order, jnp.int32)
+    return tokens, known, None if order is None else jnp.asarray(order, jnp.int32), lengths
 
 
-def generation_order(order, known: jax.Array, keys: jax.Array, known_order: str = "random"
-                     ) -> tuple[jax.Array, jax.Array]:
+def generation_order(order, known: jax.Array, keys: jax.Array, known_order: str = "random",
+                     lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(order int32 [B, N], sampling keys [B]): each row's key split into an order stream and a
     sampling stream, and the generation order (known positions first) from a kind name of
     `orders.ORDER_KINDS` (random orders follow the known-first convention of
     `orders.random_order` with the order stream) or an explicit [B, N] array.
 
     It runs before the sampler kernels, which take the order as an array: one compiled kernel
-    serves every order kind."""
+    serves every order kind. lengths: int32 [B] (None: N): absent positions come last."""
     if isinstance(order, str):
-        return _order_and_keys(known, keys, None, kind=order, known_order=known_order)
-    return _order_and_keys(known, keys, jnp.asarray(order, jnp.int32), kind=None,
+        return _order_and_keys(known, keys, None, lengths, kind=order, known_order=known_order)
+    return _order_and_keys(known, keys, jnp.asarray(order, jnp.int32), lengths, kind=None,
                            known_order="random")
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "known_order"))
-def _order_and_keys(known, keys, explicit, *, kind, known_order):
+def _order_and_keys(known, keys, explicit, lengths, *, kind, known_order):
     split = jax.vmap(jax.random.split)(keys)  # [B, 2]: the order stream, the sampling stream
     if kind is not None:
-        explicit = orders_lib.order_from_mask(kind, known, split[:, 0], known_order=known_order)
+        explicit = orders_lib.order_from_mask(kind, known, split[:, 0], known_order=known_order,
+                                              lengths=lengths)
     return explicit, split[:, 1]
 
 
-def kernel_inputs(key, tokens, known, options: SampleOptions, order=None):
+def kernel_inputs(key, tokens, known, options: SampleOptions, order=None, lengths=None):
     """(keys [B], order int32 [B, N]): the sampling stream of each row and its generation order
     (`options.order`'s kind, or the explicit `order`). key: one typed key or one per row."""
     order, keys = generation_order(options.order if order is None else order, known,
-                                   row_keys(key, tokens.shape[0]), options.known_order)
+                                   row_keys(key, tokens.shape[0]), options.known_order, lengths)
     return keys, order

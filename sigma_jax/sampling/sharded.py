@@ -28,9 +28,9 @@ _TRACED_DTYPES = {"temperature": np.float32, "top_p": np.float32, "max_iters": n
 
 
 def sample_sharded(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known,
-                   options: SampleOptions, *, mesh, order=None):
+                   options: SampleOptions, *, mesh, order=None, lengths=None):
     """The sampler of `options` run sharded on `mesh`, along `options.order` or the explicit
-    `order` [B, N].
+    `order` [B, N], with per-row `lengths` [B] (None: N).
 
     params: a params dict, already placed (e.g. by `shard_params` or `checkpoint.load(...,
     mesh=mesh)`) or on host; it is placed by `param_shardings`. key: one typed key, or one per
@@ -47,9 +47,10 @@ def sample_sharded(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known
     inside). Every process of a multi-host run must call this with the same arguments. Returns
     (tokens [B, N], SampleStats) as global jax arrays; read them with `to_host` (multi-host safe).
     """
-    tokens, known, order = checked_inputs(cfg, tokens, known, options, order)
+    tokens, known, order, lengths = checked_inputs(cfg, tokens, known, options, order, lengths)
     explicit_order = order is not None
-    rows_in = [np.asarray(x) for x in (tokens, known, *((order,) if explicit_order else ()))]
+    rows_in = [np.asarray(x) for x in (tokens, known, lengths,
+                                       *((order,) if explicit_order else ()))]
     batch = rows_in[0].shape[0]
     keys = row_keys(key, batch)  # [B]: what the sampler itself would use
     pad = -batch % batch_multiple(mesh)
@@ -75,11 +76,11 @@ def _sampler_kernel(cfg, mesh, static: SampleOptions, explicit_order, batch, pad
     """The jitted sampler for one (config, mesh, static options, batch) combination: inputs of
     batch + pad rows, outputs of the first `batch` rows."""
 
-    def run(params, keys, tokens, known, *rest):  # rest: ([order,] traced options)
+    def run(params, keys, tokens, known, lengths, *rest):  # rest: ([order,] traced options)
         options = static.replace(**rest[-1])
         order, keys = generation_order(rest[0] if explicit_order else options.order, known,
-                                       keys, options.known_order)
-        kernel, args = kernel_call(cfg, params, keys, tokens, known, order, options)
+                                       keys, options.known_order, lengths)
+        kernel, args = kernel_call(cfg, params, keys, tokens, known, order, lengths, options)
         out, stats = kernel(*args)
         keep = lambda x: x[:batch] if x.ndim else x  # strip the padding rows
         return keep(out), jax.tree.map(keep, stats)
@@ -96,7 +97,7 @@ def _sampler_kernel(cfg, mesh, static: SampleOptions, explicit_order, batch, pad
     rep = replicated(mesh)
     stats = SampleStats(iterations=out_rows, generated=out_rows, forward_passes=rep,
                         finished=out_rows)
-    in_shardings = (param_shardings(shapes, mesh), rows, rows, rows,
+    in_shardings = (param_shardings(shapes, mesh), rows, rows, rows, rows,
                     *((rows,) if explicit_order else ()), rep)
     # The tokens buffer is donated to the output tokens when they have the same shape.
     return jax.jit(kernel, in_shardings=in_shardings, out_shardings=(out_rows, stats),
