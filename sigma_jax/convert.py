@@ -214,7 +214,12 @@ def convert_state_dict(model_args: Mapping, state_dict: Mapping) -> tuple[ModelC
     unless the checkpoint stores a different `lm_head.weight`. A missing, extra or misshapen
     entry, a field we cannot express: CheckpointError naming it. Every name, shape and dtype is
     checked against `model_args` before a byte of tensor data is read, and each storage is read
-    once (the tensors read from one storage hold at most its elements).
+    once (the tensors read from one storage hold at most its elements; a float64 head stored
+    apart from the embedding is read once more, to compare it exactly).
+
+    Memory: each tensor goes from the file straight into its slot of its leaf (no state dict of
+    arrays, no stacking or transposing copies) and each leaf becomes a jax array without a copy
+    on CPU, so the peak is about the params' float32 bytes plus a chunk of the file.
     """
     if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
         raise CheckpointError("the model state dict is not a dict of named tensors")

@@ -5,6 +5,7 @@ by the published PyTorch code's own train.py, and the logits and mean loss its o
 computed on validation rows read in random orders. Nothing here imports torch.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+import torch_craft as tc
 from cli_helpers import run_module
 
 from sigma_jax import checkpoint, torch_file
@@ -240,3 +243,52 @@ def test_pickle_errors_are_checkpoint_errors(tmp_path):
         z.writestr("ckpt/data.pkl", buffer.getvalue()[:-5])
     with pytest.raises(CheckpointError, match="damaged"):
         load_torch_file(tmp_path / "cut.pt")
+
+
+# ---------------------------------------------------------------- reading into place
+
+
+@pytest.mark.parametrize("storage, dtype", [("HalfStorage", "<f2"), ("FloatStorage", "<f4"),
+                                            ("DoubleStorage", "<f8")])
+def test_a_head_stored_apart_is_tied_exactly_when_it_equals_the_embedding(tmp_path, storage,
+                                                                          dtype):
+    _, tensors, storages, _ = tc.tiny_model()
+    tensors = {name: dataclasses.replace(t, storage=storage) for name, t in tensors.items()}
+    storages = {k: np.frombuffer(v, "<f4").astype(dtype).tobytes() for k, v in storages.items()}
+    wte = tensors["transformer.wte.weight"]
+    tensors["lm_head.weight"] = dataclasses.replace(wte, key="head")
+    for nudged in (False, True):  # the last element one step up: still equal as float32 in f8
+        head = np.frombuffer(storages[wte.key], dtype).copy()
+        head[-1] = np.nextafter(head[-1], np.inf) if nudged else head[-1]
+        tc.write_tiny(tmp_path / "m.pt", state_dict=tensors,
+                      storages=dict(storages, head=head.tobytes()))
+        cfg, params = from_official(tmp_path / "m.pt")
+        assert cfg.tie_embeddings is not nudged
+        if nudged:
+            np.testing.assert_array_equal(params["lm_head"]["kernel"],
+                                          head.astype(np.float32).reshape(wte.shape).T)
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<f2", ">f8", "bfloat16"])
+def test_a_whole_storage_streams_into_a_strided_slot_crc_checked(tmp_path, dtype):
+    # 600 x 1000 elements: a few MAX_READ chunks; written into a transposed float32 slot
+    storage = {"<f4": "FloatStorage", ">f4": "FloatStorage", "<f2": "HalfStorage",
+               ">f8": "DoubleStorage", "bfloat16": "BFloat16Storage"}[dtype]
+    dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    values = np.random.default_rng(0).standard_normal((600, 1000)).astype(dtype)
+    tensor = tc.Tensor("0", values.size, values.shape, (1000, 1), storage=storage)
+    with zipfile.ZipFile(tmp_path / "good.pt", "w") as z:
+        z.writestr("ckpt/data.pkl", tc.pickle_of({"w": tensor}))
+        z.writestr("ckpt/byteorder", "big" if dtype.byteorder == ">" else "little")
+        z.writestr("ckpt/data/0", values.tobytes())
+    data = bytearray((tmp_path / "good.pt").read_bytes())
+    data[data.index(values.tobytes()) + values.nbytes - 7] ^= 1  # in the last chunk: bad CRC
+    (tmp_path / "flipped.pt").write_bytes(data)
+    lazy = load_torch_file(tmp_path / "good.pt")["w"]
+    slot = np.empty((1000, 600), np.float32).T
+    torch_file.read_into([lazy], [slot])
+    np.testing.assert_array_equal(slot, values.astype(np.float32))
+    assert lazy.numpy().dtype == dtype.newbyteorder("=")
+    np.testing.assert_array_equal(lazy.numpy(), values)
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_torch_file(tmp_path / "flipped.pt")["w"].numpy()

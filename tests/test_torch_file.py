@@ -431,6 +431,42 @@ def test_crafted_files_need_no_more_memory_than_a_real_one(crafted):
     assert report["peak_kib"] - report["base_kib"] < 64 * 1024, report
 
 
+_LOAD_CHILD = """
+import json, resource, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, "tests")
+import torch_craft as tc
+from sigma_jax.convert import convert_state_dict, from_official
+jnp.zeros(1).block_until_ready()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cfg, params = from_official(sys.argv[1])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+args, _, _, values = tc.tiny_model(json.loads(sys.argv[2]))
+same = all(np.array_equal(params["h"]["mlp"]["c_fc"]["kernel"][i],
+                          values[f"transformer.h.{i}.mlp.c_fc.weight"].T)
+           for i in range(cfg.n_layer))
+want = convert_state_dict(args, values)[1]
+same &= jax.tree.all(jax.tree.map(np.array_equal, params, want))
+print(json.dumps({"base_kib": base, "peak_kib": peak, "same": bool(same),
+                  "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params))}))
+"""
+
+
+@pytest.mark.integration
+def test_a_valid_checkpoint_needs_about_the_memory_of_its_parameters(tmp_path):
+    # 44 MiB of float32 weights; the child's peak after its imports may grow by 1.25x + 32 MiB
+    args = dict(tc.TINY_ARGS, n_layer=6, n_embd=384, block_size=64, vocab_size=2000)
+    tc.write_tiny(tmp_path / "big.pt", model_args=args)
+    out = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(tmp_path / "big.pt"),
+                          json.dumps(args)], cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["same"] and report["param_bytes"] > 40 << 20, report
+    growth = (report["peak_kib"] - report["base_kib"]) << 10
+    assert growth <= 1.25 * report["param_bytes"] + (32 << 20), report
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("case", ["escape sequences in a name", "zero stride"])
 def test_a_crafted_file_through_the_launcher_is_exit_2_and_one_line(crafted, tmp_path, case):
