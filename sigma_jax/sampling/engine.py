@@ -1,0 +1,203 @@
+"""A step-wise sampler engine over one state pytree: fixed slots, continuous batching.
+
+    state = init(cfg, options, slots, capacity)
+    state = insert(cfg, params, state, slot, tokens, known, length, key)   # slot is traced
+    state = step(cfg, params, state)                                       # donated
+    finished(state) -> bool [S];  result(state, slot) -> (tokens [N], SampleStats of one row)
+
+Every slot holds one request of up to `capacity` positions (its length may be shorter: the
+positions past it are absent). A step runs one iteration of the sampler for every slot that is
+still generating; finished, empty and capped slots are no-ops. A request's tokens are bitwise
+those of `sample_ar` / `sample_burst` called alone on it with the same key and options: its
+order, prefill, per-row key streams (folded with the row's own iteration or cursor, never a
+global step) and per-row kernels are the ones-shot sampler's, whatever slot it lands in, when it
+is inserted, and who shares the batch. `max_iters` caps each request's own iterations.
+
+Samplers: ar (cached), burst, burst_jacobi and burst_paper (not ar_nocache, the oracle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sigma_jax.cache import init_cache, write
+from sigma_jax.config import ModelConfig
+from sigma_jax.decode import extend_pass
+from sigma_jax.sampling.burst import advance, start_state
+from sigma_jax.sampling.burst_steps import BurstState
+from sigma_jax.sampling.call import SampleStats
+from sigma_jax.sampling.draws import draw, to_probs
+from sigma_jax.sampling.inputs import generation_order
+from sigma_jax.sampling.options import KernelOptions, SampleOptions, model_calls
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("rows", "known", "lengths", "temperature", "top_p", "max_iters"),
+                   meta_fields=("opts", "order_kind", "known_order"))
+@dataclasses.dataclass(frozen=True)
+class EngineState:
+    """The engine's state: S slots of capacity N.
+
+    rows.lengths is each slot's length while it generates and 0 once it is empty, finished or
+    capped (a row of length 0 is a no-op of every sampler step)."""
+
+    rows: BurstState  # [S, ...]: tokens, filled, order, cache, keys, iterations, drafts, ...
+    known: jax.Array  # bool [S, N]: each request's known positions
+    lengths: jax.Array  # int32 [S]: each request's length (0: empty slot)
+    temperature: jax.Array  # float32 []
+    top_p: jax.Array | None  # float32 [] or None (no nucleus truncation)
+    max_iters: jax.Array  # int32 []: iterations a request may run
+    opts: KernelOptions  # static: mode, window, n_orders, top_k
+    order_kind: str  # static: the generation order of every request
+    known_order: str  # static: how order 'random' feeds the known tokens
+
+    @property
+    def slots(self) -> int:
+        return self.known.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.known.shape[1]
+
+
+def init(cfg: ModelConfig, options: SampleOptions, slots: int, capacity: int) -> EngineState:
+    """An engine with every slot empty. options: any sampler but 'ar_nocache' (checked against
+    the model and `capacity`: window <= capacity, top_k <= V); slots >= 1; capacity in
+    [1, block_size]. One-line ValueErrors before any work."""
+    if options.sampler == "ar_nocache":
+        raise ValueError("the engine runs ar, burst, burst_jacobi or burst_paper; ar_nocache is "
+                         "the uncached oracle: use sample_ar(use_cache=False)")
+    if not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"slots must be a positive integer; got {slots!r}")
+    if not isinstance(capacity, int) or not 1 <= capacity <= cfg.block_size:
+        raise ValueError(f"capacity must be an integer in [1, {cfg.block_size}] (block_size); "
+                         f"got {capacity!r}")
+    options.check_for(cfg, capacity)
+    opts = options.kernel_options(capacity)
+    temperature, top_p, max_iters = options.traced_values(capacity)
+    return _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, options.order,
+                  options.known_order)
+
+
+@functools.partial(jax.jit, static_argnames=("opts", "slots", "capacity", "order_kind",
+                                             "known_order"))
+def _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, order_kind, known_order):
+    s, n = slots, capacity
+    zeros = jnp.zeros((s, n), jnp.int32)
+    rows = BurstState(
+        tokens=zeros, filled=jnp.ones((s, n), bool),
+        order=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (s, n)),
+        cache=init_cache(cfg, s, opts.cache_capacity(cfg, n)),
+        last_tok=zeros[:, 0], last_pos=zeros[:, 0], keys=jax.random.split(jax.random.key(0), s),
+        iterations=zeros[:, 0], step=jnp.zeros((), jnp.int32), lengths=zeros[:, 0],
+        drafts=zeros if opts.mode == "jacobi" else None,
+        proposals=jnp.zeros((s, n, cfg.vocab_size), jnp.float32) if opts.mode == "jacobi"
+        else None)
+    return EngineState(rows=rows, known=jnp.zeros((s, n), bool), lengths=zeros[:, 0],
+                       temperature=temperature, top_p=top_p, max_iters=max_iters, opts=opts,
+                       order_kind=order_kind, known_order=known_order)
+
+
+@functools.partial(jax.jit, donate_argnames="state")
+def insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, known, length,
+           key) -> EngineState:
+    """Start a request in `slot` (traced int32 []): tokens int32 [N] and known bool [N] at the
+    engine's capacity N (values past `length` ignored), length int32 [] in [1, N], key: the
+    request's typed key (its per-row key: `sample_burst(key=key[None])` samples the same).
+    The slot's previous request, if any, is dropped. Its order is drawn, its known tokens
+    prefilled and (jacobi) its first drafts drawn, exactly as the one-shot sampler does.
+    Compiles once per engine shape; validate the request first (`check_request`)."""
+    n = state.capacity
+    length = jnp.asarray(length, jnp.int32)[None]  # [1]
+    known = (jnp.asarray(known, bool) & (jnp.arange(n) < length))[None]  # [1, N]
+    tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32)[None], 0)
+    order, keys = generation_order(state.order_kind, known, key[None], state.known_order, length)
+    row = start_state(cfg, params, keys, tokens, known, order, length, state.temperature,
+                      state.top_p, state.opts)
+    put = lambda full, one, axis=0: jax.lax.dynamic_update_slice_in_dim(full, one, slot, axis)
+    cache = jax.tree.map(lambda full, one: put(full, one, full.ndim - 4 if full.ndim == 5 else 0),
+                         state.rows.cache, row.cache)
+    rows = jax.tree.map(put, dataclasses.replace(state.rows, cache=None, step=None),
+                        dataclasses.replace(row, cache=None, step=None))
+    rows = dataclasses.replace(rows, cache=cache, step=state.rows.step)
+    return dataclasses.replace(state, rows=rows, known=put(state.known, known),
+                               lengths=put(state.lengths, length))
+
+
+@functools.partial(jax.jit, static_argnames="iterations", donate_argnames="state")
+def step(cfg: ModelConfig, params: dict, state: EngineState, iterations: int = 1
+         ) -> EngineState:
+    """`iterations` sampler iterations for every slot still generating (a no-op for the others):
+    AR one token per slot, burst one draft-and-verify round (or one jacobi verify)."""
+
+    def one(i, rows):
+        capped = rows.iterations >= state.max_iters
+        live = dataclasses.replace(rows, lengths=jnp.where(capped, 0, state.lengths))
+        if state.opts.mode == "ar":
+            live = ar_step(cfg, params, live, state.temperature, state.top_p, state.opts)
+        else:
+            live = advance(cfg, params, live, state.temperature, state.top_p, state.opts)
+        return dataclasses.replace(live, lengths=rows.lengths)
+
+    return dataclasses.replace(state, rows=jax.lax.fori_loop(0, iterations, one, state.rows))
+
+
+def ar_step(cfg: ModelConfig, params: dict, rows: BurstState, temperature, top_p,
+            opts: KernelOptions) -> BurstState:
+    """One cached AR step for every row still generating: the next position of its order drawn
+    from the row's key folded with its cursor (the order index), as `sample_ar` draws it."""
+    b, n = rows.tokens.shape
+    active = jnp.any(rows.unfilled(), axis=1)  # [B]
+    cursor = jnp.sum(rows.filled, axis=1).astype(jnp.int32)  # [B]: order index of the next
+    target = jnp.take_along_axis(rows.order, jnp.minimum(cursor, n - 1)[:, None], 1)  # [B, 1]
+    logits, k_new, v_new = extend_pass(cfg, params, rows.cache, rows.last_tok[:, None],
+                                       rows.last_pos[:, None], target)
+    step_keys = jax.vmap(jax.random.fold_in)(rows.keys, cursor)
+    new = draw(step_keys, to_probs(logits[:, 0], temperature, opts.top_k, top_p))  # [B]
+    at = (jnp.arange(b), target[:, 0])
+    return dataclasses.replace(
+        rows, tokens=rows.tokens.at[at].set(jnp.where(active, new, rows.tokens[at])),
+        filled=rows.filled.at[at].set(rows.filled[at] | active),
+        cache=write(rows.cache, k_new, v_new, active.astype(jnp.int32)),
+        last_tok=jnp.where(active, new, rows.last_tok),
+        last_pos=jnp.where(active, target[:, 0], rows.last_pos),
+        iterations=rows.iterations + active, step=rows.step + 1)
+
+
+@jax.jit
+def finished(state: EngineState) -> jax.Array:
+    """bool [S]: the slot holds a request that is complete or has run max_iters iterations."""
+    present = jnp.arange(state.capacity)[None, :] < state.lengths[:, None]
+    done = ~jnp.any(~state.rows.filled & present, axis=1)
+    return (state.lengths > 0) & (done | (state.rows.iterations >= state.max_iters))
+
+
+@jax.jit
+def result(state: EngineState, slot) -> tuple[jax.Array, SampleStats]:
+    """(tokens int32 [N] of the request in `slot`, 0 past its length and at unfilled positions;
+    its SampleStats as one row: iterations, generated, forward_passes (the model calls it
+    would take alone), finished)."""
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, slot, keepdims=False)
+    filled, known = take(state.rows.filled), take(state.known)
+    present = jnp.arange(state.capacity) < take(state.lengths)
+    iterations = take(state.rows.iterations)
+    stats = SampleStats(
+        iterations=iterations[None],
+        generated=(jnp.sum(filled & present) - jnp.sum(known))[None].astype(jnp.int32),
+        forward_passes=jnp.asarray(model_calls(state.opts.mode, iterations), jnp.int32),
+        finished=(~jnp.any(~filled & present))[None])
+    return jnp.where(filled & present, take(state.rows.tokens), 0), stats
+
+
+@functools.partial(jax.jit, donate_argnames="state")
+def release(state: EngineState, slot) -> EngineState:
+    """`state` with `slot` empty (its request dropped; the slot idles until the next insert)."""
+    put = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, slot, 0)
+    zero = jnp.zeros((1,), jnp.int32)
+    return dataclasses.replace(state, lengths=put(state.lengths, zero),
+                               rows=dataclasses.replace(state.rows,
+                                                        lengths=put(state.rows.lengths, zero)))

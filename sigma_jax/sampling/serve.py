@@ -1,0 +1,121 @@
+"""The serving loop: requests from a queue through the engine's slots, results as they complete.
+
+Each finished slot is refilled at once from the queue (continuous batching), so a batch never
+waits for its slowest row. A request that fails its checks is answered with its one-line error
+and takes no slot; nothing else is lost."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sigma_jax.config import ModelConfig
+from sigma_jax.sampling import engine
+from sigma_jax.sampling.call import SampleStats
+from sigma_jax.sampling.options import SampleOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One sequence to complete: tokens int [L] (values at unknown positions ignored), known
+    bool [L], key: a typed PRNG key (the request's own stream). L <= the engine's capacity."""
+
+    tokens: np.ndarray
+    known: np.ndarray
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What became of request `index`: its tokens int32 [L] and SampleStats (one row), or the
+    one-line `error` that refused it. steps: the engine steps from its insert to its end;
+    seconds: wall time from the start of `serve` to its end."""
+
+    index: int
+    tokens: np.ndarray | None = None
+    stats: SampleStats | None = None
+    error: str | None = None
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def check_request(cfg: ModelConfig, request: Request, capacity: int) -> None:
+    """One-line ValueError unless the request fits an engine of `capacity` positions: 1-D tokens
+    and known of one length L in [1, capacity], integer ids in [0, V), a typed key, and (without
+    a start token) at least one known token."""
+    tokens, known = np.asarray(request.tokens), np.asarray(request.known)
+    if tokens.ndim != 1 or known.shape != tokens.shape:
+        raise ValueError(f"tokens and known must both be [L]; got {tokens.shape} and "
+                         f"{known.shape}")
+    if not 1 <= tokens.shape[0] <= capacity:
+        raise ValueError(f"request length {tokens.shape[0]} must lie in [1, {capacity}] "
+                         "(the engine's capacity)")
+    if not np.issubdtype(tokens.dtype, np.integer) or known.dtype != bool:
+        raise ValueError(f"tokens must be integer ids and known booleans; got {tokens.dtype} "
+                         f"and {known.dtype}")
+    ids = tokens[known]
+    if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+    if not cfg.bos and not known.any():
+        raise ValueError("without a start token (bos=False) a request needs >= 1 known token")
+    key = request.key
+    if not hasattr(key, "dtype") or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
+            or key.shape != ():
+        raise ValueError("a request's key must be one typed PRNG key (jax.random.key(seed))")
+
+
+def serve(cfg: ModelConfig, params: dict, requests: Iterable[Request], *, slots: int,
+          options: SampleOptions, capacity: int | None = None,
+          steps_per_call: int = 1) -> Iterator[Result]:
+    """Complete every request through an engine of `slots` slots and `capacity` positions
+    (default: the longest request, read ahead), yielding a `Result` per request as it
+    completes (not in order). Each request's tokens are bitwise those of the one-shot sampler
+    on it alone with its key. steps_per_call: sampler iterations per engine call (more amortize
+    dispatch; a slot finished mid-call idles until the call ends)."""
+    requests = list(requests)
+    if capacity is None:
+        capacity = max((np.asarray(r.tokens).shape[0] for r in requests), default=1)
+    state = engine.init(cfg, options, slots, capacity)
+    queue = list(enumerate(requests))
+    held: list[tuple[int, int] | None] = [None] * slots  # (request index, step it entered)
+    steps, start = 0, time.perf_counter()
+    while queue or any(h is not None for h in held):
+        for slot in range(slots):
+            while held[slot] is None and queue:
+                index, request = queue.pop(0)
+                try:
+                    check_request(cfg, request, capacity)
+                except ValueError as error:
+                    yield Result(index, error=str(error), seconds=time.perf_counter() - start)
+                    continue
+                state = engine.insert(cfg, params, state, jnp.int32(slot),
+                                      *_padded(request, capacity), request.key)
+                held[slot] = (index, steps)
+        if not any(h is not None for h in held):
+            break
+        state = engine.step(cfg, params, state, steps_per_call)
+        steps += steps_per_call
+        done = np.asarray(engine.finished(state))
+        for slot in np.flatnonzero(done):
+            index, entered = held[slot]
+            tokens, stats = engine.result(state, jnp.int32(slot))
+            length = np.asarray(requests[index].tokens).shape[0]
+            yield Result(index, tokens=np.asarray(tokens)[:length], stats=jax.device_get(stats),
+                         steps=steps - entered, seconds=time.perf_counter() - start)
+            state = engine.release(state, jnp.int32(slot))
+            held[slot] = None
+
+
+def _padded(request: Request, capacity: int):
+    """(tokens int32 [N], known bool [N], length int32 []) of a request padded to capacity N."""
+    tokens = np.zeros(capacity, np.int32)
+    known = np.zeros(capacity, bool)
+    length = np.asarray(request.tokens).shape[0]
+    tokens[:length] = np.where(request.known, request.tokens, 0)
+    known[:length] = request.known
+    return tokens, known, np.int32(length)

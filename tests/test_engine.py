@@ -1,0 +1,139 @@
+"""The serving engine: each request's tokens are bitwise those of the one-shot sampler on it
+alone with the same key and options, whatever slot it lands in, whenever it is inserted and
+whoever shares the batch; steady state never recompiles; bad requests are refused alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sampler_helpers import SMALL, peaked_params
+
+from sigma_jax.sampling import SampleOptions, engine, sample
+from sigma_jax.sampling.serve import Request, serve
+
+N = 10
+
+
+@pytest.fixture(scope="module")
+def params():
+    return peaked_params(SMALL, 4)
+
+
+def _requests(count, seed=0):
+    """Mixed lengths in [2, N], scattered known tokens (some rows none), one key each."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        length = int(rng.integers(2, N + 1))
+        known = rng.random(length) < (0.0 if i % 3 == 0 else 0.35)
+        tokens = rng.integers(0, SMALL.vocab_size, length).astype(np.int32)
+        out.append(Request(tokens, known, jax.random.key(1000 + i)))
+    return out
+
+
+def _alone(params, request, options):
+    """The one-shot sampler on the request alone, with its key: at N = the engine's capacity
+    with the request's length (test_ragged: the same as at N = its length when the window
+    fits)."""
+    tokens, known, length = _pad(request)
+    out, stats = sample(SMALL, params, request.key[None], tokens[None], known[None], options,
+                        lengths=[length])
+    return np.asarray(out)[0, :length], jax.device_get(stats)
+
+
+OPTIONS = [SampleOptions("ar", order="random"), SampleOptions("ar", order="spread"),
+           SampleOptions("burst", order="random", window=3),
+           SampleOptions("burst", order="spread", window=3),
+           SampleOptions("burst_jacobi", order="spread", window=2),
+           SampleOptions("burst_jacobi", order="random"),
+           SampleOptions("burst_paper", window=3, n_orders=2, temperature=0.8, top_k=6)]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=[o.label for o in OPTIONS])
+@pytest.mark.integration
+def test_served_requests_are_bitwise_the_one_shot_samples(params, options):
+    requests = _requests(7, seed=1)
+    results = list(serve(SMALL, params, requests, slots=3, options=options, capacity=N))
+    assert sorted(r.index for r in results) == list(range(7))
+    for r in results:
+        want, stats = _alone(params, requests[r.index], options)
+        assert r.error is None
+        np.testing.assert_array_equal(r.tokens, want, err_msg=f"request {r.index}")
+        np.testing.assert_array_equal(r.stats.generated, stats.generated)
+        np.testing.assert_array_equal(r.stats.iterations, stats.iterations)
+        assert int(r.stats.forward_passes) == int(stats.forward_passes)
+
+
+@pytest.mark.integration
+def test_a_request_samples_the_same_in_any_slot_at_any_time(params):
+    """The same request inserted into slot 0 of an idle engine, and into slot 2 of a busy one
+    three steps later, with other requests around it."""
+    options = SampleOptions("burst", order="spread", window=2)
+    request, *others = _requests(4, seed=2)
+    args = lambda r: (*_pad(r), r.key)
+
+    state = engine.init(SMALL, options, 3, N)
+    state = engine.insert(SMALL, params, state, jnp.int32(0), *args(request))
+    for _ in range(N):
+        state = engine.step(SMALL, params, state)
+    first, _ = engine.result(state, jnp.int32(0))
+
+    state = engine.init(SMALL, options, 3, N)
+    state = engine.insert(SMALL, params, state, jnp.int32(0), *args(others[0]))
+    state = engine.insert(SMALL, params, state, jnp.int32(1), *args(others[1]))
+    state = engine.step(SMALL, params, state, 3)
+    state = engine.insert(SMALL, params, state, jnp.int32(2), *args(request))
+    state = engine.insert(SMALL, params, state, jnp.int32(0), *args(others[2]))
+    state = engine.step(SMALL, params, state, N)
+    second, _ = engine.result(state, jnp.int32(2))
+    want, _ = _alone(params, request, options)
+    length = len(request.tokens)
+    np.testing.assert_array_equal(np.asarray(first)[:length], want)
+    np.testing.assert_array_equal(np.asarray(second)[:length], want)
+    assert bool(engine.finished(state)[2])
+
+
+def _pad(request):
+    tokens, known = np.zeros(N, np.int32), np.zeros(N, bool)
+    length = len(request.tokens)
+    tokens[:length], known[:length] = request.tokens, request.known
+    return tokens, known, np.int32(length)
+
+
+@pytest.mark.integration
+def test_steady_state_never_recompiles_and_max_iters_caps_each_request(params):
+    options = SampleOptions("burst_jacobi", order="spread", window=2, max_iters=2)
+    list(serve(SMALL, params, _requests(2, seed=3), slots=2, options=options, capacity=N))
+    sizes = [f._cache_size() for f in (engine.insert, engine.step, engine.finished,
+                                       engine.result, engine.release)]
+    requests = _requests(6, seed=4)
+    results = list(serve(SMALL, params, requests, slots=2, options=options, capacity=N))
+    assert [f._cache_size() for f in (engine.insert, engine.step, engine.finished,
+                                      engine.result, engine.release)] == sizes
+    for r in results:
+        want, stats = _alone(params, requests[r.index], options)
+        np.testing.assert_array_equal(r.tokens, want)
+        assert int(r.stats.iterations[0]) <= 2
+        np.testing.assert_array_equal(r.stats.finished, stats.finished)
+
+
+def test_bad_requests_are_refused_alone(params):
+    good = _requests(2, seed=5)
+    bad = [Request(np.zeros(N + 1, np.int32), np.zeros(N + 1, bool), jax.random.key(0)),
+           Request(np.full(3, 99, np.int32), np.ones(3, bool), jax.random.key(0)),
+           Request(np.zeros(3, np.float32), np.zeros(3, bool), jax.random.key(0)),
+           Request(np.zeros(3, np.int32), np.zeros(3, bool), 7)]
+    results = {r.index: r for r in serve(SMALL, params, [good[0], *bad, good[1]], slots=2,
+                                          options=SampleOptions("ar"), capacity=N)}
+    assert len(results) == 6 and results[0].error is None and results[5].error is None
+    for index, match in zip(range(1, 5), ["request length 11", "token ids", "integer ids",
+                                          "typed PRNG key"], strict=True):
+        assert match in results[index].error and "\n" not in results[index].error
+        assert results[index].tokens is None
+    for bad_init, message in [(dict(options=SampleOptions("ar_nocache")), "ar_nocache"),
+                              (dict(slots=0), "slots"), (dict(capacity=SMALL.block_size + 1),
+                                                         "capacity"),
+                              (dict(options=SampleOptions(window=N + 1)), "window")]:
+        kwargs = dict(options=SampleOptions("burst"), slots=2, capacity=N) | bad_init
+        with pytest.raises(ValueError, match=message):
+            engine.init(SMALL, kwargs["options"], kwargs["slots"], kwargs["capacity"])
