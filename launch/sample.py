@@ -60,7 +60,8 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy.")
 flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
 flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
 flags.DEFINE_integer("num_samples", 4, "Samples to draw.")
-flags.DEFINE_integer("batch_size", None, "Samples per kernel call (default: num_samples).")
+flags.DEFINE_integer("batch_size", None, "Samples per kernel call (default: num_samples); "
+                     "below --num_samples, the slots of the serving engine that draws them.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_string("prompt", "", "Prompt text with <missing>N</missing> gaps, or FILE:path.")
 flags.DEFINE_integer("length", None, "Sequence length (default: the task's sequence length).")
@@ -183,10 +184,14 @@ def main(argv) -> None:
         animate(cfg, params, key, jnp.asarray(tokens)[None], jnp.asarray(known)[None], decode,
                 options)
         return
+    if (FLAGS.num_samples > batch and jax.process_count() == 1 and mesh.devices.size == 1
+            and options.sampler != "ar_nocache"):
+        serve_samples(cfg, params, key, tokens, known, batch, options, decode)
+        return
     done = 0
     while done < FLAGS.num_samples:
         b = min(batch, FLAGS.num_samples - done)
-        keys = jax.random.split(jax.random.fold_in(key, done), b)
+        keys = jnp.stack(sample_keys(key, FLAGS.num_samples, batch)[done:done + b])
         tok = np.broadcast_to(np.asarray(tokens), (b, length))
         kn = np.broadcast_to(np.asarray(known), (b, length))
         start = time.perf_counter()
@@ -199,6 +204,29 @@ def main(argv) -> None:
                   f"{calls} model calls (batch), {wall:.2f} s (batch{compiled})")
             print(decode(out[i]))
         done += b
+
+
+def sample_keys(key, count: int, batch: int) -> list:
+    """The key of each sample: batch-sized groups split from the key folded with the group's
+    first index (so the engine and the static batches draw the same samples)."""
+    return [k for done in range(0, count, batch)
+            for k in jax.random.split(jax.random.fold_in(key, done), min(batch, count - done))]
+
+
+def serve_samples(cfg, params, key, tokens, known, slots: int, options, decode) -> None:
+    """--num_samples above the batch size: every sample through the serving engine with
+    `slots` slots (a finished sample's slot takes the next one at once), printed as it
+    completes, in completion order."""
+    from sigma_jax.sampling import Request, serve
+
+    keys = sample_keys(key, FLAGS.num_samples, slots)
+    requests = [Request(np.asarray(tokens), np.asarray(known), k) for k in keys]
+    for result in serve(cfg, params, requests, slots=slots, options=options):
+        stats = result.stats
+        print(f"--- sample {result.index}: {int(stats.generated[0])} tokens, "
+              f"{int(stats.iterations[0])} iterations, {int(stats.forward_passes)} model calls, "
+              f"{result.seconds:.2f} s (engine, {slots} slots, since the start)")
+        print(decode(result.tokens))
 
 
 def run() -> None:

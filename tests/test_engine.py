@@ -9,7 +9,8 @@ import pytest
 from sampler_helpers import SMALL, peaked_params
 
 from sigma_jax.sampling import SampleOptions, engine, sample
-from sigma_jax.sampling.serve import Request, serve
+from sigma_jax.sampling import serving as serve_lib
+from sigma_jax.sampling.serving import Request, serve
 
 N = 10
 
@@ -104,12 +105,12 @@ def _pad(request):
 def test_steady_state_never_recompiles_and_max_iters_caps_each_request(params):
     options = SampleOptions("burst_jacobi", order="spread", window=2, max_iters=2)
     list(serve(SMALL, params, _requests(2, seed=3), slots=2, options=options, capacity=N))
-    sizes = [f._cache_size() for f in (engine.insert, engine.step, engine.finished,
-                                       engine.result, engine.release)]
+    functions = (engine.insert, serve_lib._advance, serve_lib._collect)
+    sizes = [f._cache_size() for f in functions]
+    assert all(sizes)
     requests = _requests(6, seed=4)
     results = list(serve(SMALL, params, requests, slots=2, options=options, capacity=N))
-    assert [f._cache_size() for f in (engine.insert, engine.step, engine.finished,
-                                      engine.result, engine.release)] == sizes
+    assert [f._cache_size() for f in functions] == sizes
     for r in results:
         want, stats = _alone(params, requests[r.index], options)
         np.testing.assert_array_equal(r.tokens, want)

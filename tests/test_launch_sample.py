@@ -95,3 +95,32 @@ def test_animate_redraws_until_every_position_is_filled(char_run):
     assert int(frames[0][0]) == 0 and int(frames[0][1]) == 6  # the prompt is known at the start
     assert int(frames[-1][1]) == 24 and len(frames) >= 1 + 18 // 8
 
+
+
+@pytest.mark.integration
+def test_more_samples_than_the_batch_go_through_the_engine(char_run):
+    """--num_samples above --batch_size: every sample is the library's one-shot sample with its
+    key, printed as its engine slot completes."""
+    import jax
+
+    from launch.prompt import parse_prompt as parse
+    from launch.sample import load_run_config, sample_keys
+    from sigma_jax import checkpoint
+    from sigma_jax.sampling import SampleOptions, sample
+
+    prompt, length = "ROMEO<missing>6</missing>the king", 24
+    out = run_module("-m", "launch.sample", f"--workdir={char_run}", "--sampler=burst_jacobi",
+                     f"--prompt={prompt}", f"--length={length}", "--num_samples=5",
+                     "--batch_size=2", "--window=4", "--order=spread", "--seed=3")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "engine, 2 slots" in out.stdout
+    printed = dict(re.findall(r"^--- sample (\d+):.*\n(.*)$", out.stdout, flags=re.M))
+    cfg, params, _ = checkpoint.load(char_run)
+    _, task = load_run_config(char_run)
+    tokens, known = parse(prompt, task.encode, length, cfg.block_size)
+    options = SampleOptions("burst_jacobi", order="spread", window=4)
+    keys = sample_keys(jax.random.key(3), 5, 2)
+    assert sorted(map(int, printed)) == list(range(5))
+    for i, key in enumerate(keys):
+        want, _ = sample(cfg, params, key[None], tokens[None], known[None], options)
+        assert printed[str(i)] == task.decode(np.asarray(want)[0])

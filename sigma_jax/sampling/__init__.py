@@ -13,7 +13,7 @@
     sharded.py      `sample_sharded`: any sampler on a device mesh
     engine.py       the step-wise engine: init / insert / step / finished / result over one
                     state pytree (continuous batching)
-    serve.py        the serving loop over the engine: `serve(cfg, params, requests, ...)`
+    serving.py      the serving loop over the engine: `serve(cfg, params, requests, ...)`
 """
 
 from sigma_jax.sampling.ar import sample_ar, sample_ar_call
@@ -21,7 +21,7 @@ from sigma_jax.sampling.burst import burst_states, sample_burst, sample_burst_ca
 from sigma_jax.sampling.call import SamplerCall, SampleStats
 from sigma_jax.sampling.dispatch import kernel_call, prepare, sample
 from sigma_jax.sampling.options import BURST_MODES, SAMPLERS, KernelOptions, SampleOptions
-from sigma_jax.sampling.serve import Request, Result, serve
+from sigma_jax.sampling.serving import Request, Result, serve
 from sigma_jax.sampling.sharded import sample_sharded
 
 __all__ = [

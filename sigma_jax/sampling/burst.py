@@ -48,9 +48,10 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
+from sigma_jax.cache import split_layers
 from sigma_jax.checks import check_choice
 from sigma_jax.config import ModelConfig
-from sigma_jax.decode import prefill
+from sigma_jax.decode import prefill, split_blocks, with_blocks
 from sigma_jax.sampling.burst_steps import BurstState, burst_step, jacobi_init, jacobi_step
 from sigma_jax.sampling.call import SamplerCall, SampleStats
 from sigma_jax.sampling.inputs import checked_inputs, kernel_inputs
@@ -142,9 +143,11 @@ def _sample_burst(cfg, params, keys, tokens, known, order, temperature, top_p, m
                   lengths, opts):
     state = start_state(cfg, params, keys, tokens, known, order, lengths, temperature, top_p,
                         opts)
+    # The loop carries the weights one buffer per layer (no per-step copies of layer slices).
+    blocks = split_blocks(params)
     state = jax.lax.while_loop(
         lambda s: jnp.any(s.unfilled()) & (s.step < max_iters),
-        lambda s: advance(cfg, params, s, temperature, top_p, opts), state)
+        lambda s: advance(cfg, with_blocks(params, blocks), s, temperature, top_p, opts), state)
     return state.tokens, stats_of(state, known, opts)
 
 
@@ -159,9 +162,10 @@ def stats_of(state: BurstState, known, opts: KernelOptions) -> SampleStats:
 
 def advance(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
             opts: KernelOptions) -> BurstState:
-    """One iteration of opts.mode for every unfinished row."""
+    """One iteration of opts.mode for every unfinished row (the last pass's cache entries are
+    written first)."""
     step = jacobi_step if opts.mode == "jacobi" else burst_step
-    return step(cfg, params, state, temperature, top_p, opts)
+    return step(cfg, params, state.flushed(), temperature, top_p, opts)
 
 
 def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, order, lengths,
@@ -174,7 +178,9 @@ def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, order, leng
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)
     cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known,
                                         opts.cache_capacity(cfg, n))
-    state = BurstState(tokens=tokens, filled=known, order=order, cache=cache, last_tok=last_tok,
+    nothing = jnp.zeros(cache.k.shape[:2] + (opts.window,) + cache.k.shape[3:], cache.k.dtype)
+    state = BurstState(tokens=tokens, filled=known, order=order, cache=split_layers(cache),
+                       pending=(nothing, nothing, jnp.zeros_like(n_known)), last_tok=last_tok,
                        last_pos=last_pos, keys=keys,
                        iterations=jnp.zeros(tokens.shape[:1], jnp.int32),
                        step=jnp.zeros((), jnp.int32), lengths=lengths)

@@ -9,7 +9,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sigma_jax.cache import KVCache, write
+from sigma_jax.cache import LayerCaches
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import burst_pass, extend_pass
 from sigma_jax.sampling.draws import draw, to_probs, uniforms
@@ -24,7 +24,8 @@ class BurstState:
     tokens: jax.Array  # int32 [B, N]: known and committed tokens (0 elsewhere)
     filled: jax.Array  # bool [B, N]: known or committed
     order: jax.Array  # int32 [B, N]: the generation order (known first, absent last)
-    cache: KVCache  # [L, B, C, H, hd]: every accepted entry but the last
+    cache: LayerCaches  # L x [B, C, H, hd]: every accepted entry but the last and `pending`
+    pending: tuple  # (k, v [L, B, W, H, hd], n int32 [B]): the last pass's entries to commit
     last_tok: jax.Array  # int32 [B]: the last accepted token, not yet in the cache
     last_pos: jax.Array  # int32 [B]: its position (START_POS for the start token)
     keys: jax.Array  # key [B]: each row's sampling stream
@@ -33,6 +34,12 @@ class BurstState:
     lengths: jax.Array  # int32 [B]: each row's length; positions past it are absent
     drafts: jax.Array | None = None  # jacobi: int32 [B, N], every position's current draft
     proposals: jax.Array | None = None  # jacobi: float32 [B, N, V], what each was drawn from
+
+    def flushed(self) -> BurstState:
+        """The state with `pending` written to the cache. Each pass writes its entries at the
+        start of the next one, before reading the cache: written right after the pass, they
+        would make XLA copy the whole cache, which that pass may still be reading."""
+        return dataclasses.replace(self, cache=self.cache.write(*self.pending))
 
     def unfilled(self) -> jax.Array:
         """bool [B, N]: the positions still to generate (neither filled nor past the length)."""
@@ -77,7 +84,7 @@ def _verify(cfg, params, state: BurstState, draft, targets):
     """The causal pass over the drafts along targets: (logits [B, W, V], k_new, v_new)."""
     tok_in = jnp.concatenate([state.last_tok[:, None], draft[:, :-1]], axis=1)
     pos_in = jnp.concatenate([state.last_pos[:, None], targets[:, :-1]], axis=1)
-    return extend_pass(cfg, params, state.cache, tok_in, pos_in, targets)
+    return extend_pass(cfg, params, state.cache.stacked(), tok_in, pos_in, targets)
 
 
 def _commit(state: BurstState, new_tok, new_pos, n_new, k_new, v_new, **changes) -> BurstState:
@@ -92,7 +99,7 @@ def _commit(state: BurstState, new_tok, new_pos, n_new, k_new, v_new, **changes)
     filled = state.filled.at[rows, new_pos].set(state.filled[rows, new_pos] | commit)
     last = jnp.maximum(n_new - 1, 0)[:, None]
     return dataclasses.replace(
-        state, tokens=tokens, filled=filled, cache=write(state.cache, k_new, v_new, n_new),
+        state, tokens=tokens, filled=filled, pending=(k_new, v_new, n_new),
         last_tok=jnp.where(n_new > 0, _take(new_tok, last)[:, 0], state.last_tok),
         last_pos=jnp.where(n_new > 0, _take(new_pos, last)[:, 0], state.last_pos),
         iterations=state.iterations + active, step=state.step + 1, **changes)
@@ -115,7 +122,8 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
         targets = jnp.argsort(jnp.where(remaining, u_order, 2.0), axis=1)[:, :w].astype(jnp.int32)
 
     probs = lambda logits: to_probs(logits, temperature, opts.top_k, top_p)
-    p = probs(burst_pass(cfg, params, state.cache, state.last_tok, state.last_pos, targets))
+    p = probs(burst_pass(cfg, params, state.cache.stacked(), state.last_tok, state.last_pos,
+                         targets))
     draft = draw(k_draft, p)  # [B, W]
     u = uniforms(k_accept, (w,))
     p_draft = _pick(p, draft)
@@ -147,7 +155,7 @@ def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, pr
     last_pos = jnp.broadcast_to(state.last_pos[:, None, None], (b, k, 1))
     tok_in = jnp.concatenate([last_tok, c_tok[..., :-1]], axis=-1).reshape(b, k * w)
     pos_in = jnp.concatenate([last_pos, c_pos[..., :-1]], axis=-1).reshape(b, k * w)
-    logits_q, k_new, v_new = extend_pass(cfg, params, state.cache, tok_in, pos_in,
+    logits_q, k_new, v_new = extend_pass(cfg, params, state.cache.stacked(), tok_in, pos_in,
                                          c_pos.reshape(b, k * w), blocks=k)
     q_draft = _pick(probs(logits_q).reshape(b, k, w, -1), c_tok)  # [B, K, W]
     first = jnp.arange(w)[None, None, :] == 0
@@ -168,7 +176,8 @@ def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
     their distributions float32 [B, N, V], in position layout (known positions' are unused)."""
     b, n = state.tokens.shape
     every = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    logits = burst_pass(cfg, params, state.cache, state.last_tok, state.last_pos, every)
+    logits = burst_pass(cfg, params, state.cache.stacked(), state.last_tok, state.last_pos,
+                        every)
     p = to_probs(logits, temperature, opts.top_k, top_p)
     draft_keys, loop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
     return dataclasses.replace(state, keys=loop_keys, drafts=draw(draft_keys, p), proposals=p)

@@ -24,9 +24,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sigma_jax.cache import init_cache, write
+from sigma_jax.cache import init_cache, split_layers
 from sigma_jax.config import ModelConfig
-from sigma_jax.decode import extend_pass
+from sigma_jax.decode import extend_pass, split_blocks, with_blocks
 from sigma_jax.sampling.burst import advance, start_state
 from sigma_jax.sampling.burst_steps import BurstState
 from sigma_jax.sampling.call import SampleStats
@@ -88,10 +88,13 @@ def init(cfg: ModelConfig, options: SampleOptions, slots: int, capacity: int) ->
 def _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, order_kind, known_order):
     s, n = slots, capacity
     zeros = jnp.zeros((s, n), jnp.int32)
+    kv_block = (cfg.n_layer, s, opts.window, cfg.n_head, cfg.head_dim)  # one pass's entries
     rows = BurstState(
         tokens=zeros, filled=jnp.ones((s, n), bool),
         order=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (s, n)),
-        cache=init_cache(cfg, s, opts.cache_capacity(cfg, n)),
+        cache=split_layers(init_cache(cfg, s, opts.cache_capacity(cfg, n))),
+        pending=(jnp.zeros(kv_block, cfg.compute_dtype), jnp.zeros(kv_block, cfg.compute_dtype),
+                 zeros[:, 0]),
         last_tok=zeros[:, 0], last_pos=zeros[:, 0], keys=jax.random.split(jax.random.key(0), s),
         iterations=zeros[:, 0], step=jnp.zeros((), jnp.int32), lengths=zeros[:, 0],
         drafts=zeros if opts.mode == "jacobi" else None,
@@ -118,14 +121,21 @@ def insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kno
     order, keys = generation_order(state.order_kind, known, key[None], state.known_order, length)
     row = start_state(cfg, params, keys, tokens, known, order, length, state.temperature,
                       state.top_p, state.opts)
-    put = lambda full, one, axis=0: jax.lax.dynamic_update_slice_in_dim(full, one, slot, axis)
-    cache = jax.tree.map(lambda full, one: put(full, one, full.ndim - 4 if full.ndim == 5 else 0),
-                         state.rows.cache, row.cache)
-    rows = jax.tree.map(put, dataclasses.replace(state.rows, cache=None, step=None),
-                        dataclasses.replace(row, cache=None, step=None))
-    rows = dataclasses.replace(rows, cache=cache, step=state.rows.step)
+    put = lambda full, one: jax.lax.dynamic_update_slice_in_dim(full, one, slot, 0)
+    rows = jax.tree.map(_put_row(slot), state.rows, row)
     return dataclasses.replace(state, rows=rows, known=put(state.known, known),
                                lengths=put(state.lengths, length))
+
+
+def _put_row(slot):
+    """Write a one-row leaf into the full leaf at `slot`: along axis 1 for the pending K/V
+    blocks [L, B, W, H, hd], axis 0 for every other row leaf; the loop's step counter (a
+    scalar) stays the engine's."""
+    def put(full, one):
+        if full.ndim == 0:
+            return full
+        return jax.lax.dynamic_update_slice_in_dim(full, one, slot, 1 if full.ndim == 5 else 0)
+    return put
 
 
 @functools.partial(jax.jit, static_argnames="iterations", donate_argnames="state")
@@ -134,13 +144,14 @@ def step(cfg: ModelConfig, params: dict, state: EngineState, iterations: int = 1
     """`iterations` sampler iterations for every slot still generating (a no-op for the others):
     AR one token per slot, burst one draft-and-verify round (or one jacobi verify)."""
 
+    blocks = split_blocks(params)  # the weights one buffer per layer, as the one-shot kernels
+
     def one(i, rows):
         capped = rows.iterations >= state.max_iters
         live = dataclasses.replace(rows, lengths=jnp.where(capped, 0, state.lengths))
-        if state.opts.mode == "ar":
-            live = ar_step(cfg, params, live, state.temperature, state.top_p, state.opts)
-        else:
-            live = advance(cfg, params, live, state.temperature, state.top_p, state.opts)
+        step_fn = ar_step if state.opts.mode == "ar" else advance
+        live = step_fn(cfg, with_blocks(params, blocks), live, state.temperature, state.top_p,
+                       state.opts)
         return dataclasses.replace(live, lengths=rows.lengths)
 
     return dataclasses.replace(state, rows=jax.lax.fori_loop(0, iterations, one, state.rows))
@@ -150,19 +161,20 @@ def ar_step(cfg: ModelConfig, params: dict, rows: BurstState, temperature, top_p
             opts: KernelOptions) -> BurstState:
     """One cached AR step for every row still generating: the next position of its order drawn
     from the row's key folded with its cursor (the order index), as `sample_ar` draws it."""
+    rows = rows.flushed()
     b, n = rows.tokens.shape
     active = jnp.any(rows.unfilled(), axis=1)  # [B]
     cursor = jnp.sum(rows.filled, axis=1).astype(jnp.int32)  # [B]: order index of the next
     target = jnp.take_along_axis(rows.order, jnp.minimum(cursor, n - 1)[:, None], 1)  # [B, 1]
-    logits, k_new, v_new = extend_pass(cfg, params, rows.cache, rows.last_tok[:, None],
-                                       rows.last_pos[:, None], target)
+    logits, k_new, v_new = extend_pass(cfg, params, rows.cache.stacked(),
+                                       rows.last_tok[:, None], rows.last_pos[:, None], target)
     step_keys = jax.vmap(jax.random.fold_in)(rows.keys, cursor)
     new = draw(step_keys, to_probs(logits[:, 0], temperature, opts.top_k, top_p))  # [B]
     at = (jnp.arange(b), target[:, 0])
     return dataclasses.replace(
         rows, tokens=rows.tokens.at[at].set(jnp.where(active, new, rows.tokens[at])),
         filled=rows.filled.at[at].set(rows.filled[at] | active),
-        cache=write(rows.cache, k_new, v_new, active.astype(jnp.int32)),
+        pending=(k_new, v_new, active.astype(jnp.int32)),
         last_tok=jnp.where(active, new, rows.last_tok),
         last_pos=jnp.where(active, target[:, 0], rows.last_pos),
         iterations=rows.iterations + active, step=rows.step + 1)

@@ -7,6 +7,7 @@ and takes no slot; nothing else is lost."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Iterable, Iterator
 
@@ -34,13 +35,15 @@ class Request:
 class Result:
     """What became of request `index`: its tokens int32 [L] and SampleStats (one row), or the
     one-line `error` that refused it. steps: the engine steps from its insert to its end;
-    seconds: wall time from the start of `serve` to its end."""
+    at_step: the engine step at which it ended; seconds: wall time from the start of `serve`
+    to its end."""
 
     index: int
     tokens: np.ndarray | None = None
     stats: SampleStats | None = None
     error: str | None = None
     steps: int = 0
+    at_step: int = 0
     seconds: float = 0.0
 
 
@@ -98,17 +101,30 @@ def serve(cfg: ModelConfig, params: dict, requests: Iterable[Request], *, slots:
                 held[slot] = (index, steps)
         if not any(h is not None for h in held):
             break
-        state = engine.step(cfg, params, state, steps_per_call)
+        state, done = _advance(cfg, params, state, steps_per_call)
         steps += steps_per_call
-        done = np.asarray(engine.finished(state))
-        for slot in np.flatnonzero(done):
+        for slot in np.flatnonzero(np.asarray(done)):
             index, entered = held[slot]
-            tokens, stats = engine.result(state, jnp.int32(slot))
+            state, tokens, stats = _collect(state, jnp.int32(slot))
             length = np.asarray(requests[index].tokens).shape[0]
             yield Result(index, tokens=np.asarray(tokens)[:length], stats=jax.device_get(stats),
-                         steps=steps - entered, seconds=time.perf_counter() - start)
-            state = engine.release(state, jnp.int32(slot))
+                         steps=steps - entered, at_step=steps,
+                         seconds=time.perf_counter() - start)
             held[slot] = None
+
+
+@functools.partial(jax.jit, static_argnames="iterations", donate_argnames="state")
+def _advance(cfg, params, state, iterations):
+    """`engine.step` and `engine.finished` in one call (one dispatch, one small read back)."""
+    state = engine.step(cfg, params, state, iterations)
+    return state, engine.finished(state)
+
+
+@functools.partial(jax.jit, donate_argnames="state")
+def _collect(state, slot):
+    """`engine.result` of the slot, and the state with the slot released, in one call."""
+    tokens, stats = engine.result(state, slot)
+    return engine.release(state, slot), tokens, stats
 
 
 def _padded(request: Request, capacity: int):

@@ -1,0 +1,113 @@
+"""Serving throughput of the engine against static batches: `python -m launch.serve_bench`.
+
+    python -m launch.serve_bench --pretrained=shakespeare_char --requests=256 --slots=16 \
+        --samplers=burst_jacobi,ar --order=spread --window=16
+
+For each sampler, the same mixed workload (bench/serving.py: lengths from --min_length to
+--max_length, half unconditional, half infilling real text) runs through the engine and as
+static batches of --slots consecutive requests, interleaved for --rounds rounds (engine, static,
+engine, static, ...). Prints one line per run (requests/s, tokens/s, p50/p99 latency in model
+calls and seconds, slot occupancy) and the engine/static ratio of each round; writes
+serving.jsonl and serving.png to --out. Every engine request's tokens are checked to equal its
+static batch's. Exit 2 with one line on bad flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+
+from launch.flags import die, usage_errors
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("pretrained", "shakespeare_char", "A shipped model (sigma_jax.pretrained).")
+flags.DEFINE_integer("requests", 256, "Requests in the workload.")
+flags.DEFINE_integer("slots", 16, "Engine slots = static batch size.")
+flags.DEFINE_list("samplers", ["burst_jacobi", "ar"], "Samplers to compare.")
+flags.DEFINE_enum("order", "spread", ["random", "left_to_right", "fractal", "spread"],
+                  "Generation order of the burst samplers (AR uses random).")
+flags.DEFINE_integer("window", 16, "Burst window (0: all remaining positions).")
+flags.DEFINE_integer("min_length", 32, "Shortest request.")
+flags.DEFINE_integer("max_length", 256, "Longest request (the engine's capacity).")
+flags.DEFINE_integer("steps_per_call", 1, "Engine iterations per call.")
+flags.DEFINE_integer("rounds", 2, "Interleaved rounds of engine and static runs.")
+flags.DEFINE_integer("seed", 0, "Workload seed.")
+flags.DEFINE_string("out", "experiments/results/serving", "Output directory ('none': nothing).")
+
+
+def _options(name: str):
+    from sigma_jax.sampling import SampleOptions
+
+    if name.startswith("burst"):
+        return SampleOptions(name, order=FLAGS.order, window=FLAGS.window or None)
+    return SampleOptions(name)
+
+
+def main(argv) -> None:
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    if len(argv) > 1:
+        die(f"unexpected arguments: {' '.join(argv[1:])}")
+    with usage_errors():
+        for name in ("requests", "slots", "min_length", "steps_per_call", "rounds"):
+            if getattr(FLAGS, name) < 1:
+                raise ValueError(f"--{name} must be >= 1; got {getattr(FLAGS, name)}")
+        if not FLAGS.min_length <= FLAGS.max_length:
+            raise ValueError("--min_length must not exceed --max_length")
+        options = [_options(name) for name in FLAGS.samplers]
+        from sigma_jax import pretrained
+
+        cfg, params, encode, _ = pretrained.load(FLAGS.pretrained)
+        if FLAGS.max_length > cfg.block_size:
+            raise ValueError(f"--max_length must be <= the model's block_size {cfg.block_size}")
+        for o in options:
+            o.check_for(cfg, FLAGS.max_length)
+    from bench import serving
+
+    text = Path(os.environ.get("SIGMA_JAX_DATA", "../shared/data")) / "tinyshakespeare/input.txt"
+    ids = encode(text.read_text()[:200_000]) if text.is_file() else np.tile(
+        np.arange(cfg.vocab_size), 4096)
+    work = serving.mixed_workload(np.asarray(ids), FLAGS.requests, FLAGS.min_length,
+                                  FLAGS.max_length, seed=FLAGS.seed)
+    print(f"# {FLAGS.requests} requests, lengths {FLAGS.min_length}-{FLAGS.max_length}, "
+          f"{int(work.generated.sum())} tokens to generate, {FLAGS.slots} slots")
+    rows = []
+    for o in options:
+        for round_ in range(FLAGS.rounds):
+            engine_row = serving.run_engine(cfg, params, work, o, FLAGS.slots, FLAGS.max_length,
+                                            FLAGS.steps_per_call)
+            static_row = serving.run_static(cfg, params, work, o, FLAGS.slots, FLAGS.max_length)
+            for i, tokens in engine_row.pop("tokens").items():
+                if not np.array_equal(tokens, static_row["tokens"][i]):
+                    raise AssertionError(f"request {i}: the engine's tokens differ from static")
+            static_row.pop("tokens")
+            for row in (engine_row, static_row):
+                rows.append(dict(row, round=round_))
+                print(_line(row), flush=True)
+            print(f"  round {round_}: engine/static tokens/s = "
+                  f"{engine_row['tokens_per_s'] / static_row['tokens_per_s']:.2f}x", flush=True)
+    if FLAGS.out != "none":
+        out = Path(FLAGS.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "serving.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        serving.plot(rows, out / "serving.png")
+        print(f"# wrote {out}/serving.jsonl and serving.png")
+
+
+def _line(row: dict) -> str:
+    return (f"{row['label']:28s} {row['kind']:6s} {row['requests_per_s']:7.2f} req/s "
+            f"{row['tokens_per_s']:8.0f} tok/s  calls p50/p99 {row['calls_p50']:.0f}/"
+            f"{row['calls_p99']:.0f}  s p50/p99 {row['seconds_p50']:.2f}/{row['seconds_p99']:.2f}"
+            f"  occupancy {row['occupancy']:.0%}")
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
