@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Interleaved A/B of cached AR decoding: OLD commit vs the working tree, A B A B ...
+# Interleaved A/B of a sampler (cached AR by default): OLD commit vs the working tree, A B A B ...
 #   bash experiments/ab_decode.sh OLD_COMMIT [ROUNDS] [LENGTH] [CALLS]
+#   SAMPLER_ARGS="--sampler=burst_jacobi --order=spread --window=16" bash experiments/ab_decode.sh ...
 # For each of batch 16 and batch 1, ROUNDS rounds (default 3) of one run of the old commit then
 # one of the working tree, N = LENGTH (default 256), CALLS timed calls each (default 5). Each run is
 # a fresh process timing experiments/time_decode.py (copied into the old tree, so both sides run
@@ -16,7 +17,7 @@ cp "$root/experiments/time_decode.py" "$tree/experiments/time_decode.py"
 run() {  # run LABEL TREE BATCH ROUND
   local line
   line="$(cd "$2" && PYTHONPATH="$2" python experiments/time_decode.py --batch="$3" \
-          --length="$length" --calls="$calls" --tag="$1 r$4")"
+          --length="$length" --calls="$calls" --tag="$1 r$4" ${SAMPLER_ARGS:-})"
   echo "$1 $line"
 }
 for batch in 16 1; do

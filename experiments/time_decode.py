@@ -1,8 +1,11 @@
-"""Time cached any-order AR decoding of the shipped model (for A/B runs across commits).
+"""Time a sampler of the shipped model: cached any-order AR by default (for A/B runs across
+commits).
 
     python experiments/time_decode.py --batch=16 --length=256 [--calls=5] [--tag=new]
+    python experiments/time_decode.py --sampler=burst_jacobi --order=spread --window=16
 
-Compiles `sample_ar_call(cfg, params, key, tokens, known, order="random")` ahead of time for the
+Compiles `sample_ar_call(cfg, params, key, tokens, known, order="random")` (or, for a burst
+sampler, `sample_burst_call(..., mode=..., order=..., window=...)`) ahead of time for the
 shipped `shakespeare_char` model (4 x 128, block 256) at the given batch and sequence length,
 unconditional (tokens zeros, nothing known), with the KV cache. After one warm-up call it times
 `--calls` calls, each with a fresh key and waited for with `jax.block_until_ready`, and prints one
@@ -23,16 +26,23 @@ import jax.numpy as jnp
 import numpy as np
 
 import sigma_jax
-from sigma_jax import pretrained, sample_ar_call
+from sigma_jax import pretrained, sample_ar_call, sample_burst_call
+
+MODES = {"burst": "exact", "burst_jacobi": "jacobi"}
 
 
-def main(batch: int, length: int, calls: int, tag: str) -> None:
+def main(batch: int, length: int, calls: int, tag: str, sampler: str = "ar",
+         order: str = "random", window: int | None = None) -> None:
     cfg, params, _, _ = pretrained.load("shakespeare_char")
     tokens = jnp.zeros((batch, length), jnp.int32)
     known = jnp.zeros((batch, length), bool)
 
     def prepared(seed: int):
-        return sample_ar_call(cfg, params, jax.random.key(seed), tokens, known, order="random")
+        key = jax.random.key(seed)
+        if sampler == "ar":
+            return sample_ar_call(cfg, params, key, tokens, known, order=order)
+        return sample_burst_call(cfg, params, key, tokens, known, mode=MODES[sampler],
+                                 order=order, window=window)
 
     start = time.perf_counter()
     compiled = prepared(0).lower().compile()
@@ -48,7 +58,8 @@ def main(batch: int, length: int, calls: int, tag: str) -> None:
         cpu_times.append(time.process_time() - cpu_start)
     median = float(np.median(times))
     print(json.dumps(dict(
-        tag=tag, batch=batch, length=length, median_ms=round(1e3 * median, 1),
+        tag=tag, sampler=sampler, order=order, window=window, batch=batch, length=length,
+        median_ms=round(1e3 * median, 1),
         min_ms=round(1e3 * min(times), 1), ms_per_model_call=round(1e3 * median / passes, 3),
         cpu_ms_per_model_call=round(1e3 * float(np.median(cpu_times)) / passes, 3),
         model_calls=passes, tokens_per_s=round(batch * length / median),
@@ -62,5 +73,9 @@ if __name__ == "__main__":
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--calls", type=int, default=5, help="timed calls after one warm-up")
     parser.add_argument("--tag", default="", help="label printed with the line")
+    parser.add_argument("--sampler", default="ar", choices=["ar", *MODES])
+    parser.add_argument("--order", default="random")
+    parser.add_argument("--window", type=int, default=None, help="burst window (default all)")
     flags = parser.parse_args()
-    main(flags.batch, flags.length, flags.calls, flags.tag)
+    main(flags.batch, flags.length, flags.calls, flags.tag, flags.sampler, flags.order,
+         flags.window)
