@@ -36,15 +36,17 @@ class Workload:
 
 
 def mixed_workload(text_ids: np.ndarray, count: int, min_length: int, max_length: int,
-                   known_frac: float = 0.3, seed: int = 0) -> Workload:
+                   known_frac: float = 0.3, seed: int = 0, infill: bool = True) -> Workload:
     """`count` requests: lengths uniform in [min_length, max_length]; even indices
-    unconditional, odd ones infilling a random window of `text_ids` (int [T])."""
+    unconditional, odd ones (with `infill`; else none) infilling a random window of `text_ids`
+    (int [T])."""
     rng = np.random.default_rng(seed)
     requests, lengths = [], rng.integers(min_length, max_length + 1, count)
     for i, length in enumerate(lengths):
         start = rng.integers(0, len(text_ids) - length)
         tokens = np.asarray(text_ids[start:start + length], np.int32)
-        known = np.zeros(length, bool) if i % 2 == 0 else rng.random(length) < known_frac
+        unconditional = i % 2 == 0 or not infill
+        known = np.zeros(length, bool) if unconditional else rng.random(length) < known_frac
         requests.append(Request(tokens, known, jax.random.key(seed * 100_003 + i)))
     generated = np.array([len(r.tokens) - int(r.known.sum()) for r in requests])
     return Workload(requests, lengths.astype(np.int32), generated)

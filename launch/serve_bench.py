@@ -35,6 +35,8 @@ flags.DEFINE_integer("window", 16, "Burst window (0: all remaining positions).")
 flags.DEFINE_integer("min_length", 32, "Shortest request.")
 flags.DEFINE_integer("max_length", 256, "Longest request (the engine's capacity).")
 flags.DEFINE_integer("steps_per_call", 1, "Engine iterations per call.")
+flags.DEFINE_boolean("infill", True, "Half the requests infill real text (else all are "
+                     "unconditional: with --min_length=--max_length, the uniform workload).")
 flags.DEFINE_integer("rounds", 2, "Interleaved rounds of engine and static runs.")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_string("out", "experiments/results/serving", "Output directory ('none': nothing).")
@@ -72,7 +74,7 @@ def main(argv) -> None:
     ids = encode(text.read_text()[:200_000]) if text.is_file() else np.tile(
         np.arange(cfg.vocab_size), 4096)
     work = serving.mixed_workload(np.asarray(ids), FLAGS.requests, FLAGS.min_length,
-                                  FLAGS.max_length, seed=FLAGS.seed)
+                                  FLAGS.max_length, seed=FLAGS.seed, infill=FLAGS.infill)
     print(f"# {FLAGS.requests} requests, lengths {FLAGS.min_length}-{FLAGS.max_length}, "
           f"{int(work.generated.sum())} tokens to generate, {FLAGS.slots} slots")
     rows = []

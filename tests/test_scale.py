@@ -332,3 +332,31 @@ def test_launchers_reject_bad_meshes_with_one_line(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.parametrize("shape", ["8:1:1", "2:2:2"])
+def test_engine_slots_shard_over_the_batch_axes_with_the_tokens_of_one_device(
+        sampler_inputs, shape):
+    """The engine's slots spread over the data (and fsdp) axes; every request's tokens equal
+    the unsharded engine's, and the state stays sharded through inserts and steps."""
+    from sigma_jax.sampling import Request, SampleOptions, engine, serve
+
+    cfg, params, tokens, known = sampler_inputs
+    mesh = mesh_of(shape)
+    options = SampleOptions("burst_jacobi", order="spread", window=3)
+    requests = [Request(tokens[i % 6, :8 - i % 3], known[i % 6, :8 - i % 3],
+                        jax.random.key(40 + i)) for i in range(10)]
+    want = {r.index: r.tokens for r in serve(cfg, params, requests, slots=8, options=options)}
+    with jax.set_mesh(mesh):
+        got = {r.index: r.tokens for r in serve(cfg, shard_params(params, mesh), requests,
+                                                  slots=8, options=options, mesh=mesh)}
+        state = engine.init(cfg, options, 8, 8, mesh=mesh)
+        state = engine.insert(cfg, shard_params(params, mesh), state, jnp.int32(5),
+                              tokens[0], known[0], 8, jax.random.key(0))
+        state = engine.step(cfg, shard_params(params, mesh), state)
+    assert sorted(got) == list(range(10))
+    for i in want:
+        np.testing.assert_array_equal(got[i], want[i])
+    batch_axes = ("data",) if shape == "8:1:1" else ("data", "fsdp")
+    spec = state.rows.tokens.sharding.spec
+    assert tuple(spec[0]) == batch_axes if isinstance(spec[0], tuple) else (spec[0],) == batch_axes

@@ -33,6 +33,7 @@ from sigma_jax.sampling.call import SampleStats
 from sigma_jax.sampling.draws import draw, to_probs
 from sigma_jax.sampling.inputs import generation_order
 from sigma_jax.sampling.options import KernelOptions, SampleOptions, model_calls
+from sigma_jax.sharding import check_batch, fitted_sharding, replicated
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -64,10 +65,13 @@ class EngineState:
         return self.known.shape[1]
 
 
-def init(cfg: ModelConfig, options: SampleOptions, slots: int, capacity: int) -> EngineState:
+def init(cfg: ModelConfig, options: SampleOptions, slots: int, capacity: int, *,
+         mesh=None) -> EngineState:
     """An engine with every slot empty. options: any sampler but 'ar_nocache' (checked against
     the model and `capacity`: window <= capacity, top_k <= V); slots >= 1; capacity in
-    [1, block_size]. One-line ValueErrors before any work."""
+    [1, block_size]. mesh: a `jax.sharding.Mesh` whose batch axes ("data", "fsdp") shard the
+    slots (slots must divide over them; every other function then runs sharded, following its
+    inputs); None: one device. One-line ValueErrors before any work."""
     if options.sampler == "ar_nocache":
         raise ValueError("the engine runs ar, burst, burst_jacobi or burst_paper; ar_nocache is "
                          "the uncached oracle: use sample_ar(use_cache=False)")
@@ -77,10 +81,27 @@ def init(cfg: ModelConfig, options: SampleOptions, slots: int, capacity: int) ->
         raise ValueError(f"capacity must be an integer in [1, {cfg.block_size}] (block_size); "
                          f"got {capacity!r}")
     options.check_for(cfg, capacity)
+    if mesh is not None:
+        check_batch(slots, mesh)
     opts = options.kernel_options(capacity)
     temperature, top_p, max_iters = options.traced_values(capacity)
-    return _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, options.order,
-                  options.known_order)
+    state = _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, options.order,
+                   options.known_order)
+    return state if mesh is None else jax.device_put(state, state_shardings(state, mesh))
+
+
+def state_shardings(state: EngineState, mesh):
+    """NamedShardings of every leaf of an engine state: slots over the mesh's batch axes (axis
+    1 of the pending K/V blocks [L, S, W, H, hd], axis 0 of every other slot leaf), scalars
+    replicated."""
+    def spec(x):
+        if x.ndim == 0:
+            return replicated(mesh)
+        axis = 1 if x.ndim == 5 else 0
+        names = [None] * x.ndim
+        names[axis] = "batch"
+        return fitted_sharding(mesh, names, x.shape)
+    return jax.tree.map(spec, state)
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "slots", "capacity", "order_kind",

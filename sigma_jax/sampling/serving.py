@@ -74,16 +74,17 @@ def check_request(cfg: ModelConfig, request: Request, capacity: int) -> None:
 
 def serve(cfg: ModelConfig, params: dict, requests: Iterable[Request], *, slots: int,
           options: SampleOptions, capacity: int | None = None,
-          steps_per_call: int = 1) -> Iterator[Result]:
+          steps_per_call: int = 1, mesh=None) -> Iterator[Result]:
     """Complete every request through an engine of `slots` slots and `capacity` positions
     (default: the longest request, read ahead), yielding a `Result` per request as it
     completes (not in order). Each request's tokens are bitwise those of the one-shot sampler
     on it alone with its key. steps_per_call: sampler iterations per engine call (more amortize
-    dispatch; a slot finished mid-call idles until the call ends)."""
+    dispatch; a slot finished mid-call idles until the call ends). mesh: shard the slots over
+    its batch axes (`engine.init`); params should then be placed on it (`shard_params`)."""
     requests = list(requests)
     if capacity is None:
         capacity = max((np.asarray(r.tokens).shape[0] for r in requests), default=1)
-    state = engine.init(cfg, options, slots, capacity)
+    state = engine.init(cfg, options, slots, capacity, mesh=mesh)
     queue = list(enumerate(requests))
     held: list[tuple[int, int] | None] = [None] * slots  # (request index, step it entered)
     steps, start = 0, time.perf_counter()
