@@ -34,7 +34,8 @@ flags.DEFINE_enum("order", "spread", ["random", "left_to_right", "fractal", "spr
 flags.DEFINE_integer("window", 16, "Burst window (0: all remaining positions).")
 flags.DEFINE_integer("min_length", 32, "Shortest request.")
 flags.DEFINE_integer("max_length", 256, "Longest request (the engine's capacity).")
-flags.DEFINE_integer("steps_per_call", 1, "Engine iterations per call.")
+flags.DEFINE_integer("steps_per_call", 4, "Engine iterations per call (amortizes dispatch; a slot "
+                     "finished mid-call idles until the call ends).")
 flags.DEFINE_boolean("infill", True, "Half the requests infill real text (else all are "
                      "unconditional: with --min_length=--max_length, the uniform workload).")
 flags.DEFINE_integer("rounds", 2, "Interleaved rounds of engine and static runs.")

@@ -39,9 +39,9 @@ def with_blocks(params: dict, blocks: list[dict]) -> dict:
     return {**params, "h": jax.tree.map(lambda *layers: jnp.stack(layers), *blocks)}
 
 
-@functools.partial(jax.jit, static_argnames="capacity")
+@functools.partial(jax.jit, static_argnames=("capacity", "prefix"))
 def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.Array,
-            n_known: jax.Array, capacity: int):
+            n_known: jax.Array, capacity: int, prefix: int | None = None):
     """Commit the known tokens of every row to a fresh cache.
 
     tokens, order: int32 [B, N], the order listing each row's known positions first;
@@ -49,11 +49,14 @@ def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.Array,
     Returns (cache, last_tok [B], last_pos [B]): the cache holds history[:-1] (length
     n_known + bos - 1 per row), and (last_tok, last_pos) is the last history entry.
 
-    All N slots are computed in one causal pass and written; slots past a row's length hold
-    garbage that stays masked until overwritten.
+    All N slots (or the first `prefix`, which must cover every row's n_known + bos - 1) are
+    computed in one causal pass and written; slots past a row's length hold garbage that stays
+    masked until overwritten.
     """
     inputs, pos_in, pos_out, targets = orders_lib.make_batch(tokens, order, bos=cfg.bos,
                                                              bos_id=cfg.bos_id)
+    if prefix is not None:
+        inputs, pos_in, pos_out = (x[:, :prefix] for x in (inputs, pos_in, pos_out))
     _, k_new, v_new = forward_masked(cfg, params, inputs, pos_in, pos_out)
     n_hist = n_known + int(cfg.bos)  # [B]
     cache = write(init_cache(cfg, tokens.shape[0], capacity), k_new, v_new, n_hist - 1)

@@ -169,15 +169,25 @@ def advance(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_
 
 
 def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, order, lengths,
-                temperature, top_p, opts: KernelOptions) -> BurstState:
+                temperature, top_p, opts: KernelOptions, prefixes: tuple[int, ...] = ()
+                ) -> BurstState:
     """The loop state before the first iteration: the known tokens prefilled along the generation
     order int32 [B, N] (known positions first) into a cache with room for one W block, and, in
     jacobi mode, the first drafts. keys [B]: the sampling streams of `generation_order`;
-    lengths int32 [B]: each row's length."""
+    lengths int32 [B]: each row's length. prefixes: ascending slot counts; the prefill then
+    computes only the first of them that covers every row's known tokens (one branch each),
+    instead of all N slots."""
     n = tokens.shape[1]
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)
-    cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known,
-                                        opts.cache_capacity(cfg, n))
+    capacity = opts.cache_capacity(cfg, n)
+    if prefixes:
+        needed = jnp.max(n_known) + int(cfg.bos)
+        branch = jnp.sum(jnp.asarray(prefixes) < needed)  # the first prefix >= needed
+        cache, last_tok, last_pos = jax.lax.switch(branch, [
+            lambda p=p: prefill(cfg, params, tokens, order, n_known, capacity, p)
+            for p in (*prefixes, None)])
+    else:
+        cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known, capacity)
     nothing = jnp.zeros(cache.k.shape[:2] + (opts.window,) + cache.k.shape[3:], cache.k.dtype)
     state = BurstState(tokens=tokens, filled=known, order=order, cache=split_layers(cache),
                        pending=(nothing, nothing, jnp.zeros_like(n_known)), last_tok=last_tok,

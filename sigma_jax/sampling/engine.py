@@ -133,15 +133,17 @@ def insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kno
     engine's capacity N (values past `length` ignored), length int32 [] in [1, N], key: the
     request's typed key (its per-row key: `sample_burst(key=key[None])` samples the same).
     The slot's previous request, if any, is dropped. Its order is drawn, its known tokens
-    prefilled and (jacobi) its first drafts drawn, exactly as the one-shot sampler does.
+    prefilled (computing only as many slots as they need: one of a few prefix lengths) and
+    (jacobi) its first drafts drawn, exactly as the one-shot sampler does.
     Compiles once per engine shape; validate the request first (`check_request`)."""
     n = state.capacity
     length = jnp.asarray(length, jnp.int32)[None]  # [1]
     known = (jnp.asarray(known, bool) & (jnp.arange(n) < length))[None]  # [1, N]
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32)[None], 0)
     order, keys = generation_order(state.order_kind, known, key[None], state.known_order, length)
+    prefixes = tuple(p for p in (1, 4 * (n // 16), n // 4) if 0 < p < n)  # unconditional, few
     row = start_state(cfg, params, keys, tokens, known, order, length, state.temperature,
-                      state.top_p, state.opts)
+                      state.top_p, state.opts, tuple(sorted(set(prefixes))))
     put = lambda full, one: jax.lax.dynamic_update_slice_in_dim(full, one, slot, 0)
     rows = jax.tree.map(_put_row(slot), state.rows, row)
     return dataclasses.replace(state, rows=rows, known=put(state.known, known),
