@@ -42,9 +42,8 @@ def _alone(params, request, options):
     return np.asarray(out)[0, :length], jax.device_get(stats)
 
 
-OPTIONS = [SampleOptions("ar", order="random"), SampleOptions("ar", order="spread"),
+OPTIONS = [SampleOptions("ar", order="spread"),
            SampleOptions("burst", order="random", window=3),
-           SampleOptions("burst", order="spread", window=3),
            SampleOptions("burst_jacobi", order="spread", window=2),
            SampleOptions("burst_jacobi", order="random"),
            SampleOptions("burst_paper", window=3, n_orders=2, temperature=0.8, top_k=6)]

@@ -59,7 +59,9 @@ SAMPLERS = [
 def test_a_ragged_row_samples_what_it_samples_alone(params, name, sampler, options):
     tokens, known = _rows(3)
     keys = jax.random.split(jax.random.key(5), len(LENGTHS))
-    kinds = ("random",) if name == "burst_paper" else orders.ORDER_KINDS
+    # The kernels take the order as an array (every kind shares them): the kinds' own ragged
+    # orders are tested above, so two kinds cover the samplers.
+    kinds = ("random",) if name == "burst_paper" else ("random", "spread")
     for kind in kinds:
         out, stats = sampler(SMALL, params, keys, tokens, known, order=kind,
                              lengths=LENGTHS, **options)
