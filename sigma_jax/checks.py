@@ -99,6 +99,8 @@ def int_positions(order, name: str = "order"):
 def row_lengths(lengths, shape: tuple[int, int]) -> jax.Array:
     """Each row's length as int32 [B]: N for None; else a [B] integer array (lists accepted)
     with values in [1, N] (checked when concrete)."""
+    if len(shape) != 2:
+        raise ValueError(f"tokens and known must both be [B, N]; got known of shape {shape}")
     b, n = shape
     if lengths is None:
         return jnp.full((b,), n, jnp.int32)

@@ -10,7 +10,7 @@ positions past it are absent). A step runs one iteration of the sampler for ever
 still generating; finished, empty and capped slots are no-ops. A request's tokens are bitwise
 those of `sample_ar` / `sample_burst` called alone on it with the same key and options: its
 order, prefill, per-row key streams (folded with the row's own iteration or cursor, never a
-global step) and per-row kernels are the ones-shot sampler's, whatever slot it lands in, when it
+global step) and per-row kernels are the one-shot sampler's, whatever slot it lands in, when it
 is inserted, and who shares the batch. `max_iters` caps each request's own iterations.
 
 Samplers: ar (cached), burst, burst_jacobi and burst_paper (not ar_nocache, the oracle).
@@ -41,10 +41,8 @@ from sigma_jax.sharding import check_batch, fitted_sharding, replicated
                    meta_fields=("opts", "order_kind", "known_order"))
 @dataclasses.dataclass(frozen=True)
 class EngineState:
-    """The engine's state: S slots of capacity N.
-
-    rows.lengths is each slot's length while it generates and 0 once it is empty, finished or
-    capped (a row of length 0 is a no-op of every sampler step)."""
+    """The engine's state: S slots of capacity N. `rows.lengths` equals `lengths`; a step runs
+    the capped slots with length 0 (a row of length 0 is a no-op of every sampler step)."""
 
     rows: BurstState  # [S, ...]: tokens, filled, order, cache, keys, iterations, drafts, ...
     known: jax.Array  # bool [S, N]: each request's known positions
