@@ -1,0 +1,91 @@
+"""A roofline projection of the sampler passes on accelerators we cannot borrow.
+
+For each model pass of the samplers — the cached AR step, the burst pass over W targets (exact
+mode's drafts; over all N: jacobi's first drafts) and the causal verify pass over W slots (exact
+and jacobi) — at a batch B and length N: FLOPs from XLA's cost analysis of the lowered pass
+(abstract inputs: nothing is allocated or run), and the bytes a pass must move at least: the
+parameters, the whole KV cache buffer (the kernels read every slot) and the float32 logits it
+writes. On a device with peak compute F and memory bandwidth M, the projected time of a pass is
+max(FLOPs / F, bytes / M): a lower bound, not a measurement.
+
+Break-even: cached AR takes N + 1 calls of t_AR per sequence (the prefill is common to every
+sampler and left out). Exact burst with window W takes t_burst(W) + t_verify(W) per iteration
+(two calls), so it beats AR below 2 (N + 1) t_AR / (t_burst + t_verify) calls per sequence;
+`burst_jacobi` takes t_burst(N) once, then t_verify(W) per iteration (one call each), so it beats
+AR below 1 + ((N + 1) t_AR - t_burst(N)) / t_verify(W) calls.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bench.models import kv_bytes, param_bytes
+from sigma_jax.cache import init_cache
+from sigma_jax.config import ModelConfig
+from sigma_jax.decode import burst_pass, cache_capacity, extend_pass
+from sigma_jax.model import init_params
+
+# Published dense bf16 peaks: (FLOP/s, memory bytes/s).
+DEVICES = {
+    "h100": (989e12, 3.35e12),  # H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3
+    "h200": (989e12, 4.8e12),  # H200: the H100's compute, 4.8 TB/s HBM3e
+    "tpu-v5e": (197e12, 819e9),  # TPU v5e: 197 TFLOP/s bf16, 819 GB/s HBM2
+    "tpu-v5p": (459e12, 2.765e12),  # TPU v5p: 459 TFLOP/s bf16, 2.765 TB/s HBM2e
+}
+
+
+def pass_costs(cfg: ModelConfig, batch: int, length: int, window: int) -> dict[str, dict]:
+    """{pass name: {"flops", "bytes", "queries"}} of the AR step, the burst pass over `window`
+    and over all `length` targets, and the verify pass over `window` slots."""
+    params = jax.eval_shape(init_params, cfg, jax.random.key(0))
+    cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), jax.eval_shape(
+        lambda: init_cache(cfg, batch, cache_capacity(cfg, length, headroom=window))))
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    lowered = {
+        "ar_step": (jax.jit(extend_pass).lower(cfg, params, cache, ints(batch, 1),
+                                               ints(batch, 1), ints(batch, 1)), 1),
+        "burst_pass": (jax.jit(burst_pass).lower(cfg, params, cache, ints(batch),
+                                                 ints(batch), ints(batch, window)), window),
+        "burst_pass_all": (jax.jit(burst_pass).lower(cfg, params, cache, ints(batch),
+                                                     ints(batch), ints(batch, length)), length),
+        "verify_pass": (jax.jit(extend_pass).lower(cfg, params, cache, ints(batch, window),
+                                                   ints(batch, window), ints(batch, window)),
+                        window),
+    }
+    fixed = param_bytes(params) + kv_bytes(cfg, batch, cache.k.shape[2])
+    return {name: {"flops": float(lo.cost_analysis()["flops"]), "queries": q,
+                   "bytes": float(fixed + batch * q * cfg.vocab_size * 4)}
+            for name, (lo, q) in lowered.items()}
+
+
+def project(costs: dict[str, dict], device: str) -> dict[str, float]:
+    """{pass name: projected seconds per call} on `device` (a key of DEVICES)."""
+    flops_s, bytes_s = DEVICES[device]
+    return {name: max(c["flops"] / flops_s, c["bytes"] / bytes_s) for name, c in costs.items()}
+
+
+def break_even_calls(times: dict[str, float], length: int) -> dict[str, float]:
+    """Calls per sequence below which each burst sampler beats cached AR (module docstring)."""
+    ar = (length + 1) * times["ar_step"]
+    return {"burst": 2 * ar / (times["burst_pass"] + times["verify_pass"]),
+            "burst_jacobi": 1 + (ar - times["burst_pass_all"]) / times["verify_pass"]}
+
+
+def projection_rows(cfg: ModelConfig, devices, batches, length: int, window: int) -> list[dict]:
+    """One row per (device, batch, pass): flops, bytes, intensity, projected ms; and one per
+    (device, batch, sampler) with the break-even calls per sequence."""
+    rows = []
+    for batch in batches:
+        costs = pass_costs(cfg, batch, length, window)
+        for device in devices:
+            times = project(costs, device)
+            for name, c in costs.items():
+                rows.append(dict(kind="pass", device=device, batch=batch, length=length,
+                                 window=window, name=name, flops=c["flops"], bytes=c["bytes"],
+                                 intensity=c["flops"] / c["bytes"],
+                                 projected_ms=1e3 * times[name]))
+            for sampler, calls in break_even_calls(times, length).items():
+                rows.append(dict(kind="break_even", device=device, batch=batch, length=length,
+                                 window=window, name=sampler, calls=calls))
+    return rows
