@@ -20,43 +20,60 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bench.harness import DATASHEET, compile_aot, time_calls
 from bench.models import kv_bytes, param_bytes
 from sigma_jax.cache import init_cache
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import burst_pass, cache_capacity, extend_pass
 from sigma_jax.model import init_params
 
-# Published dense bf16 peaks: (FLOP/s, memory bytes/s).
-DEVICES = {
-    "h100": (989e12, 3.35e12),  # H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3
-    "h200": (989e12, 4.8e12),  # H200: the H100's compute, 4.8 TB/s HBM3e
-    "tpu-v5e": (197e12, 819e9),  # TPU v5e: 197 TFLOP/s bf16, 819 GB/s HBM2
-    "tpu-v5p": (459e12, 2.765e12),  # TPU v5p: 459 TFLOP/s bf16, 2.765 TB/s HBM2e
-}
+# Devices by name: (published dense bf16 FLOP/s, memory bytes/s) from `harness.DATASHEET`.
+DEVICES = {"a100": DATASHEET["A100"], "h100": DATASHEET["H100"], "h200": DATASHEET["H200"],
+           "tpu-v5e": DATASHEET["TPU v5 lite"], "tpu-v5p": DATASHEET["TPU v5p"]}
+
+
+def _passes(cfg: ModelConfig, batch: int, length: int, window: int, concrete: bool = False):
+    """{pass name: (jitted function, its arguments, queries)}: abstract arguments (nothing
+    allocated), or with `concrete` random params, an empty cache and zero tokens."""
+    params = (init_params(cfg, jax.random.key(0)) if concrete
+              else jax.eval_shape(init_params, cfg, jax.random.key(0)))
+    make_cache = lambda: init_cache(cfg, batch, cache_capacity(cfg, length, headroom=window))
+    cache = make_cache() if concrete else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), jax.eval_shape(make_cache))
+    ints = ((lambda *shape: jnp.zeros(shape, jnp.int32)) if concrete
+            else (lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)))
+    extend, burst = jax.jit(extend_pass), jax.jit(burst_pass)
+    last = (ints(batch), ints(batch))
+    return {
+        "ar_step": (extend, (cfg, params, cache, ints(batch, 1), ints(batch, 1),
+                             ints(batch, 1)), 1),
+        "burst_pass": (burst, (cfg, params, cache, *last, ints(batch, window)), window),
+        "burst_pass_all": (burst, (cfg, params, cache, *last, ints(batch, length)), length),
+        "verify_pass": (extend, (cfg, params, cache, ints(batch, window), ints(batch, window),
+                                 ints(batch, window)), window),
+    }
 
 
 def pass_costs(cfg: ModelConfig, batch: int, length: int, window: int) -> dict[str, dict]:
     """{pass name: {"flops", "bytes", "queries"}} of the AR step, the burst pass over `window`
     and over all `length` targets, and the verify pass over `window` slots."""
-    params = jax.eval_shape(init_params, cfg, jax.random.key(0))
-    cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), jax.eval_shape(
-        lambda: init_cache(cfg, batch, cache_capacity(cfg, length, headroom=window))))
-    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    lowered = {
-        "ar_step": (jax.jit(extend_pass).lower(cfg, params, cache, ints(batch, 1),
-                                               ints(batch, 1), ints(batch, 1)), 1),
-        "burst_pass": (jax.jit(burst_pass).lower(cfg, params, cache, ints(batch),
-                                                 ints(batch), ints(batch, window)), window),
-        "burst_pass_all": (jax.jit(burst_pass).lower(cfg, params, cache, ints(batch),
-                                                     ints(batch), ints(batch, length)), length),
-        "verify_pass": (jax.jit(extend_pass).lower(cfg, params, cache, ints(batch, window),
-                                                   ints(batch, window), ints(batch, window)),
-                        window),
-    }
+    passes = _passes(cfg, batch, length, window)
+    params, cache = passes["ar_step"][1][1:3]
     fixed = param_bytes(params) + kv_bytes(cfg, batch, cache.k.shape[2])
-    return {name: {"flops": float(lo.cost_analysis()["flops"]), "queries": q,
+    return {name: {"flops": float(fn.lower(*args).cost_analysis()["flops"]), "queries": q,
                    "bytes": float(fixed + batch * q * cfg.vocab_size * 4)}
-            for name, (lo, q) in lowered.items()}
+            for name, (fn, args, q) in passes.items()}
+
+
+def measured_ms(cfg: ModelConfig, batch: int, length: int, window: int,
+                repeats: int = 5) -> dict[str, float]:
+    """{pass name: median ms per call} timed on the default device (compiled first)."""
+    out = {}
+    for name, (fn, args, _) in _passes(cfg, batch, length, window, concrete=True).items():
+        kernel = compile_aot(fn, args)
+        timing, _ = time_calls(lambda i, kernel=kernel, args=args: kernel(*args), repeats)
+        out[name] = 1e3 * timing.median_s
+    return out
 
 
 def project(costs: dict[str, dict], device: str) -> dict[str, float]:
@@ -72,19 +89,23 @@ def break_even_calls(times: dict[str, float], length: int) -> dict[str, float]:
             "burst_jacobi": 1 + (ar - times["burst_pass_all"]) / times["verify_pass"]}
 
 
-def projection_rows(cfg: ModelConfig, devices, batches, length: int, window: int) -> list[dict]:
-    """One row per (device, batch, pass): flops, bytes, intensity, projected ms; and one per
-    (device, batch, sampler) with the break-even calls per sequence."""
+def projection_rows(cfg: ModelConfig, devices, batches, length: int, window: int,
+                    measure: bool = False) -> list[dict]:
+    """One row per (device, batch, pass): flops, bytes, intensity, projected ms (and, with
+    `measure`, the ms measured on the default device); and one per (device, batch, sampler)
+    with the break-even calls per sequence."""
     rows = []
     for batch in batches:
         costs = pass_costs(cfg, batch, length, window)
+        measured = measured_ms(cfg, batch, length, window) if measure else {}
         for device in devices:
             times = project(costs, device)
             for name, c in costs.items():
                 rows.append(dict(kind="pass", device=device, batch=batch, length=length,
                                  window=window, name=name, flops=c["flops"], bytes=c["bytes"],
                                  intensity=c["flops"] / c["bytes"],
-                                 projected_ms=1e3 * times[name]))
+                                 projected_ms=1e3 * times[name],
+                                 measured_ms=measured.get(name)))
             for sampler, calls in break_even_calls(times, length).items():
                 rows.append(dict(kind="break_even", device=device, batch=batch, length=length,
                                  window=window, name=sampler, calls=calls))

@@ -8,7 +8,8 @@
 #
 # Needs jax with a GPU backend, flax, optax and orbax-checkpoint; grain is not needed (nothing
 # here imports it) and matplotlib is optional (without it no PNGs are drawn). Results:
-# OUT_DIR/{sampling,training,roofline}.jsonl, env.json, PNG plots, and bench.log (the tables).
+# OUT_DIR/{sampling,training,roofline}.jsonl, env.json, PNG plots, bench.log (the tables), and
+# projection.{jsonl,log} (launch.projection: projected pass times with the measured ones beside).
 #
 # --dry-run checks the script before its first GPU: the same command, flags, suites, samplers,
 # orders, weights and output files, at tiny sizes (the `tiny` preset: 2 x 32, block 32) and one
@@ -92,5 +93,13 @@ print(f"dry run: {len(rows)} rows, {len(bad)} failed or skipped")
 sys.exit(1 if missing or bad or not rows else 0)
 PY
 fi
+# The roofline projection of the sampler passes, with the times measured on this device beside.
+if (( DRY_RUN )); then
+  projection=(--preset=tiny --length=32 --window=8 --batches=1,2)
+else
+  projection=(--preset=gpt2_small --length=1024 --window=64 --batches=1,16)
+fi
+run "$PYTHON" -m launch.projection "${projection[@]}" --devices=h100,h200,tpu-v5e --measure \
+  --out="$OUT/projection.jsonl" 2>&1 | tee "$OUT/projection.log" || status=1
 echo "total wall time $(( $(date +%s) - start )) s (exit status $status); results in $OUT"
 exit "$status"

@@ -27,6 +27,8 @@ flags.DEFINE_list("batches", ["1", "16"], "Batch sizes.")
 flags.DEFINE_integer("length", 1024, "Sequence length N.")
 flags.DEFINE_integer("window", 64, "Burst window W.")
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute and storage dtype.")
+flags.DEFINE_boolean("measure", False, "Also time every pass on this machine's default device "
+                     "and print it beside the projections (meaningful on the device projected).")
 flags.DEFINE_string("out", None, "Write the rows as JSON lines to this file.")
 
 
@@ -47,14 +49,21 @@ def main(argv) -> None:
             raise ValueError("--batches must be >= 1 and --window in [1, --length]")
         cfg = preset_model_config(FLAGS.preset, FLAGS.length).replace(
             dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
-    rows = projection.projection_rows(cfg, FLAGS.devices, batches, FLAGS.length, FLAGS.window)
+    rows = projection.projection_rows(cfg, FLAGS.devices, batches, FLAGS.length, FLAGS.window,
+                                      measure=FLAGS.measure)
+    if FLAGS.measure:
+        import jax
+
+        print(f"# measured on {jax.devices()[0].device_kind} ({jax.default_backend()})")
     print(f"# PROJECTION (not measured): {FLAGS.preset} {FLAGS.dtype}, N = {FLAGS.length}, "
           f"W = {FLAGS.window}; time = max(FLOPs / peak FLOP/s, bytes / peak bandwidth)")
     for row in rows:
         head = f"{row['device']:8s} B={row['batch']:<4d} {row['name']:15s}"
         if row["kind"] == "pass":
+            measured = ("" if row["measured_ms"] is None
+                        else f"  measured {row['measured_ms']:8.3f} ms/call")
             print(f"{head} {row['flops'] / 1e9:10.1f} GFLOP {row['bytes'] / 1e9:7.3f} GB "
-                  f"{row['intensity']:8.1f} FLOP/B  {row['projected_ms']:8.3f} ms/call")
+                  f"{row['intensity']:8.1f} FLOP/B  {row['projected_ms']:8.3f} ms/call{measured}")
         else:
             print(f"{head} beats cached AR below {row['calls']:7.1f} calls per sequence")
     if FLAGS.out:

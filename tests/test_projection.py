@@ -31,9 +31,11 @@ def test_projected_times_and_break_even_calls_follow_their_formulas():
 @pytest.mark.integration
 def test_the_launcher_prints_a_labelled_projection(tmp_path):
     out = run_module("-m", "launch.projection", "--preset=tiny", "--length=32", "--window=8",
-                     "--batches=1,2", "--devices=h100", f"--out={tmp_path / 'rows.jsonl'}")
+                     "--batches=1,2", "--devices=h100", "--measure",
+                     f"--out={tmp_path / 'rows.jsonl'}")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("# PROJECTION (not measured)")
+    assert "# PROJECTION (not measured)" in out.stdout and "# measured on cpu" in out.stdout
+    assert out.stdout.count("ms/call  measured") == 8  # every pass of both batches
     assert out.stdout.count("beats cached AR below") == 4
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 12
     bad = run_module("-m", "launch.projection", "--devices=a100")
