@@ -105,16 +105,18 @@ def test_paper_mode_is_biased_on_a_peaked_model(tiny_laws):
     assert chi_square_pvalue(samples, *laws["none"])[0] < 1e-3
 
 
+@pytest.mark.parametrize("mode", ["exact", "jacobi"])
 @pytest.mark.integration
-def test_exact_mode_in_bfloat16_follows_the_bfloat16_model_law():
+def test_exact_mode_in_bfloat16_follows_the_bfloat16_model_law(mode):
     """The same chi-square test with bfloat16 activations, cache and weights, against the law
-    that teacher-forced bfloat16 passes enumerate."""
+    that teacher-forced bfloat16 passes enumerate (both exact modes)."""
     cfg = TINY.replace(dtype="bfloat16", param_dtype="bfloat16")
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16),
                           peaked_params(TINY, 11, scale=6.0, sharpness=2.0))
     seqs, probs = enumerated_law(cfg, params, 4)
     tokens, known = _tiny_inputs({})
-    samples, stats = sample_burst(cfg, params, jax.random.key(3), tokens, known, window=2)
+    samples, stats = sample_burst(cfg, params, jax.random.key(3), tokens, known, window=2,
+                                  mode=mode)
     p_value, chi2, df = chi_square_pvalue(samples, seqs, probs)
     assert p_value > 1e-3, (p_value, chi2, df)
     assert bool(stats.finished.all()) and int(stats.forward_passes) > 3
@@ -317,3 +319,36 @@ def test_prepared_call_compiles_ahead_of_time_and_matches_the_public_sampler(sam
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="temperature must be a scalar"):
         prepare(SMALL, params, jax.random.key(0), tokens, cases[0][2], temperature=jnp.ones(2))
+
+
+@pytest.mark.parametrize("mode", ["exact", "jacobi"])
+@pytest.mark.integration
+def test_a_planted_mismatch_between_drawn_and_accepted_probabilities_fails(monkeypatch, mode):
+    """The bfloat16 law test above can see acceptance computed from other probabilities than
+    the drafts were drawn from: with every draw taken from p^2 (renormalized) while acceptance
+    still divides by p, the same chi-square test rejects the samples. (Unplanted, acceptance
+    reads the very float32 probabilities each draft was drawn from: `p` in exact mode, the
+    stored `proposals` in jacobi mode.)"""
+    from sigma_jax.sampling import burst_steps
+
+    cfg = TINY.replace(dtype="bfloat16", param_dtype="bfloat16")
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                          peaked_params(TINY, 11, scale=6.0, sharpness=2.0))
+    seqs, probs = enumerated_law(cfg, params, 4)
+    tokens, known = _tiny_inputs({})
+    honest_draw = burst_steps.draw
+
+    def skewed_draw(keys, p):
+        sharp = p * p
+        return honest_draw(keys, sharp / jnp.sum(sharp, axis=-1, keepdims=True))
+
+    monkeypatch.setattr(burst_steps, "draw", skewed_draw)
+    _sample_burst.clear_cache()  # retrace with the planted draw
+    try:
+        samples, _ = sample_burst(cfg, params, jax.random.key(3), tokens, known, window=2,
+                                  mode=mode)
+    finally:
+        monkeypatch.undo()
+        _sample_burst.clear_cache()
+    p_value, chi2, df = chi_square_pvalue(samples, seqs, probs)
+    assert p_value < 1e-6, (p_value, chi2, df)
