@@ -104,7 +104,7 @@ def _pad(request):
 def test_steady_state_never_recompiles_and_max_iters_caps_each_request(params):
     options = SampleOptions("burst_jacobi", order="spread", window=2, max_iters=2)
     list(serve(SMALL, params, _requests(2, seed=3), slots=2, options=options, capacity=N))
-    functions = (engine.insert, serve_lib._advance, serve_lib._collect)
+    functions = (engine._insert, serve_lib._advance, serve_lib._collect)
     sizes = [f._cache_size() for f in functions]
     assert all(sizes)
     requests = _requests(6, seed=4)
@@ -130,6 +130,22 @@ def test_bad_requests_are_refused_alone(params):
                                           "typed PRNG key"], strict=True):
         assert match in results[index].error and "\n" not in results[index].error
         assert results[index].tokens is None
+    state = engine.init(SMALL, SampleOptions("burst"), 2, N)
+    tokens, known, length = _pad(good[0])
+    for args, message in [((jnp.int32(2), tokens, known, length, good[0].key), "slot"),
+                          ((-1, tokens, known, length, good[0].key), "slot"),
+                          ((0, tokens[:5], known[:5], length, good[0].key), "\\[N\\] = \\[10\\]"),
+                          ((0, tokens, known, 0, good[0].key), "length"),
+                          ((0, tokens, known, N + 1, good[0].key), "length"),
+                          ((0, tokens + 99, np.ones(N, bool), length, good[0].key), "token ids"),
+                          ((0, tokens, known, length, 3), "typed PRNG key")]:
+        with pytest.raises(ValueError, match=message):
+            engine.insert(SMALL, params, state, *args)
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match="slot"):
+            engine.result(state, bad)
+        with pytest.raises(ValueError, match="slot"):
+            engine.release(state, bad)
     for bad_init, message in [(dict(options=SampleOptions("ar_nocache")), "ar_nocache"),
                               (dict(slots=0), "slots"), (dict(capacity=SMALL.block_size + 1),
                                                          "capacity"),

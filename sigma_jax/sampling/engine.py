@@ -23,8 +23,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sigma_jax.cache import init_cache, split_layers
+from sigma_jax.checks import check_int, is_concrete, token_ids
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import extend_pass, split_blocks, with_blocks
 from sigma_jax.sampling.burst import advance, start_state
@@ -124,9 +126,43 @@ def _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, order_kind
                        order_kind=order_kind, known_order=known_order)
 
 
-@functools.partial(jax.jit, donate_argnames="state")
 def insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, known, length,
            key) -> EngineState:
+    """`_insert` after one-line ValueErrors for a bad request: tokens and known not [N], a
+    slot outside [0, S), a length outside [1, N], known token ids outside [0, V), no known
+    token without a start token, or a key that is not one typed PRNG key (values are checked
+    when concrete; under tracing only shapes are)."""
+    n = state.capacity
+    tokens, known = token_ids(tokens), jnp.asarray(known)
+    if tokens.shape != (n,) or known.shape != (n,):
+        raise ValueError(f"tokens and known must both be [N] = [{n}] (the engine's capacity); "
+                         f"got {tuple(tokens.shape)} and {tuple(known.shape)}")
+    _check_slot(state, slot)
+    if is_concrete(length):
+        check_int("length", np.asarray(length).item(), 1, n)
+    if not hasattr(key, "dtype") or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
+            or key.shape != ():
+        raise ValueError("key must be one typed PRNG key (jax.random.key(seed))")
+    if is_concrete(tokens, known, length):
+        present = np.asarray(known, bool) & (np.arange(n) < int(np.asarray(length)))
+        ids = np.asarray(tokens)[present]
+        if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+        if not cfg.bos and not present.any():
+            raise ValueError("without a start token (bos=False) a request needs >= 1 known "
+                             "token")
+    return _insert(cfg, params, state, slot, tokens, known, length, key)
+
+
+def _check_slot(state: EngineState, slot) -> None:
+    """One-line ValueError for a concrete slot outside [0, S) (a traced slot would be clamped)."""
+    if is_concrete(slot):
+        check_int("slot", np.asarray(slot).item(), 0, state.slots - 1)
+
+
+@functools.partial(jax.jit, donate_argnames="state")
+def _insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, known, length,
+            key) -> EngineState:
     """Start a request in `slot` (traced int32 []): tokens int32 [N] and known bool [N] at the
     engine's capacity N (values past `length` ignored), length int32 [] in [1, N], key: the
     request's typed key (its per-row key: `sample_burst(key=key[None])` samples the same).
@@ -209,11 +245,16 @@ def finished(state: EngineState) -> jax.Array:
     return (state.lengths > 0) & (done | (state.rows.iterations >= state.max_iters))
 
 
-@jax.jit
 def result(state: EngineState, slot) -> tuple[jax.Array, SampleStats]:
     """(tokens int32 [N] of the request in `slot`, 0 past its length and at unfilled positions;
     its SampleStats as one row: iterations, generated, forward_passes (the model calls it
-    would take alone), finished)."""
+    would take alone), finished). A concrete slot outside [0, S) is a ValueError."""
+    _check_slot(state, slot)
+    return _result(state, slot)
+
+
+@jax.jit
+def _result(state: EngineState, slot) -> tuple[jax.Array, SampleStats]:
     take = lambda x: jax.lax.dynamic_index_in_dim(x, slot, keepdims=False)
     filled, known = take(state.rows.filled), take(state.known)
     present = jnp.arange(state.capacity) < take(state.lengths)
@@ -226,9 +267,15 @@ def result(state: EngineState, slot) -> tuple[jax.Array, SampleStats]:
     return jnp.where(filled & present, take(state.rows.tokens), 0), stats
 
 
-@functools.partial(jax.jit, donate_argnames="state")
 def release(state: EngineState, slot) -> EngineState:
-    """`state` with `slot` empty (its request dropped; the slot idles until the next insert)."""
+    """`state` with `slot` empty (its request dropped; the slot idles until the next insert).
+    A concrete slot outside [0, S) is a ValueError."""
+    _check_slot(state, slot)
+    return _release(state, slot)
+
+
+@functools.partial(jax.jit, donate_argnames="state")
+def _release(state: EngineState, slot) -> EngineState:
     put = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, slot, 0)
     zero = jnp.zeros((1,), jnp.int32)
     return dataclasses.replace(state, lengths=put(state.lengths, zero),

@@ -124,8 +124,8 @@ def _advance(cfg, params, state, iterations):
 @functools.partial(jax.jit, donate_argnames="state")
 def _collect(state, slot):
     """`engine.result` of the slot, and the state with the slot released, in one call."""
-    tokens, stats = engine.result(state, slot)
-    return engine.release(state, slot), tokens, stats
+    tokens, stats = engine._result(state, slot)
+    return engine._release(state, slot), tokens, stats
 
 
 def _padded(request: Request, capacity: int):
