@@ -146,6 +146,8 @@ def test_bad_requests_are_refused_alone(params):
             engine.result(state, bad)
         with pytest.raises(ValueError, match="slot"):
             engine.release(state, bad)
+    with pytest.raises(ValueError, match="steps_per_call"):
+        next(serve(SMALL, params, good, slots=2, options=SampleOptions("ar"), steps_per_call=0))
     for bad_init, message in [(dict(options=SampleOptions("ar_nocache")), "ar_nocache"),
                               (dict(slots=0), "slots"), (dict(capacity=SMALL.block_size + 1),
                                                          "capacity"),

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sigma_jax.checks import check_int
 from sigma_jax.config import ModelConfig
 from sigma_jax.sampling import engine
 from sigma_jax.sampling.call import SampleStats
@@ -81,6 +82,7 @@ def serve(cfg: ModelConfig, params: dict, requests: Iterable[Request], *, slots:
     on it alone with its key. steps_per_call: sampler iterations per engine call (more amortize
     dispatch; a slot finished mid-call idles until the call ends). mesh: shard the slots over
     its batch axes (`engine.init`); params should then be placed on it (`shard_params`)."""
+    check_int("steps_per_call", steps_per_call, 1)
     requests = list(requests)
     if capacity is None:
         capacity = max((np.asarray(r.tokens).shape[0] for r in requests), default=1)
