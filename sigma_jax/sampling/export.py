@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sigma_jax.checks import check_int
 from sigma_jax.config import ModelConfig
 from sigma_jax.sampling import engine
 from sigma_jax.sampling.options import SampleOptions
@@ -40,6 +41,7 @@ def export(cfg: ModelConfig, params, options: SampleOptions, slots: int, capacit
     """Write the engine's artifacts for `platforms` (e.g. ('cpu',), ('cuda', 'tpu'): lowering for
     a platform needs no device of it) to `directory`; returns the manifest. params: the params
     dict, or a tree of `jax.ShapeDtypeStruct` (then no params.npz is written)."""
+    check_int("iterations", iterations, 1)
     state_shape = jax.eval_shape(lambda: engine.init(cfg, options, slots, capacity))
     state_leaves, state_tree = jax.tree.flatten(state_shape)
     param_leaves, param_tree = jax.tree.flatten(params)
