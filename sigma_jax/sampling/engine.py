@@ -39,16 +39,16 @@ from sigma_jax.sharding import check_batch, fitted_sharding, replicated
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("rows", "known", "lengths", "temperature", "top_p", "max_iters"),
+                   data_fields=("rows", "known", "temperature", "top_p", "max_iters"),
                    meta_fields=("opts", "order_kind", "known_order"))
 @dataclasses.dataclass(frozen=True)
 class EngineState:
-    """The engine's state: S slots of capacity N. `rows.lengths` equals `lengths`; a step runs
-    the capped slots with length 0 (a row of length 0 is a no-op of every sampler step)."""
+    """The engine's state: S slots of capacity N. `rows.lengths` is each request's length, 0
+    for an empty slot; a step runs the capped slots with length 0 (a row of length 0 is a no-op
+    of every sampler step)."""
 
-    rows: BurstState  # [S, ...]: tokens, filled, order, cache, keys, iterations, drafts, ...
+    rows: BurstState  # [S, ...]: tokens, filled, order, cache, keys, iterations, lengths, ...
     known: jax.Array  # bool [S, N]: each request's known positions
-    lengths: jax.Array  # int32 [S]: each request's length (0: empty slot)
     temperature: jax.Array  # float32 []
     top_p: jax.Array | None  # float32 [] or None (no nucleus truncation)
     max_iters: jax.Array  # int32 []: iterations a request may run
@@ -121,23 +121,30 @@ def _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, order_kind
         drafts=zeros if opts.mode == "jacobi" else None,
         proposals=jnp.zeros((s, n, cfg.vocab_size), jnp.float32) if opts.mode == "jacobi"
         else None)
-    return EngineState(rows=rows, known=jnp.zeros((s, n), bool), lengths=zeros[:, 0],
-                       temperature=temperature, top_p=top_p, max_iters=max_iters, opts=opts,
-                       order_kind=order_kind, known_order=known_order)
+    return EngineState(rows=rows, known=jnp.zeros((s, n), bool), temperature=temperature,
+                       top_p=top_p, max_iters=max_iters, opts=opts, order_kind=order_kind,
+                       known_order=known_order)
 
 
 def insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, known, length,
            key) -> EngineState:
-    """`_insert` after one-line ValueErrors for a bad request: tokens and known not [N], a
-    slot outside [0, S), a length outside [1, N], known token ids outside [0, V), no known
+    """`_insert` after the one-line checks of the request (`check_request`) and of the slot
+    (a concrete slot outside [0, S) is a ValueError; a traced one would be clamped)."""
+    check_request(cfg, state.capacity, tokens, known, length, key)
+    _check_slot(state, slot)
+    return _insert(cfg, params, state, slot, token_ids(tokens), jnp.asarray(known), length, key)
+
+
+def check_request(cfg: ModelConfig, capacity: int, tokens, known, length, key) -> None:
+    """One-line ValueErrors for a request padded to an engine's capacity N: tokens and known
+    not [N], non-integer ids, a length outside [1, N], known token ids outside [0, V), no known
     token without a start token, or a key that is not one typed PRNG key (values are checked
     when concrete; under tracing only shapes are)."""
-    n = state.capacity
+    n = capacity
     tokens, known = token_ids(tokens), jnp.asarray(known)
     if tokens.shape != (n,) or known.shape != (n,):
         raise ValueError(f"tokens and known must both be [N] = [{n}] (the engine's capacity); "
                          f"got {tuple(tokens.shape)} and {tuple(known.shape)}")
-    _check_slot(state, slot)
     if is_concrete(length):
         check_int("length", np.asarray(length).item(), 1, n)
     if not hasattr(key, "dtype") or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
@@ -151,7 +158,6 @@ def insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kno
         if not cfg.bos and not present.any():
             raise ValueError("without a start token (bos=False) a request needs >= 1 known "
                              "token")
-    return _insert(cfg, params, state, slot, tokens, known, length, key)
 
 
 def _check_slot(state: EngineState, slot) -> None:
@@ -175,13 +181,13 @@ def _insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kn
     known = (jnp.asarray(known, bool) & (jnp.arange(n) < length))[None]  # [1, N]
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32)[None], 0)
     order, keys = generation_order(state.order_kind, known, key[None], state.known_order, length)
-    prefixes = tuple(p for p in (1, 4 * (n // 16), n // 4) if 0 < p < n)  # unconditional, few
+    # Prefill slots for nothing known (the start token alone), for up to N/4 known, else all N.
+    prefixes = tuple(sorted({p for p in (1, n // 4) if 0 < p < n}))
     row = start_state(cfg, params, keys, tokens, known, order, length, state.temperature,
-                      state.top_p, state.opts, tuple(sorted(set(prefixes))))
-    put = lambda full, one: jax.lax.dynamic_update_slice_in_dim(full, one, slot, 0)
+                      state.top_p, state.opts, prefixes)
     rows = jax.tree.map(_put_row(slot), state.rows, row)
-    return dataclasses.replace(state, rows=rows, known=put(state.known, known),
-                               lengths=put(state.lengths, length))
+    known = jax.lax.dynamic_update_slice_in_dim(state.known, known, slot, 0)
+    return dataclasses.replace(state, rows=rows, known=known)
 
 
 def _put_row(slot):
@@ -205,7 +211,7 @@ def step(cfg: ModelConfig, params: dict, state: EngineState, iterations: int = 1
 
     def one(i, rows):
         capped = rows.iterations >= state.max_iters
-        live = dataclasses.replace(rows, lengths=jnp.where(capped, 0, state.lengths))
+        live = dataclasses.replace(rows, lengths=jnp.where(capped, 0, rows.lengths))
         step_fn = ar_step if state.opts.mode == "ar" else advance
         live = step_fn(cfg, with_blocks(params, blocks), live, state.temperature, state.top_p,
                        state.opts)
@@ -240,9 +246,8 @@ def ar_step(cfg: ModelConfig, params: dict, rows: BurstState, temperature, top_p
 @jax.jit
 def finished(state: EngineState) -> jax.Array:
     """bool [S]: the slot holds a request that is complete or has run max_iters iterations."""
-    present = jnp.arange(state.capacity)[None, :] < state.lengths[:, None]
-    done = ~jnp.any(~state.rows.filled & present, axis=1)
-    return (state.lengths > 0) & (done | (state.rows.iterations >= state.max_iters))
+    done = ~jnp.any(state.rows.unfilled(), axis=1)
+    return (state.rows.lengths > 0) & (done | (state.rows.iterations >= state.max_iters))
 
 
 def result(state: EngineState, slot) -> tuple[jax.Array, SampleStats]:
@@ -257,7 +262,7 @@ def result(state: EngineState, slot) -> tuple[jax.Array, SampleStats]:
 def _result(state: EngineState, slot) -> tuple[jax.Array, SampleStats]:
     take = lambda x: jax.lax.dynamic_index_in_dim(x, slot, keepdims=False)
     filled, known = take(state.rows.filled), take(state.known)
-    present = jnp.arange(state.capacity) < take(state.lengths)
+    present = jnp.arange(state.capacity) < take(state.rows.lengths)
     iterations = take(state.rows.iterations)
     stats = SampleStats(
         iterations=iterations[None],
@@ -276,8 +281,6 @@ def release(state: EngineState, slot) -> EngineState:
 
 @functools.partial(jax.jit, donate_argnames="state")
 def _release(state: EngineState, slot) -> EngineState:
-    put = lambda x, v: jax.lax.dynamic_update_slice_in_dim(x, v, slot, 0)
-    zero = jnp.zeros((1,), jnp.int32)
-    return dataclasses.replace(state, lengths=put(state.lengths, zero),
-                               rows=dataclasses.replace(state.rows,
-                                                        lengths=put(state.rows.lengths, zero)))
+    lengths = jax.lax.dynamic_update_slice_in_dim(state.rows.lengths, jnp.zeros((1,), jnp.int32),
+                                                  slot, 0)
+    return dataclasses.replace(state, rows=dataclasses.replace(state.rows, lengths=lengths))

@@ -49,9 +49,9 @@ class Result:
 
 
 def check_request(cfg: ModelConfig, request: Request, capacity: int) -> None:
-    """One-line ValueError unless the request fits an engine of `capacity` positions: 1-D tokens
-    and known of one length L in [1, capacity], integer ids in [0, V), a typed key, and (without
-    a start token) at least one known token."""
+    """One-line ValueError unless the request fits an engine of `capacity` positions: 1-D integer
+    tokens and boolean known of one length L in [1, capacity], then `engine.check_request` on
+    it padded (ids in [0, V), a typed key, a known token without a start token)."""
     tokens, known = np.asarray(request.tokens), np.asarray(request.known)
     if tokens.ndim != 1 or known.shape != tokens.shape:
         raise ValueError(f"tokens and known must both be [L]; got {tokens.shape} and "
@@ -62,15 +62,7 @@ def check_request(cfg: ModelConfig, request: Request, capacity: int) -> None:
     if not np.issubdtype(tokens.dtype, np.integer) or known.dtype != bool:
         raise ValueError(f"tokens must be integer ids and known booleans; got {tokens.dtype} "
                          f"and {known.dtype}")
-    ids = tokens[known]
-    if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
-    if not cfg.bos and not known.any():
-        raise ValueError("without a start token (bos=False) a request needs >= 1 known token")
-    key = request.key
-    if not hasattr(key, "dtype") or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
-            or key.shape != ():
-        raise ValueError("a request's key must be one typed PRNG key (jax.random.key(seed))")
+    engine.check_request(cfg, capacity, *_padded(request, capacity), request.key)
 
 
 def serve(cfg: ModelConfig, params: dict, requests: Iterable[Request], *, slots: int,
