@@ -121,11 +121,15 @@ def _row(kind, options, work, wall, calls, seconds, occupancy, slots) -> dict:
 
 
 def plot(rows: list[dict], path) -> None:
-    """tokens/s and p99 latency (seconds) of every (sampler, kind) pair, as bars."""
-    import matplotlib
+    """tokens/s and p99 latency (seconds) of every (sampler, kind) pair, as bars (nothing
+    without matplotlib, which is optional)."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
 
     labels = sorted({r["label"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

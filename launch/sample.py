@@ -188,10 +188,11 @@ def main(argv) -> None:
             and options.sampler != "ar_nocache"):
         serve_samples(cfg, params, key, tokens, known, batch, options, decode)
         return
+    every_key = sample_keys(key, FLAGS.num_samples, batch)
     done = 0
     while done < FLAGS.num_samples:
         b = min(batch, FLAGS.num_samples - done)
-        keys = jnp.stack(sample_keys(key, FLAGS.num_samples, batch)[done:done + b])
+        keys = jnp.stack(every_key[done:done + b])
         tok = np.broadcast_to(np.asarray(tokens), (b, length))
         kn = np.broadcast_to(np.asarray(known), (b, length))
         start = time.perf_counter()

@@ -77,23 +77,19 @@ def check_bool(name: str, value) -> None:
         raise ValueError(f"{name} must be True or False; got {short_repr(value)}")
 
 
-def token_ids(tokens, name: str = "tokens") -> jax.Array | np.ndarray:
-    """`tokens` as an integer array, unchanged in dtype (lists and numpy arrays accepted):
-    refuses floats and bools, which would otherwise be truncated into ids silently."""
-    if not hasattr(tokens, "dtype"):
-        tokens = np.asarray(tokens)
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"{name} must be integer token ids; got dtype {tokens.dtype}")
-    return tokens
+def integer_array(x, name: str, kind: str = "positions"):
+    """`x` as an integer array, unchanged in dtype (lists and numpy arrays accepted): refuses
+    floats and bools, which would otherwise be truncated into integers silently."""
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer {kind}; got dtype {x.dtype}")
+    return x
 
 
-def int_positions(order, name: str = "order"):
-    """An explicit order (lists and arrays accepted) as an integer array, dtype unchanged."""
-    if not hasattr(order, "dtype"):
-        order = np.asarray(order)
-    if not np.issubdtype(order.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer positions; got dtype {order.dtype}")
-    return order
+def token_ids(tokens):
+    """`tokens` as an integer array of token ids (`integer_array`)."""
+    return integer_array(tokens, "tokens", "token ids")
 
 
 def row_lengths(lengths, shape: tuple[int, int]) -> jax.Array:
@@ -104,7 +100,7 @@ def row_lengths(lengths, shape: tuple[int, int]) -> jax.Array:
     b, n = shape
     if lengths is None:
         return jnp.full((b,), n, jnp.int32)
-    lengths = int_positions(lengths, "lengths")
+    lengths = integer_array(lengths, "lengths")
     if lengths.shape != (b,):
         raise ValueError(f"lengths must be [B] = [{b}], one length per row; got shape "
                          f"{tuple(lengths.shape)}")
@@ -156,3 +152,23 @@ def _check_known_first(order: np.ndarray, known: np.ndarray, lengths) -> None:
     if lengths is not None and not (order[steps >= lengths[:, None]]
                                     >= np.repeat(lengths, order.shape[1] - lengths)).all():
         raise ValueError("order must list the positions past each row's length last")
+
+
+def checked_rows(cfg, tokens, known, order=None, lengths=None, *, known_only: bool = False):
+    """The [B, N] inputs of a model call after every one-line check (`check_known`, lengths in
+    [1, N]): (tokens int32, known bool cleared past each row's length, explicit order int32 or
+    None, lengths int32 [B]). Lists, numpy and jax arrays are accepted. known_only: only the
+    known tokens are checked and kept (the others set to 0), for callers that ignore them."""
+    known = jnp.asarray(known).astype(bool)
+    tokens = token_ids(tokens)
+    lengths = row_lengths(lengths, known.shape)
+    known = known & (jnp.arange(known.shape[-1])[None, :] < lengths[:, None])
+    order = None if order is None else integer_array(order, "order")
+    checked = tokens  # ids are range-checked in their given dtype, before a cast can wrap them
+    if known_only and is_concrete(tokens, known):
+        checked = np.where(np.asarray(known), np.asarray(tokens), 0)
+    check_known(cfg, checked, known, order, lengths)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if known_only:
+        tokens = jnp.where(known, tokens, 0)
+    return tokens, known, None if order is None else jnp.asarray(order, jnp.int32), lengths

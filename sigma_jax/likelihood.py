@@ -14,23 +14,17 @@ import jax
 import jax.numpy as jnp
 
 from sigma_jax import orders as orders_lib
-from sigma_jax.checks import check_int, check_known, int_positions, row_lengths, token_ids
+from sigma_jax.checks import check_int, checked_rows
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import burst_pass, cache_capacity, prefill
 from sigma_jax.model import forward
 
 
 def _checked(cfg: ModelConfig, tokens, known, order, known_order: str, lengths):
-    """(tokens int32, known bool, order int32 or None) [B, N] and lengths int32 [B] after the
-    one-line input checks; known is cleared past each row's length."""
-    tokens, known = token_ids(tokens), jnp.asarray(known).astype(bool)
-    lengths = row_lengths(lengths, known.shape)
-    known = known & (jnp.arange(known.shape[-1])[None, :] < lengths[:, None])
-    order = None if order is None else int_positions(order)
-    check_known(cfg, tokens, known, order, lengths)
+    """`checks.checked_rows` (every token checked: unknown ones are scored) and known_order."""
+    rows = checked_rows(cfg, tokens, known, order, lengths)
     orders_lib.check_known_order(known_order)
-    return (jnp.asarray(tokens, jnp.int32), known,
-            None if order is None else jnp.asarray(order, jnp.int32), lengths)
+    return rows
 
 
 @jax.jit

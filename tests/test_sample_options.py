@@ -73,6 +73,8 @@ def test_numpy_integers_are_ints_and_concrete_traced_values_are_python_numbers()
 
 def test_the_traced_fields_are_a_property_of_the_type():
     assert SampleOptions.traced_fields() == ("temperature", "top_p", "max_iters")
+    options = SampleOptions("burst", window=4, temperature=0.3, top_p=0.5, max_iters=2)
+    assert options.static_part() == SampleOptions("burst", window=4)
     static = [f.name for f in dataclasses.fields(SampleOptions)
               if f.name not in SampleOptions.traced_fields()]
     assert static == ["sampler", "order", "window", "n_orders", "top_k", "known_order"]

@@ -8,10 +8,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sigma_jax import orders as orders_lib
-from sigma_jax.checks import check_known, int_positions, is_concrete, row_lengths, token_ids
+from sigma_jax.checks import checked_rows
 from sigma_jax.config import ModelConfig
 from sigma_jax.sampling.draws import row_keys
 from sigma_jax.sampling.options import SampleOptions
@@ -24,18 +23,10 @@ def checked_inputs(cfg: ModelConfig, tokens, known, options: SampleOptions, orde
     options against them. Lists, numpy and jax arrays are accepted; token values at unknown
     positions are ignored. lengths (None: N for every row): positions at or past a row's length
     are absent, neither known nor generated (known is cleared there)."""
-    known = jnp.asarray(known).astype(bool)
-    tokens = token_ids(tokens)
-    lengths = row_lengths(lengths, known.shape)
-    known = known & (jnp.arange(known.shape[-1])[None, :] < lengths[:, None])
-    order = None if order is None else int_positions(order)
-    if is_concrete(tokens, known):  # range-check the given ids before any cast can wrap them
-        check_known(cfg, np.where(np.asarray(known), np.asarray(tokens), 0), known, order, lengths)
-    else:
-        check_known(cfg, tokens, known, order, lengths)
+    tokens, known, order, lengths = checked_rows(cfg, tokens, known, order, lengths,
+                                                 known_only=True)
     options.check_for(cfg, tokens.shape[1], explicit_order=order is not None)
-    tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32), 0)
-    return tokens, known, None if order is None else jnp.asarray(order, jnp.int32), lengths
+    return tokens, known, order, lengths
 
 
 def generation_order(order, known: jax.Array, keys: jax.Array, known_order: str = "random",

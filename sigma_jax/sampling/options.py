@@ -29,6 +29,8 @@ from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
 SAMPLERS = ("ar", "ar_nocache", "burst", "burst_jacobi", "burst_paper")
 BURST_MODES = {"burst": "exact", "burst_jacobi": "jacobi", "burst_paper": "paper"}
 MODES = tuple(BURST_MODES.values())
+_PAPER_ORDER = ("burst_paper (mode='paper') draws its own random candidate orders: use "
+                "order='random' or another sampler")
 
 
 def _traced(default):
@@ -84,8 +86,7 @@ class SampleOptions:
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("order", self.order, ORDER_KINDS)
         if self.sampler == "burst_paper" and self.order != "random":
-            raise ValueError("burst_paper (mode='paper') draws its own random candidate orders: "
-                             "use order='random' or another sampler")
+            raise ValueError(_PAPER_ORDER)
         check_choice("known_order", self.known_order, KNOWN_ORDERS)
         set_field = lambda name, value: object.__setattr__(self, name, value)
         set_field("window", _window(self.window))
@@ -105,6 +106,11 @@ class SampleOptions:
 
     def replace(self, **changes) -> SampleOptions:
         return dataclasses.replace(self, **changes)
+
+    def static_part(self) -> SampleOptions:
+        """These options with every traced field at its default: what selects a kernel."""
+        return dataclasses.replace(self, **{f.name: f.default for f in dataclasses.fields(self)
+                                            if f.metadata.get("traced")})
 
     @property
     def is_burst(self) -> bool:
@@ -137,8 +143,7 @@ class SampleOptions:
             check_int("top_k", self.top_k, 1, cfg.vocab_size)
         self.window_for(n)
         if explicit_order and self.sampler == "burst_paper":
-            raise ValueError("burst_paper (mode='paper') draws its own random candidate orders: "
-                             "use order='random' or another sampler")
+            raise ValueError(_PAPER_ORDER)
 
     def cache_capacity(self, cfg: ModelConfig, n: int) -> int:
         """KV-cache slots the kernel allocates at length n: every token, the start token, and

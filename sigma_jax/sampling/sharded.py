@@ -24,8 +24,6 @@ from sigma_jax.sharding import (
     replicated,
 )
 
-_TRACED_DTYPES = {"temperature": np.float32, "top_p": np.float32, "max_iters": np.int32}
-
 
 def sample_sharded(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known,
                    options: SampleOptions, *, mesh, order=None, lengths=None):
@@ -59,11 +57,10 @@ def sample_sharded(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known
         rows_in[1][batch:] = True  # nothing to generate: no padding row extends the loop
         extra = jax.vmap(lambda i: jax.random.fold_in(keys[-1], i))(jnp.arange(1, pad + 1))
         keys = jnp.concatenate([keys, extra])
-    traced = {name: np.asarray(getattr(options, name), _TRACED_DTYPES[name])
-              for name in SampleOptions.traced_fields() if getattr(options, name) is not None}
-    static = options.replace(**{name: None for name in traced if name != "temperature"},
-                             temperature=1.0)
-    kernel = _sampler_kernel(cfg, mesh, static, explicit_order, batch, pad)
+    values = options.traced_values(rows_in[0].shape[1])  # typed arrays; max_iters resolved
+    traced = {name: value for name, value in zip(SampleOptions.traced_fields(), values,
+                                                 strict=True) if value is not None}
+    kernel = _sampler_kernel(cfg, mesh, options.static_part(), explicit_order, batch, pad)
     rows = batch_rows(mesh)
     with jax.set_mesh(mesh):
         return kernel(jax.device_put(params, param_shardings(params, mesh)),
