@@ -12,7 +12,7 @@ from sigma_jax.config import ModelConfig
 from sigma_jax.model import count_params, init_params
 from sigma_jax.sampling import SAMPLERS, SampleOptions
 
-SUITES = ("sampling", "training", "roofline")
+SUITES = ("sampling", "training", "roofline", "memory")
 
 
 @dataclasses.dataclass
@@ -24,6 +24,8 @@ class BenchConfig:
     every batch at lengths[-1]; 'cross' measures every pair. Points at batches other than the
     first measure `batch_samplers` (None = all `samplers`). burst_window is the window of the
     main-grid burst rows (None = all remaining positions); the main paper rows use n_orders[-1].
+    The memory suite compiles every sampler and the train step at every (length, batch) pair,
+    with burst_window and n_orders[-1] (bench/memory.py).
     The sweeps run at (lengths[-1], batches[0]) for every entry of `weights` (the first entry also
     runs the main grid): exact mode over `windows`, paper mode over `n_orders` at burst_window,
     and cached AR as the reference of each weights' ratios. max_uncached_tokens skips uncached AR
@@ -113,17 +115,24 @@ class BenchConfig:
 
 def load_model(config: BenchConfig) -> tuple[ModelConfig, dict, str, dict]:
     """(cfg, params, primary weights kind, source info): the checkpoint of `workdir` or random
-    weights of `preset` (block_size raised to the longest length), cast to `dtype` if given."""
+    weights of `preset` (block_size raised to the longest length), cast to `dtype` if given.
+    With memory as the only suite, a preset's params are jax.ShapeDtypeStructs (nothing
+    allocated)."""
     if config.workdir:
         cfg, params, step = load(config.workdir, config.step)
         info = dict(source="checkpoint", workdir=str(config.workdir), step=int(step))
         kind = "checkpoint"
+        cfg, params = cast_model(cfg, params, config.dtype)
     else:
         cfg = preset_model_config(config.preset, max(config.lengths))
-        params = init_params(cfg, jax.random.key(config.seed))
-        info = dict(source="preset", preset=config.preset, seed=config.seed)
+        make = lambda: cast_model(cfg, init_params(cfg, jax.random.key(config.seed)),
+                                  config.dtype)[1]
+        abstract = set(config.suites) == {"memory"}  # compile-only: no weights needed
+        params = jax.eval_shape(make) if abstract else make()
+        cfg = cast_model(cfg, {}, config.dtype)[0]
+        info = dict(source="preset", preset=config.preset, seed=config.seed,
+                    abstract_params=abstract)
         kind = "init"
-    cfg, params = cast_model(cfg, params, config.dtype)
     info.update(model=dataclasses.asdict(cfg), params=count_params(params),
                 param_bytes=param_bytes(params))
     return cfg, params, kind, info

@@ -1,4 +1,5 @@
-"""The benchmark suites (sampling, training, decode roofline) and `run`, which runs them in turn.
+"""The benchmark suites (sampling, training, decode roofline, compiled memory) and `run`, which
+runs them in turn.
 
 Each suite turns a `BenchConfig` into result rows (`ResultWriter`): a configuration that does not
 fit (length, memory, uncached cost, time budget) is recorded as skipped, one that fails as an
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 
 from bench.config import BenchConfig, load_model
 from bench.harness import datasheet, device_kind, device_memory_bytes
+from bench.memory import preset_train_config, run_memory_suite
 from bench.models import preset_model_config, variant_params
 from bench.report import ResultWriter, environment, format_value, plot_sampling, write_json
 from bench.roofline import measure_copy_bandwidth, measure_decode, measure_matmul
@@ -230,8 +232,8 @@ def run_roofline_suite(config: BenchConfig, cfg, params, writer: ResultWriter, b
 
 def run(config: BenchConfig, *, argv: Sequence[str] | None = None, model=None,
         log=print) -> dict:
-    """Run the chosen suites; write <out>/{sampling,training,roofline}.jsonl, env.json and plots
-    when `config.out` is set. model: `load_model(config)` if already loaded. Returns
+    """Run the chosen suites; write <out>/{sampling,training,roofline,memory}.jsonl, env.json
+    and plots when `config.out` is set. model: `load_model(config)` if already loaded. Returns
     {"rows": {suite: rows}, "env": env, "plots": paths}."""
     clock = Clock(config.budget_s)
     plain_log = log
@@ -256,6 +258,10 @@ def run(config: BenchConfig, *, argv: Sequence[str] | None = None, model=None,
         if "roofline" in config.suites:
             log("roofline:")
             run_roofline_suite(config, cfg, params, writer, baselines, clock, log)
+        if "memory" in config.suites:
+            log("memory (compile only):")
+            run_memory_suite(config, cfg, params, preset_train_config(config.preset), writer,
+                             clock, log)
         if "sampling" in config.suites:
             log("sampling:")
             run_sampling_suite(config, cfg, params, primary, writer, clock, log)

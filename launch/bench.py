@@ -4,6 +4,8 @@ Also installed as the console script `sigma-bench`. With no flags it runs a smal
 benchmark (random weights of the `shakespeare_char_cpu` preset) in a few minutes and writes
 experiments/results/bench_cpu/{sampling,training,roofline}.jsonl, env.json and PNG plots; on a GPU
 the defaults switch to the GPT-2-small preset in bfloat16 and experiments/results/bench_gpu.
+`--suite=memory` alone compiles without running (bench/memory.py) and defaults to GPT-2 small in
+bfloat16, N = 1024, B = 1, 16, 64, W = 64, no time budget, experiments/results/memory.
 
 Exit codes: 0 done; 2 bad usage (one line on stderr, before any work).
 
@@ -11,6 +13,7 @@ Examples:
   python -m launch.bench
   python -m launch.bench --suite=sampling --lengths=64,128 --batches=1,16 --windows=8,none
   python -m launch.bench --workdir=workdirs/shakespeare_char_cpu --weights=checkpoint,product
+  python -m launch.bench --suite=memory --preset=tiny --lengths=32 --batches=1,4 --burst_window=8
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from launch.flags import die, usage_errors
 FLAGS = flags.FLAGS
 # What to run and where the results go.
 flags.DEFINE_list("suite", ["sampling", "training", "roofline"],
-                  "Suites to run: sampling, training, roofline.")
+                  "Suites to run: sampling, training, roofline, memory (compile only; alone, "
+                  "its own defaults: see the module docstring).")
 flags.DEFINE_string("preset", None, "Preset for random weights (sigma_jax/presets.py); default "
                     "shakespeare_char_cpu on CPU, gpt2_small on GPU.")
 flags.DEFINE_string("workdir", None, "Training run whose latest checkpoint to benchmark "
@@ -101,31 +105,36 @@ def build_config(on_gpu: bool):
     from bench.config import BenchConfig
     from sigma_jax.presets import PRESETS
 
+    memory = tuple(s.strip() for s in FLAGS.suite) == ("memory",)
+    big = on_gpu or memory  # GPT-2-small defaults
     preset = FLAGS.preset or (None if FLAGS.workdir else
-                              ("gpt2_small" if on_gpu else "shakespeare_char_cpu"))
+                              ("gpt2_small" if big else "shakespeare_char_cpu"))
     if preset and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     if FLAGS.workdir:
         if not os.path.isdir(FLAGS.workdir):
             raise FileNotFoundError(f"no workdir {FLAGS.workdir}")
-    lengths = _ints("lengths", FLAGS.lengths or (["64", "256", "1024"] if on_gpu else
+    lengths = _ints("lengths", FLAGS.lengths or (["1024"] if memory else
+                                                 ["64", "256", "1024"] if on_gpu else
                                                  ["32", "64"]))
-    batches = _ints("batches", FLAGS.batches or (["1", "16", "256"] if on_gpu else
+    batches = _ints("batches", FLAGS.batches or (["1", "16", "64"] if memory else
+                                                 ["1", "16", "256"] if on_gpu else
                                                  ["1", "4"]))
     windows = tuple(_window("windows", w) for w in
                     (FLAGS.windows or (["16", "none"] if on_gpu else ["8", "none"])))
-    burst_window = _window("burst_window", FLAGS.burst_window or ("64" if on_gpu else "none"))
+    burst_window = _window("burst_window", FLAGS.burst_window or ("64" if big else "none"))
     primary = "checkpoint" if FLAGS.workdir else "init"
     weights = tuple(FLAGS.weights or (primary, "product", "peaked"))
     if weights[0] != primary:
         raise ValueError(f"the first --weights entry must be {primary} (the main grid's weights)")
     suites = tuple(s.strip() for s in FLAGS.suite)
-    out = FLAGS.out or ("experiments/results/bench_gpu" if on_gpu else
+    out = FLAGS.out or ("experiments/results/memory" if memory else
+                        "experiments/results/bench_gpu" if on_gpu else
                         "experiments/results/bench_cpu")
     pick = lambda value, default: default if value is None else value
     return BenchConfig(
         suites=suites, preset=preset, workdir=FLAGS.workdir, step=FLAGS.step,
-        dtype=FLAGS.dtype or ("bfloat16" if on_gpu else None),
+        dtype=FLAGS.dtype or ("bfloat16" if big else None),
         lengths=lengths, batches=batches, grid=FLAGS.grid, windows=windows,
         n_orders=_ints("n_orders", FLAGS.n_orders), burst_window=burst_window,
         weights=weights, samplers=tuple(FLAGS.samplers),
@@ -137,7 +146,7 @@ def build_config(on_gpu: bool):
         train_batch=pick(FLAGS.train_batch, 16 if on_gpu else 4), train_length=FLAGS.train_length,
         train_reference=FLAGS.train_reference,
         matmul_n=8192 if on_gpu else 1024, copy_bytes=(1 << 30) if on_gpu else (128 << 20),
-        budget_s=pick(FLAGS.budget_s, None if on_gpu else 150.0),
+        budget_s=pick(FLAGS.budget_s, None if big else 150.0),
         out=None if out.lower() == "none" else out,
     )
 
@@ -156,13 +165,14 @@ def main(argv):
         on_gpu = jax.default_backend() != "cpu"
         config = build_config(on_gpu)
         model = load_model(config)  # checkpoint / preset errors are usage errors too
-    from bench import report, suites
+    from bench import memory, report, suites
 
     argv0 = sys.argv[0].replace("\\", "/")
     command = (["python", "-m", "launch.bench"] if argv0.endswith("launch/bench.py") else
                [argv0]) + sys.argv[1:]
     result = suites.run(config, argv=command, model=model)
     report.print_tables(result["rows"])
+    memory.print_memory_table(result["rows"].get("memory"))
     if config.out:
         print(f"\nwrote {config.out}: " + ", ".join(
             sorted(f"{s}.jsonl" for s in result["rows"]) + ["env.json"] +
