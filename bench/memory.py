@@ -21,8 +21,9 @@ a target with whether it holds: AR and exact burst `temps <= KV cache + 2 GB`; j
 `temps <= 1.5 x exact burst temps` at the same N and B. A configuration that fails records the
 first line of its error and the suite goes on.
 
-At GPT-2-small size (N = 1024, W = 64, B = 1, 16, 64) on a 2-core CPU each sampler compile takes
-about 5-25 s and a few GB of host memory, and the whole suite several minutes (more than 5).
+At GPT-2-small size (N = 1024, W = 64, B = 1, 16, 64) on a shared 2-core CPU each sampler
+compile takes 10-25 s and each train-step compile 60-70 s: the whole suite takes about 7 minutes
+(more than 5), with under 2 GB of host memory.
 On CPU, XLA converts bfloat16 dot operands to float32, which inflates the temporaries against
 what a GPU or TPU program of the same model holds.
 """
