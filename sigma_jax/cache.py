@@ -21,6 +21,7 @@ from sigma_jax.sharding import constrain, explicit_spec, fitted_sharding, logica
 
 CACHE_KV_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 CACHE_LENGTH_AXES = ("batch",)
+NEW_KV_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")  # a pass's new entries
 
 
 @jax.tree_util.register_dataclass
@@ -80,13 +81,13 @@ def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) 
 @dataclasses.dataclass(frozen=True)
 class LayerCaches:
     """A KVCache held as one buffer per layer: k, v: tuples of L arrays [B, S, H, hd]; length:
-    int32[B]. For a loop that carries the cache: `stacked()` is the KVCache a model pass reads,
-    `write` commits to every layer's buffer in place.
+    int32[B]. For a loop that carries the cache: a model pass reads it layer by layer
+    (`model.forward_masked(cache=...)`), `write` commits to every layer's buffer in place, and
+    `stacked()` is the KVCache of the same entries.
 
-    The model slices its [L, ...] cache by layer, and XLA copies a slice of a buffer, so a loop
-    carrying one KVCache copies the whole cache every step. Slicing `stacked()` by layer gives back
-    the layer's own buffer (a slice of a concatenation simplifies to its operand), so the pass
-    reads each layer's buffer where it lies.
+    The model slices a stacked [L, ...] cache by layer, and XLA copies a slice of a buffer (and,
+    on CPU in bfloat16, a converted stack of all of them), so a loop carrying one KVCache would
+    copy the whole cache every step.
     """
 
     k: tuple[jax.Array, ...]
@@ -96,6 +97,10 @@ class LayerCaches:
     def stacked(self) -> KVCache:
         return KVCache(k=jnp.stack(self.k), v=jnp.stack(self.v), length=self.length)
 
+    def valid(self) -> jax.Array:
+        """bool[B, S]: which slots hold committed entries."""
+        return jnp.arange(self.k[0].shape[1])[None, :] < self.length[:, None]
+
     def write(self, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) -> LayerCaches:
         """`write` (same arguments, same contract) applied to every layer's buffer."""
         one = lambda i: write(KVCache(k=self.k[i][None], v=self.v[i][None], length=self.length),
@@ -103,6 +108,14 @@ class LayerCaches:
         layers = [one(i) for i in range(len(self.k))]
         return LayerCaches(k=tuple(c.k[0] for c in layers), v=tuple(c.v[0] for c in layers),
                            length=layers[0].length)
+
+    def no_entries(self, width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """A block of `width` new slots of which none is kept: (k, v [L, B, width, H, hd] zeros,
+        n_new int32 [B] zeros), the `write` arguments of a loop's first, empty commit."""
+        b, _, h, hd = self.k[0].shape
+        zeros = constrain(jnp.zeros((len(self.k), b, width, h, hd), self.k[0].dtype),
+                          NEW_KV_AXES)
+        return zeros, zeros, constrain(jnp.zeros((b,), jnp.int32), CACHE_LENGTH_AXES)
 
 
 def split_layers(cache: KVCache) -> LayerCaches:

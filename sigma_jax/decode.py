@@ -8,6 +8,7 @@ the input of the next pass, paired with whatever target position comes next.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,9 +16,10 @@ import jax.numpy as jnp
 
 from sigma_jax import orders as orders_lib
 from sigma_jax.attention import DIAGONAL, SelfMask
-from sigma_jax.cache import KVCache, init_cache, write
+from sigma_jax.cache import KVCache, LayerCaches, init_cache, split_layers
 from sigma_jax.config import START_POS, ModelConfig
-from sigma_jax.model import forward_masked
+from sigma_jax.model import forward_masked, split_blocks
+from sigma_jax.sharding import constrain
 
 
 def cache_capacity(cfg: ModelConfig, n: int, headroom: int = 0) -> int:
@@ -25,43 +27,60 @@ def cache_capacity(cfg: ModelConfig, n: int, headroom: int = 0) -> int:
     return n + int(cfg.bos) + headroom
 
 
-def split_blocks(params: dict) -> list[dict]:
-    """The parameters of each transformer block: the trees of `params["h"]` (SigmaGPT's blocks,
-    stacked on axis 0), one per layer."""
-    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
-    return [jax.tree.map(lambda a, i=i: a[i], params["h"]) for i in range(n_layer)]
+def with_blocks(params: dict, blocks: tuple[dict, ...]) -> dict:
+    """params with "h" replaced by the per-layer trees of `split_blocks`. In a loop body over
+    blocks split before the loop, the model then reads each layer's weights where they lie
+    (`model.forward_masked` runs such params layer by layer) instead of copying them out of the
+    stacked arrays every step."""
+    return {**params, "h": tuple(blocks)}
 
 
-def with_blocks(params: dict, blocks: list[dict]) -> dict:
-    """params with the blocks stacked back from `split_blocks`. In a loop body over blocks split
-    before the loop, the model then reads each layer's weights where they lie instead of copying
-    them out of the stacked arrays every step (see `cache.LayerCaches`)."""
-    return {**params, "h": jax.tree.map(lambda *layers: jnp.stack(layers), *blocks)}
+PREFILL_TOKENS = 2048  # tokens (rows x slots) per prefill pass
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "prefix"))
+@functools.partial(jax.jit, static_argnames=("capacity", "tokens_per_pass"))
 def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.Array,
-            n_known: jax.Array, capacity: int, prefix: int | None = None):
+            n_known: jax.Array, capacity: int, tokens_per_pass: int = PREFILL_TOKENS):
     """Commit the known tokens of every row to a fresh cache.
 
     tokens, order: int32 [B, N], the order listing each row's known positions first;
     n_known: int32 [B], known tokens per row (may differ; >= 1 without a start token).
-    Returns (cache, last_tok [B], last_pos [B]): the cache holds history[:-1] (length
-    n_known + bos - 1 per row), and (last_tok, last_pos) is the last history entry.
+    Returns (cache, last_tok [B], last_pos [B]): the cache (`LayerCaches`, one buffer per
+    layer; `.stacked()` is the KVCache) holds history[:-1] (length n_known + bos - 1 per row),
+    and (last_tok, last_pos) is the last history entry.
 
-    All N slots (or the first `prefix`, which must cover every row's n_known + bos - 1) are
-    computed in one causal pass and written; slots past a row's length hold garbage that stays
-    masked until overwritten.
+    The history is fed in causal passes of `chunk` = tokens_per_pass / B slots (at least 1, at
+    most N), each attending to the slots written before it, as many passes as the row with the
+    most known tokens needs (none when only the start token is known): no pass computes logits,
+    and activations are [B, chunk, ...], about `tokens_per_pass` tokens whatever the batch.
+    Slots past a row's history hold garbage that stays masked until overwritten.
     """
-    inputs, pos_in, pos_out, targets = orders_lib.make_batch(tokens, order, bos=cfg.bos,
-                                                             bos_id=cfg.bos_id)
-    if prefix is not None:
-        inputs, pos_in, pos_out = (x[:, :prefix] for x in (inputs, pos_in, pos_out))
-    _, k_new, v_new = forward_masked(cfg, params, inputs, pos_in, pos_out)
+    inputs, pos_in, pos_out, _ = orders_lib.make_batch(tokens, order, bos=cfg.bos,
+                                                       bos_id=cfg.bos_id)
     n_hist = n_known + int(cfg.bos)  # [B]
-    cache = write(init_cache(cfg, tokens.shape[0], capacity), k_new, v_new, n_hist - 1)
+    b, t = inputs.shape
+    chunk = max(1, min(tokens_per_pass // b, t))
+    padded = -(-t // chunk) * chunk  # whole chunks; padding slots are computed, never kept
+    inputs, pos_in, pos_out = (jnp.pad(x, [(0, 0), (0, padded - t)])
+                               for x in (inputs, pos_in, pos_out))
+    blocks = split_blocks(params)
+
+    def one_pass(c, carry):  # history slots [c * chunk, (c + 1) * chunk) of every row
+        layers, pending = carry
+        layers = layers.write(*pending)  # the previous pass's entries (see LayerCaches)
+        part = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)
+        _, k_new, v_new = forward_masked(cfg, with_blocks(params, blocks), part(inputs),
+                                         part(pos_in), part(pos_out), cache=layers)
+        return layers, (k_new, v_new, constrain(jnp.full((b,), chunk, jnp.int32), ("batch",)))
+
+    layers = split_layers(init_cache(cfg, b, capacity))
+    layers = layers.write(*layers.no_entries(chunk))  # laid out as the loop writes it
+    passes = (jnp.max(n_hist) - 1 + chunk - 1) // chunk
+    layers, pending = jax.lax.fori_loop(0, passes, one_pass,
+                                        (layers, layers.no_entries(chunk)))
+    layers = dataclasses.replace(layers.write(*pending), length=n_hist - 1)
     last_tok, last_pos = history_entry(cfg, tokens, order, n_hist - 1)
-    return cache, last_tok, last_pos
+    return layers, last_tok, last_pos
 
 
 def history_entry(cfg: ModelConfig, tokens: jax.Array, order: jax.Array, index: jax.Array):
@@ -77,7 +96,7 @@ def history_entry(cfg: ModelConfig, tokens: jax.Array, order: jax.Array, index: 
 
 
 @jax.jit
-def burst_pass(cfg: ModelConfig, params: dict, cache: KVCache, last_tok: jax.Array,
+def burst_pass(cfg: ModelConfig, params: dict, cache: KVCache | LayerCaches, last_tok: jax.Array,
                last_pos: jax.Array, targets: jax.Array) -> jax.Array:
     """Every target's conditional given the history, in one pass: logits float32 [B, Q, V].
 
@@ -92,7 +111,7 @@ def burst_pass(cfg: ModelConfig, params: dict, cache: KVCache, last_tok: jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames="blocks")
-def extend_pass(cfg: ModelConfig, params: dict, cache: KVCache, tokens: jax.Array,
+def extend_pass(cfg: ModelConfig, params: dict, cache: KVCache | LayerCaches, tokens: jax.Array,
                 pos_in: jax.Array, pos_out: jax.Array, blocks: int = 1):
     """Feed new slots on top of the cache: (logits [B, T, V], k_new, v_new [L, B, T, H, hd]).
 

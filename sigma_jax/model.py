@@ -33,7 +33,7 @@ from sigma_jax.attention import (
     causal_kernel,
     fused_causal_attention,
 )
-from sigma_jax.cache import KVCache, init_cache
+from sigma_jax.cache import NEW_KV_AXES, KVCache, LayerCaches, init_cache
 from sigma_jax.checks import is_concrete
 from sigma_jax.config import START_POS, ModelConfig
 from sigma_jax.layers import Linear
@@ -169,11 +169,8 @@ class SigmaGPT(nn.Module):
     @nn.compact
     def __call__(self, tokens, pos_in, pos_out, k_cache, v_cache, cache_valid):
         cfg = self.cfg
-        wte = nn.Embed(cfg.input_vocab_size, cfg.n_embd,
-                       embedding_init=nn.initializers.normal(0.02), dtype=cfg.compute_dtype,
-                       param_dtype=cfg.storage_dtype, name="wte")
-        x = wte(tokens) + DoublePositionalEmbedding(cfg, name="pos")(pos_in, pos_out)
-        x = constrain(x, ("batch", "seq", "act_embed"))
+        wte = _token_table(cfg)
+        x = _embed(cfg, wte, DoublePositionalEmbedding(cfg, name="pos"), tokens, pos_in, pos_out)
         x = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(x)  # [B, T, D]
         blocks = nn.scan(
             Block,
@@ -184,13 +181,46 @@ class SigmaGPT(nn.Module):
             unroll=cfg.n_layer,
         )(cfg, self.deterministic, self.mask, name="h")
         x, (k_new, v_new) = blocks(x, k_cache, v_cache, cache_valid)
-        x = _layer_norm(cfg, "ln_f")(x)
-        if cfg.tie_embeddings:
-            logits = wte.attend(x)[..., : cfg.vocab_size]
-        else:
-            logits = _dense(cfg, cfg.vocab_size, "lm_head", bias=False)(x)
-        logits = constrain(logits, ("batch", "seq", "vocab"))
-        return logits.astype(jnp.float32), (k_new, v_new)
+        head = None if cfg.tie_embeddings else _dense(cfg, cfg.vocab_size, "lm_head", bias=False)
+        return _logits(cfg, _layer_norm(cfg, "ln_f")(x), wte, head), (k_new, v_new)
+
+
+def _token_table(cfg: ModelConfig) -> nn.Embed:
+    return nn.Embed(cfg.input_vocab_size, cfg.n_embd, embedding_init=nn.initializers.normal(0.02),
+                    dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name="wte")
+
+
+def _embed(cfg: ModelConfig, wte, pos, tokens, pos_in, pos_out) -> jax.Array:
+    """The input embedding [B, T, D]: wte[token] + the double positional encoding."""
+    return constrain(wte(tokens) + pos(pos_in, pos_out), ("batch", "seq", "act_embed"))
+
+
+def _logits(cfg: ModelConfig, x, wte, head) -> jax.Array:
+    """float32 logits [B, T, V] of the final-LayerNormed activations x (the tied table when head
+    is None)."""
+    logits = wte.attend(x)[..., : cfg.vocab_size] if head is None else head(x)
+    return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
+
+
+def _forward_per_layer(cfg: ModelConfig, params: dict, blocks, mask: SelfMask, tokens, pos_in,
+                       pos_out, k_layers, v_layers, cache_valid):
+    """SigmaGPT's inference pass with the block weights one tree per layer (`blocks`) and the
+    cache one buffer per layer (k_layers, v_layers: L x [B, S, H, hd]): each layer reads its own
+    buffers, never a slice of stacked ones (which XLA may copy whole, e.g. to convert them)."""
+    bound = lambda module, name: module.bind({"params": params[name]})
+    wte = bound(_token_table(cfg), "wte")
+    pos = DoublePositionalEmbedding(cfg).bind({"params": params.get("pos", {})})
+    x = _embed(cfg, wte, pos, tokens, pos_in, pos_out)
+    ks, vs = [], []
+    for block, k_cache, v_cache in zip(blocks, k_layers, v_layers, strict=True):
+        x, (k, v) = Block(cfg, True, mask).apply({"params": block}, x, k_cache, v_cache,
+                                                 cache_valid)
+        ks.append(k)
+        vs.append(v)
+    head = None if cfg.tie_embeddings else bound(
+        _dense(cfg, cfg.vocab_size, "lm_head", bias=False), "lm_head")
+    x = bound(_layer_norm(cfg, "ln_f"), "ln_f")(x)
+    return _logits(cfg, x, wte, head), (jnp.stack(ks), jnp.stack(vs))
 
 
 def check_positions(cfg: ModelConfig, *positions) -> None:
@@ -216,6 +246,13 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     return variables["params"]
 
 
+def split_blocks(params: dict) -> tuple[dict, ...]:
+    """The parameters of each transformer block: the trees of `params["h"]` (the blocks,
+    stacked on axis 0), one per layer."""
+    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], params["h"]) for i in range(n_layer))
+
+
 def count_params(params: dict) -> int:
     """Number of parameters (array elements) in a params tree; works on arrays and on
     jax.ShapeDtypeStruct leaves alike."""
@@ -231,6 +268,8 @@ def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: ja
     mask: which new tokens each new token attends to (static: CAUSAL, DIAGONAL or K causal
       blocks; see sigma_jax/attention.py).
     cache: the history every new token also attends to (its valid slots); None = no history.
+      A `LayerCaches` (one buffer per layer), or params whose "h" is a tuple of per-layer trees
+      (`split_blocks`), run the layers one by one on their own buffers (inference only).
     dropout_key: None = deterministic (inference); a key turns dropout on.
     Returns (logits float32 [B, T, V], k_new, v_new [L, B, T, H, hd]). Nothing is written to the
     cache: callers commit what they accept with `cache.write`.
@@ -238,17 +277,25 @@ def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: ja
     check_positions(cfg, pos_in, pos_out)
     if cache is None:
         cache = init_cache(cfg, tokens.shape[0], 0)
+    per_layer = isinstance(cache, LayerCaches) or isinstance(params["h"], tuple)
+    if per_layer and dropout_key is not None:
+        raise ValueError("dropout needs the stacked parameters and cache (a training pass)")
     model = SigmaGPT(cfg, deterministic=dropout_key is None, mask=mask)
     rngs = None if dropout_key is None else {"dropout": dropout_key}
 
-    def apply(params, rngs, *arrays):
-        return model.apply({"params": params}, *arrays, rngs=rngs)
+    def apply(params, rngs, k_cache, v_cache, *arrays):
+        if per_layer:
+            blocks = params["h"] if isinstance(params["h"], tuple) else split_blocks(params)
+            layer = lambda c: c if isinstance(c, tuple) else tuple(c)  # L x [B, S, H, hd]
+            return _forward_per_layer(cfg, params, blocks, mask, *arrays[:3], layer(k_cache),
+                                      layer(v_cache), arrays[3])
+        return model.apply({"params": params}, *arrays[:3], k_cache, v_cache, arrays[3],
+                           rngs=rngs)
 
     # Flax layers are not Explicit-sharding clean; under an Explicit mesh this runs with Auto axes.
-    kv_axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
     logits, (k_new, v_new) = auto_axes_call(
-        apply, (("batch", "seq", "vocab"), (kv_axes, kv_axes)), params, rngs, tokens, pos_in,
-        pos_out, cache.k, cache.v, cache.valid())
+        apply, (("batch", "seq", "vocab"), (NEW_KV_AXES, NEW_KV_AXES)), params, rngs, cache.k,
+        cache.v, tokens, pos_in, pos_out, cache.valid())
     return logits, k_new, v_new
 
 

@@ -49,6 +49,7 @@ def test_committed_verify_block_gives_full_forward_conditionals():
     order = orders.random_order(jax.random.key(2), known)
     n_known = known.sum(1).astype(jnp.int32)
     cache, last_tok, last_pos = prefill(CFG, params, tokens, order, n_known, n + 1 + 3)
+    cache = cache.stacked()
     # Three new history entries per row: the next three positions of the order.
     new_pos = jnp.take_along_axis(order, n_known[:, None] + jnp.arange(3)[None], 1)
     new_tok = jnp.take_along_axis(tokens, new_pos, 1)
@@ -68,3 +69,35 @@ def test_committed_verify_block_gives_full_forward_conditionals():
             logits = forward(CFG, params, inputs[row : row + 1, : hist + 1],
                              p_in[row : row + 1, : hist + 1], p_out_j)
             np.testing.assert_allclose(got[row, j], jax.nn.softmax(logits[0, hist]), atol=1e-5)
+
+
+def test_prefill_in_several_passes_matches_one_pass_and_the_full_forward():
+    """A prefill of 3-slot passes (6 tokens per pass at B = 2) commits the entries of a one-pass
+    prefill, and the conditionals it gives equal a teacher-forced full forward: every pass
+    attends to the passes before it, and rows of different known counts stop where they should."""
+    params = init_params(CFG, jax.random.key(3))
+    b, n = 2, 10
+    tokens = jax.random.randint(jax.random.key(4), (b, n), 0, CFG.vocab_size)
+    known = jnp.arange(n)[None, :] < jnp.array([[8], [4]])  # 8 and 4 known tokens
+    order = orders.random_order(jax.random.key(5), known)
+    n_known = known.sum(1).astype(jnp.int32)
+    several, tok_a, pos_a = prefill(CFG, params, tokens, order, n_known, n + 2, tokens_per_pass=6)
+    one, tok_b, pos_b = prefill(CFG, params, tokens, order, n_known, n + 2, tokens_per_pass=64)
+    several, one = several.stacked(), one.stacked()
+    np.testing.assert_array_equal(several.length, n_known)  # history minus the last, start in
+    np.testing.assert_array_equal(one.length, n_known)
+    np.testing.assert_array_equal(tok_a, tok_b)
+    np.testing.assert_array_equal(pos_a, pos_b)
+    for row in range(b):
+        m = int(n_known[row])
+        np.testing.assert_allclose(several.k[:, row, :m], one.k[:, row, :m], atol=1e-5)
+        np.testing.assert_allclose(several.v[:, row, :m], one.v[:, row, :m], atol=1e-5)
+    targets = jnp.broadcast_to(jnp.arange(n), (b, n))
+    got = jax.nn.softmax(burst_pass(CFG, params, several, tok_a, pos_a, targets))
+    inputs, p_in, p_out, _ = orders.make_batch(tokens, order, bos=True, bos_id=CFG.bos_id)
+    for row in range(b):
+        m = int(n_known[row])
+        rep = [jnp.broadcast_to(x[row, : m + 1], (n, m + 1)) for x in (inputs, p_in, p_out)]
+        p_out_j = rep[2].at[:, m].set(jnp.arange(n))  # every position as the next target
+        logits = forward(CFG, params, rep[0], rep[1], p_out_j)[:, m]  # [N, V]
+        np.testing.assert_allclose(got[row], jax.nn.softmax(logits), atol=1e-5)

@@ -70,6 +70,19 @@ def test_exact_mode_follows_the_random_order_law(tiny_laws, window):
     assert bool(stats.finished.all())
 
 
+@pytest.mark.parametrize("draft_support, window", [(1, 2), (2, None)])
+@pytest.mark.integration
+def test_jacobi_with_truncated_first_drafts_follows_the_law(tiny_laws, draft_support, window):
+    """Jacobi's first drafts drawn from their K < V most probable tokens (K = 1: the argmax,
+    deterministic) are still accepted by the distribution they came from: the law is exact."""
+    params, laws = tiny_laws
+    samples, stats = _sample_tiny(params, "burst", {}, 4, mode="jacobi", window=window,
+                                  draft_support=draft_support)
+    p_value, chi2, df = chi_square_pvalue(samples, *laws["none"])
+    assert p_value > 1e-3, (p_value, chi2, df)
+    assert bool(stats.finished.all())
+
+
 @pytest.mark.integration
 def test_random_order_ar_follows_the_same_law(tiny_laws):
     params, laws = tiny_laws

@@ -77,7 +77,8 @@ def test_the_traced_fields_are_a_property_of_the_type():
     assert options.static_part() == SampleOptions("burst", window=4)
     static = [f.name for f in dataclasses.fields(SampleOptions)
               if f.name not in SampleOptions.traced_fields()]
-    assert static == ["sampler", "order", "window", "n_orders", "top_k", "known_order"]
+    assert static == ["sampler", "order", "window", "n_orders", "top_k", "known_order",
+                      "draft_support"]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

@@ -318,6 +318,7 @@ def test_cache_write_sharded_matches_unsharded(axis_type):
 def _prefill_and_burst(cfg, params, tokens, order, n_known):
     capacity = decode.cache_capacity(cfg, tokens.shape[1])
     cache, last_tok, last_pos = decode.prefill(cfg, params, tokens, order, n_known, capacity)
+    cache = cache.stacked()
     return cache, decode.burst_pass(cfg, params, cache, last_tok, last_pos, order)
 
 

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 
 from sigma_jax import orders as orders_lib
-from sigma_jax.cache import split_layers
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import extend_pass, prefill, split_blocks, with_blocks
 from sigma_jax.model import forward
@@ -123,7 +122,7 @@ def _cached_loop(cfg, params, tokens, order, n_known, seq, steps, sample_next, o
         seq, layers, pending, last_tok, last_pos, cursor = carry
         layers = layers.write(*pending)
         target = jnp.take_along_axis(order, jnp.minimum(cursor, n - 1)[:, None], 1)  # [B, 1]
-        logits, k_new, v_new = extend_pass(cfg, with_blocks(params, blocks), layers.stacked(),
+        logits, k_new, v_new = extend_pass(cfg, with_blocks(params, blocks), layers,
                                            last_tok[:, None], last_pos[:, None], target)
         seq, active = sample_next(seq, cursor, logits[:, 0])
         new_tok = jnp.take_along_axis(seq, jnp.minimum(cursor, n - 1)[:, None], 1)[:, 0]
@@ -132,8 +131,7 @@ def _cached_loop(cfg, params, tokens, order, n_known, seq, steps, sample_next, o
         pending = (k_new, v_new, active.astype(jnp.int32))  # [L, B, 1, H, hd] x 2, [B]
         return seq, layers, pending, last_tok, last_pos, cursor + active
 
-    nothing = jnp.zeros_like(cache.k[:, :, :1])  # [L, B, 1, H, hd], committed as 0 slots
-    carry = (seq, split_layers(cache), (nothing, nothing, jnp.zeros_like(n_known)),
+    carry = (seq, cache, cache.no_entries(1),
              last_tok, last_pos, n_known)
     return jax.lax.fori_loop(0, steps, body, carry)[0]
 

@@ -20,7 +20,10 @@ including the first replaced one are committed; every later replaced or kept dra
 with q_k as its new pi_k. That step is a maximal coupling, so each draft is distributed as its pi
 given everything before it, and the next verify pass accepts it exactly as speculative sampling
 would. The drafts converge to a fixed point of the verifier, so late iterations commit long runs.
-It carries pi for every position: float32 [B, N, V] in the loop state.
+The first drafts are drawn from their distributions truncated to the K = draft_support most
+probable tokens (renormalized; acceptance divides by that truncation, so the law stays exact):
+the loop state keeps pi densely for the W positions of the window only, float32 [B, W, V], and
+the K-token first distributions of the others, [B, N, K].
 
 In both exact modes the committed positions are always the next ones of G, so burst sampling along
 G samples exactly the law of `sample_ar(order=G)`: 'random' (the default) is the uniform-random-
@@ -48,7 +51,6 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
-from sigma_jax.cache import split_layers
 from sigma_jax.checks import check_choice
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import prefill, split_blocks, with_blocks
@@ -67,8 +69,8 @@ from sigma_jax.sampling.options import (
 def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
                  known: jax.Array, *, mode: str = "exact", order="random", n_orders: int = 5,
                  temperature=1.0, top_k: int | None = None, top_p=None, max_iters=None,
-                 window: int | None = None, known_order: str = "random", lengths=None
-                 ) -> tuple[jax.Array, SampleStats]:
+                 window: int | None = None, known_order: str = "random", lengths=None,
+                 draft_support: int = 64) -> tuple[jax.Array, SampleStats]:
     """Fill every unknown position by burst rejection sampling.
 
     tokens: int32 [B, N] (values at unknown positions ignored); known: bool [B, N], any subset per
@@ -91,13 +93,16 @@ def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
     exact mode samples the truncated model exactly. lengths: int32 [B] (None: N), each row's
     length: positions past it are absent, neither known nor generated; a row of length L gets the
     tokens of the same row alone at N = L with the same key (paper mode: with a window <= L).
+    draft_support (jacobi, static): each first draft is drawn from the draft_support most
+    probable tokens of its distribution, renormalized (exact for any value; see `SampleOptions`).
     Returns (tokens [B, N], SampleStats); rows stopped by max_iters keep unfilled positions at 0
     and report finished=False.
     """
     return sample_burst_call(cfg, params, key, tokens, known, mode=mode, order=order,
                              n_orders=n_orders, temperature=temperature, top_k=top_k,
                              top_p=top_p, max_iters=max_iters, window=window,
-                             known_order=known_order, lengths=lengths)()
+                             known_order=known_order, lengths=lengths,
+                             draft_support=draft_support)()
 
 
 def sample_burst_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
@@ -169,28 +174,16 @@ def advance(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_
 
 
 def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, order, lengths,
-                temperature, top_p, opts: KernelOptions, prefixes: tuple[int, ...] = ()
-                ) -> BurstState:
+                temperature, top_p, opts: KernelOptions) -> BurstState:
     """The loop state before the first iteration: the known tokens prefilled along the generation
     order int32 [B, N] (known positions first) into a cache with room for one W block, and, in
     jacobi mode, the first drafts. keys [B]: the sampling streams of `generation_order`;
-    lengths int32 [B]: each row's length. prefixes: ascending slot counts; the prefill then
-    computes only the first of them that covers every row's known tokens (one branch each),
-    instead of all N slots."""
-    n = tokens.shape[1]
+    lengths int32 [B]: each row's length."""
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)
-    capacity = opts.cache_capacity(cfg, n)
-    if prefixes:
-        needed = jnp.max(n_known) + int(cfg.bos)
-        branch = jnp.sum(jnp.asarray(prefixes) < needed)  # the first prefix >= needed
-        cache, last_tok, last_pos = jax.lax.switch(branch, [
-            lambda p=p: prefill(cfg, params, tokens, order, n_known, capacity, p)
-            for p in (*prefixes, None)])
-    else:
-        cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known, capacity)
-    nothing = jnp.zeros(cache.k.shape[:2] + (opts.window,) + cache.k.shape[3:], cache.k.dtype)
-    state = BurstState(tokens=tokens, filled=known, order=order, cache=split_layers(cache),
-                       pending=(nothing, nothing, jnp.zeros_like(n_known)), last_tok=last_tok,
+    cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known,
+                                        opts.cache_capacity(cfg, tokens.shape[1]))
+    state = BurstState(tokens=tokens, filled=known, order=order, cache=cache,
+                       pending=cache.no_entries(opts.window), last_tok=last_tok,
                        last_pos=last_pos, keys=keys,
                        iterations=jnp.zeros(tokens.shape[:1], jnp.int32),
                        step=jnp.zeros((), jnp.int32), lengths=lengths)

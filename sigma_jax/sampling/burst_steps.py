@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from sigma_jax.cache import LayerCaches
 from sigma_jax.config import ModelConfig
-from sigma_jax.decode import burst_pass, extend_pass
+from sigma_jax.decode import PREFILL_TOKENS, burst_pass, extend_pass, split_blocks, with_blocks
 from sigma_jax.sampling.draws import draw, to_probs, uniforms
 from sigma_jax.sampling.options import KernelOptions
 
@@ -33,7 +33,12 @@ class BurstState:
     step: jax.Array  # int32 []: iterations of the whole loop
     lengths: jax.Array  # int32 [B]: each row's length; positions past it are absent
     drafts: jax.Array | None = None  # jacobi: int32 [B, N], every position's current draft
-    proposals: jax.Array | None = None  # jacobi: float32 [B, N, V], what each was drawn from
+    window_probs: jax.Array | None = None  # jacobi: float32 [B, W, V], what the drafts of the
+    #   window (the next W positions of the order, slot j at cursor + j) were drawn from
+    first_ids: jax.Array | None = None  # jacobi: int32 [B, N, K], the K tokens of each
+    #   position's first distribution (its K most probable, K = draft_support)
+    first_probs: jax.Array | None = None  # jacobi: float32 [B, N, K], their probabilities,
+    #   renormalized: the distribution each first draft was drawn from
 
     def flushed(self) -> BurstState:
         """The state with `pending` written to the cache. Each pass writes its entries at the
@@ -84,7 +89,7 @@ def _verify(cfg, params, state: BurstState, draft, targets):
     """The causal pass over the drafts along targets: (logits [B, W, V], k_new, v_new)."""
     tok_in = jnp.concatenate([state.last_tok[:, None], draft[:, :-1]], axis=1)
     pos_in = jnp.concatenate([state.last_pos[:, None], targets[:, :-1]], axis=1)
-    return extend_pass(cfg, params, state.cache.stacked(), tok_in, pos_in, targets)
+    return extend_pass(cfg, params, state.cache, tok_in, pos_in, targets)
 
 
 def _commit(state: BurstState, new_tok, new_pos, n_new, k_new, v_new, **changes) -> BurstState:
@@ -122,7 +127,7 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
         targets = jnp.argsort(jnp.where(remaining, u_order, 2.0), axis=1)[:, :w].astype(jnp.int32)
 
     probs = lambda logits: to_probs(logits, temperature, opts.top_k, top_p)
-    p = probs(burst_pass(cfg, params, state.cache.stacked(), state.last_tok, state.last_pos,
+    p = probs(burst_pass(cfg, params, state.cache, state.last_tok, state.last_pos,
                          targets))
     draft = draw(k_draft, p)  # [B, W]
     u = uniforms(k_accept, (w,))
@@ -155,7 +160,7 @@ def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, pr
     last_pos = jnp.broadcast_to(state.last_pos[:, None, None], (b, k, 1))
     tok_in = jnp.concatenate([last_tok, c_tok[..., :-1]], axis=-1).reshape(b, k * w)
     pos_in = jnp.concatenate([last_pos, c_pos[..., :-1]], axis=-1).reshape(b, k * w)
-    logits_q, k_new, v_new = extend_pass(cfg, params, state.cache.stacked(), tok_in, pos_in,
+    logits_q, k_new, v_new = extend_pass(cfg, params, state.cache, tok_in, pos_in,
                                          c_pos.reshape(b, k * w), blocks=k)
     q_draft = _pick(probs(logits_q).reshape(b, k, w, -1), c_tok)  # [B, K, W]
     first = jnp.arange(w)[None, None, :] == 0
@@ -172,28 +177,61 @@ def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, pr
 
 def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
                 opts: KernelOptions) -> BurstState:
-    """Draft every position from one burst pass given the known tokens: drafts int32 [B, N] and
-    their distributions float32 [B, N, V], in position layout (known positions' are unused)."""
+    """Draft every position given the known tokens, in burst passes of about PREFILL_TOKENS
+    queries: each position's distribution is truncated to its K = min(draft_support, V) most
+    probable tokens and renormalized (first_ids, first_probs [B, N, K]) and its first draft is
+    drawn from that truncation, which is what acceptance divides by (exact for any K). Known
+    positions' drafts are unused."""
     b, n = state.tokens.shape
-    every = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    logits = burst_pass(cfg, params, state.cache.stacked(), state.last_tok, state.last_pos,
-                        every)
-    p = to_probs(logits, temperature, opts.top_k, top_p)
+    k = min(opts.draft_support, cfg.vocab_size)
+    chunk = max(1, min(n, PREFILL_TOKENS // b))
+    padded = -(-n // chunk) * chunk
     draft_keys, loop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
-    return dataclasses.replace(state, keys=loop_keys, drafts=draw(draft_keys, p), proposals=p)
+    split = with_blocks(params, split_blocks(params))
+
+    def one_pass(c, carry):  # positions [c * chunk, (c + 1) * chunk), clamped to N - 1
+        ids, probs, drafts = carry
+        targets = jnp.minimum(c * chunk + jnp.arange(chunk, dtype=jnp.int32), n - 1)
+        logits = burst_pass(cfg, split, state.cache, state.last_tok, state.last_pos,
+                            jnp.broadcast_to(targets, (b, chunk)))
+        top, top_ids = jax.lax.top_k(to_probs(logits, temperature, opts.top_k, top_p), k)
+        top = top / jnp.sum(top, axis=-1, keepdims=True)  # [B, chunk, K]
+        pick = draw(jax.vmap(jax.random.fold_in, (0, None))(draft_keys, c), top)  # [B, chunk]
+        put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, c * chunk, 1)
+        return (put(ids, top_ids), put(probs, top),
+                put(drafts, jnp.take_along_axis(top_ids, pick[..., None], -1)[..., 0]))
+
+    init = (jnp.zeros((b, padded, k), jnp.int32), jnp.zeros((b, padded, k), jnp.float32),
+            jnp.zeros((b, padded), jnp.int32))
+    ids, probs, drafts = jax.lax.fori_loop(0, padded // chunk, one_pass, init)
+    state = dataclasses.replace(state, keys=loop_keys, drafts=drafts[:, :n],
+                                first_ids=ids[:, :n], first_probs=probs[:, :n])
+    return dataclasses.replace(state, window_probs=_first_window_probs(
+        state, _next_in_order(state, opts.window), cfg.vocab_size))
+
+
+def _first_window_probs(state: BurstState, targets, v: int) -> jax.Array:
+    """float32 [B, W, V]: the first distributions of the positions targets [B, W], dense."""
+    ids, probs = _take(state.first_ids, targets[..., None]), _take(state.first_probs,
+                                                                   targets[..., None])
+    b, w, _ = ids.shape
+    return jnp.zeros((b, w, v), jnp.float32).at[
+        jnp.arange(b)[:, None, None], jnp.arange(w)[None, :, None], ids].set(probs)
 
 
 def jacobi_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
                 opts: KernelOptions) -> BurstState:
     """One verify pass over the next W drafts; commit up to the first replaced one; keep the rest
-    (coupled to the verifier's conditionals) as drafts."""
+    (coupled to the verifier's conditionals, which become their distributions) as drafts. The
+    window then slides past the committed positions: the positions entering it bring their
+    first distributions."""
     w = opts.window
     n_valid = jnp.minimum(jnp.sum(state.unfilled(), axis=1), w)  # [B]
     k_accept, k_extra = _iteration_keys(state, 2)
     valid = jnp.arange(w)[None, :] < n_valid[:, None]  # [B, W]
     targets = _next_in_order(state, w)
     draft = _take(state.drafts, targets)  # [B, W]
-    pi = _take(state.proposals, targets[..., None])  # [B, W, V]
+    pi = state.window_probs  # [B, W, V]
     logits_q, k_new, v_new = _verify(cfg, params, state, draft, targets)
     q = to_probs(logits_q, temperature, opts.top_k, top_p)  # [B, W, V]
     keep = uniforms(k_accept, (w,)) * _pick(pi, draft) < _pick(q, draft)
@@ -201,6 +239,9 @@ def jacobi_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
     n_new = jnp.minimum(_accepted_prefix(keep & valid) + 1, n_valid)
     rows = jnp.arange(draft.shape[0])[:, None]
     drafts = state.drafts.at[rows, targets].set(jnp.where(valid, coupled, draft))
-    proposals = state.proposals.at[rows, targets].set(jnp.where(valid[..., None], q, pi))
-    return _commit(state, coupled, targets, n_new, k_new, v_new, drafts=drafts,
-                   proposals=proposals)
+    new = _commit(state, coupled, targets, n_new, k_new, v_new, drafts=drafts)
+    shift = jnp.sum(new.filled, axis=1) - jnp.sum(state.filled, axis=1)  # [B]: committed
+    src = jnp.arange(w)[None, :] + shift[:, None]  # [B, W]: each new slot's old slot
+    kept = _take(jnp.where(valid[..., None], q, pi), jnp.minimum(src, w - 1)[..., None])
+    entering = _first_window_probs(new, _next_in_order(new, w), cfg.vocab_size)
+    return dataclasses.replace(new, window_probs=jnp.where((src < w)[..., None], kept, entering))

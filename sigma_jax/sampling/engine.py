@@ -118,12 +118,19 @@ def _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, order_kind
                  zeros[:, 0]),
         last_tok=zeros[:, 0], last_pos=zeros[:, 0], keys=jax.random.split(jax.random.key(0), s),
         iterations=zeros[:, 0], step=jnp.zeros((), jnp.int32), lengths=zeros[:, 0],
-        drafts=zeros if opts.mode == "jacobi" else None,
-        proposals=jnp.zeros((s, n, cfg.vocab_size), jnp.float32) if opts.mode == "jacobi"
-        else None)
+        **(_jacobi_rows(cfg, opts, s, n) if opts.mode == "jacobi" else {}))
     return EngineState(rows=rows, known=jnp.zeros((s, n), bool), temperature=temperature,
                        top_p=top_p, max_iters=max_iters, opts=opts, order_kind=order_kind,
                        known_order=known_order)
+
+
+def _jacobi_rows(cfg: ModelConfig, opts: KernelOptions, s: int, n: int) -> dict:
+    """The jacobi leaves of S empty rows at capacity N (see `BurstState`)."""
+    k = min(opts.draft_support, cfg.vocab_size)
+    return dict(drafts=jnp.zeros((s, n), jnp.int32),
+                window_probs=jnp.zeros((s, opts.window, cfg.vocab_size), jnp.float32),
+                first_ids=jnp.zeros((s, n, k), jnp.int32),
+                first_probs=jnp.zeros((s, n, k), jnp.float32))
 
 
 def insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, known, length,
@@ -173,7 +180,7 @@ def _insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kn
     engine's capacity N (values past `length` ignored), length int32 [] in [1, N], key: the
     request's typed key (its per-row key: `sample_burst(key=key[None])` samples the same).
     The slot's previous request, if any, is dropped. Its order is drawn, its known tokens
-    prefilled (computing only as many slots as they need: one of a few prefix lengths) and
+    prefilled (only as many prefill passes as they need) and
     (jacobi) its first drafts drawn, exactly as the one-shot sampler does.
     Compiles once per engine shape; validate the request first (`check_request`)."""
     n = state.capacity
@@ -181,10 +188,8 @@ def _insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kn
     known = (jnp.asarray(known, bool) & (jnp.arange(n) < length))[None]  # [1, N]
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32)[None], 0)
     order, keys = generation_order(state.order_kind, known, key[None], state.known_order, length)
-    # Prefill slots for nothing known (the start token alone), for up to N/4 known, else all N.
-    prefixes = tuple(sorted({p for p in (1, n // 4) if 0 < p < n}))
     row = start_state(cfg, params, keys, tokens, known, order, length, state.temperature,
-                      state.top_p, state.opts, prefixes)
+                      state.top_p, state.opts)
     rows = jax.tree.map(_put_row(slot), state.rows, row)
     known = jax.lax.dynamic_update_slice_in_dim(state.known, known, slot, 0)
     return dataclasses.replace(state, rows=rows, known=known)
@@ -229,7 +234,7 @@ def ar_step(cfg: ModelConfig, params: dict, rows: BurstState, temperature, top_p
     active = jnp.any(rows.unfilled(), axis=1)  # [B]
     cursor = jnp.sum(rows.filled, axis=1).astype(jnp.int32)  # [B]: order index of the next
     target = jnp.take_along_axis(rows.order, jnp.minimum(cursor, n - 1)[:, None], 1)  # [B, 1]
-    logits, k_new, v_new = extend_pass(cfg, params, rows.cache.stacked(),
+    logits, k_new, v_new = extend_pass(cfg, params, rows.cache,
                                        rows.last_tok[:, None], rows.last_pos[:, None], target)
     step_keys = jax.vmap(jax.random.fold_in)(rows.keys, cursor)
     new = draw(step_keys, to_probs(logits[:, 0], temperature, opts.top_k, top_p))  # [B]

@@ -42,12 +42,14 @@ def _traced(default):
 class KernelOptions:
     """What one compiled sampler kernel is specialised on. mode: 'ar', 'ar_nocache', 'exact',
     'jacobi' or 'paper'; window: positions drafted or verified per iteration (1 for AR);
-    n_orders: candidate orders (paper mode; 1 otherwise); top_k: None or k."""
+    n_orders: candidate orders (paper mode; 1 otherwise); top_k: None or k; draft_support:
+    tokens kept of each first jacobi draft's distribution."""
 
     mode: str
     window: int
     n_orders: int
     top_k: int | None
+    draft_support: int = 64
 
     def cache_capacity(self, cfg: ModelConfig, n: int) -> int:
         """KV-cache slots at length n: every token, the start token, and one block of `window`
@@ -63,7 +65,11 @@ class SampleOptions:
     order; burst_paper takes 'random' only; an explicit [B, N] order array is an input of the
     call, not an option); window (burst: positions drafted or verified per iteration, None = all
     remaining; in [1, N]); n_orders (burst_paper's K); top_k (None or in [1, V]); known_order
-    (how order='random' feeds the known tokens: 'random' or 'ascending').
+    (how order='random' feeds the known tokens: 'random' or 'ascending'); draft_support
+    (burst_jacobi, >= 1: each first draft is drawn from the draft_support most probable tokens
+    of its distribution, renormalized, which is what is kept of it until the position is
+    verified: the law stays exact for any value; fewer means less memory, [B, N, K], and a
+    lower first acceptance).
     Traced: temperature (>= 0; 0 = greedy), top_p (None or in (0, 1]), max_iters (burst: None
     = N, else >= 1). Concrete traced values are checked and held as Python numbers; tracers
     (options built inside `jax.jit`) pass unchecked.
@@ -78,6 +84,7 @@ class SampleOptions:
     n_orders: int = 5
     top_k: int | None = None
     known_order: str = "random"
+    draft_support: int = 64
     temperature: float | jax.Array = _traced(1.0)
     top_p: float | jax.Array | None = _traced(None)
     max_iters: int | jax.Array | None = _traced(None)
@@ -91,6 +98,7 @@ class SampleOptions:
         set_field = lambda name, value: object.__setattr__(self, name, value)
         set_field("window", _window(self.window))
         set_field("n_orders", check_int("n_orders", self.n_orders, 1))
+        set_field("draft_support", check_int("draft_support", self.draft_support, 1))
         if self.top_k is not None:
             set_field("top_k", check_int("top_k", self.top_k, 1))
         set_field("temperature", _traced_number("temperature", self.temperature, float))
@@ -162,7 +170,8 @@ class SampleOptions:
         the kernel, so every order kind shares it)."""
         return KernelOptions(mode=self.mode, window=self.window_for(n),
                              n_orders=self.n_orders if self.sampler == "burst_paper" else 1,
-                             top_k=self.top_k)
+                             top_k=self.top_k,
+                             draft_support=self.draft_support if self.mode == "jacobi" else 1)
 
     def traced_values(self, n: int) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """(temperature float32[], top_p float32[] or None, max_iters int32[]: N for None), the
