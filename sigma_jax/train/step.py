@@ -191,11 +191,16 @@ def step_orders(train_cfg: TrainConfig, key: jax.Array, step, micro_batch: int, 
 
 
 def loss_and_grads(model_cfg: ModelConfig, train_cfg: TrainConfig, params: dict,
-                   batch: jax.Array, key: jax.Array, step, prompt_len: int = 0):
+                   batch: jax.Array, key: jax.Array, step, prompt_len: int = 0, *,
+                   chunk: int | None = None):
     """Mean loss and gradient over batch int32 [grad_accum * b, N], accumulated by a scan over
     grad_accum micro-batches of b rows (rows [i*b, (i+1)*b) form micro-batch i).
 
-    key is the step key: it is split into the orders key and the dropout key.
+    key is the step key: it is split into the orders key and the dropout key. chunk (rows, a
+    divisor of b; None = b) splits each micro-batch further into equal chunks whose gradients
+    the same scan sums: the same loss and gradient up to float rounding, with the activations
+    of one chunk alive at a time (`rows_per_chunk`). A chunk's dropout key is its micro-batch's
+    key folded with the chunk index (the micro-batch's own key when unsplit).
     Returns (loss [], grads like params, orders int32 [grad_accum, b, N]).
     """
     accum = train_cfg.grad_accum
@@ -203,11 +208,19 @@ def loss_and_grads(model_cfg: ModelConfig, train_cfg: TrainConfig, params: dict,
     if total % accum:
         raise ValueError(f"batch of {total} rows does not split into grad_accum={accum} "
                          "micro-batches")
-    # Each micro-batch is split over the batch axes (no-op without a mesh).
-    micro = constrain(batch.reshape(accum, total // accum, n), (None, "batch", "seq"))
+    b = total // accum
+    chunk = b if chunk is None else chunk
+    if b % chunk:
+        raise ValueError(f"micro-batch of {b} rows does not split into chunks of {chunk}")
+    parts = accum * (b // chunk)
     k_orders, k_dropout = jax.random.split(key)
-    orders = step_orders(train_cfg, k_orders, step, total // accum, n, prompt_len)
+    orders = step_orders(train_cfg, k_orders, step, b, n, prompt_len)
     dropout_keys = jax.random.split(k_dropout, accum)
+    if chunk < b:
+        dropout_keys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(
+            jnp.arange(b // chunk)))(dropout_keys).reshape(parts)
+    # Each chunk is split over the batch axes (no-op without a mesh).
+    tokens = constrain(batch.reshape(parts, chunk, n), (None, "batch", "seq"))
     grad_fn = jax.value_and_grad(loss_fn, argnums=1)
 
     def accumulate(carry, xs):
@@ -217,8 +230,29 @@ def loss_and_grads(model_cfg: ModelConfig, train_cfg: TrainConfig, params: dict,
         return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro, orders, dropout_keys))
-    return loss / accum, jax.tree.map(lambda g: g / accum, grads), orders
+    xs = (tokens, orders.reshape(parts, chunk, n), dropout_keys)
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, xs)
+    return loss / parts, jax.tree.map(lambda g: g / parts, grads), orders
+
+
+# Tokens per gradient chunk of the compiled step on a single CPU device (`rows_per_chunk`).
+CPU_CHUNK_TOKENS = 2048
+
+
+def rows_per_chunk(micro_batch: int, n: int, mesh) -> int:
+    """Rows per gradient chunk (`loss_and_grads`) of the compiled step on `mesh`.
+
+    On one CPU device: the largest divisor of micro_batch with at most CPU_CHUNK_TOKENS tokens
+    (at least one row). XLA's CPU runtime allocates a step's temporaries afresh at every call,
+    so every page of them is faulted in again at every step; smaller chunks keep that arena
+    small (at the reference size, 4 layers x 128 x 256 tokens x 32 rows, one chunk of 32 rows
+    needs 0.9 GB and costs over half the step). Elsewhere (accelerators, several devices, where
+    the rows are split over devices): the whole micro-batch.
+    """
+    if mesh.devices.size > 1 or mesh.devices.flat[0].platform != "cpu":
+        return micro_batch
+    most = max(1, CPU_CHUNK_TOKENS // max(n, 1))
+    return max(d for d in range(1, micro_batch + 1) if micro_batch % d == 0 and d <= most)
 
 
 # TrainConfig fields that do not change the compiled step: they are reset to their defaults in
@@ -269,16 +303,17 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh=None, *
 @functools.lru_cache(maxsize=16)
 def _compiled_step(model_cfg, train_cfg, mesh, prompt_len):
     state = state_shardings(model_cfg, train_cfg, mesh)
-    step = functools.partial(_step, model_cfg, train_cfg, prompt_len=prompt_len)
+    step = functools.partial(_step, model_cfg, train_cfg, prompt_len=prompt_len, mesh=mesh)
     return jax.jit(step, in_shardings=(state, batch_rows(mesh)),
                    out_shardings=(state, replicated(mesh)), donate_argnums=0)
 
 
 def _step(model_cfg: ModelConfig, train_cfg: TrainConfig, state: TrainState,
-          batch: jax.Array, *, prompt_len: int) -> tuple[TrainState, dict]:
+          batch: jax.Array, *, prompt_len: int, mesh) -> tuple[TrainState, dict]:
     step_key = jax.random.fold_in(state.key, state.step)
+    chunk = rows_per_chunk(batch.shape[0] // train_cfg.grad_accum, batch.shape[1], mesh)
     loss, grads, orders = loss_and_grads(model_cfg, train_cfg, state.params, batch, step_key,
-                                         state.step, prompt_len)
+                                         state.step, prompt_len, chunk=chunk)
     updates, opt_state = make_optimizer(train_cfg).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     kind, _ = orders_lib.parse_order_policy(train_cfg.order_policy)
