@@ -59,7 +59,7 @@ def pass_costs(cfg: ModelConfig, batch: int, length: int, window: int) -> dict[s
     and over all `length` targets, and the verify pass over `window` slots."""
     passes = _passes(cfg, batch, length, window)
     params, cache = passes["ar_step"][1][1:3]
-    fixed = param_bytes(params) + kv_bytes(cfg, batch, cache.k.shape[2])
+    fixed = param_bytes(params) + kv_bytes(cfg, batch, cache.capacity)
     return {name: {"flops": float(fn.lower(*args).cost_analysis()["flops"]), "queries": q,
                    "bytes": float(fixed + batch * q * cfg.vocab_size * 4)}
             for name, (fn, args, q) in passes.items()}

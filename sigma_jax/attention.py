@@ -1,4 +1,5 @@
-"""Attention kernels of the σ-GPT passes: new tokens attend to a KV cache and to each other.
+"""Attention masks of the σ-GPT passes and the cache-free causal kernels (training); the passes
+over a KV cache are in `sigma_jax.cache_attention`.
 
 Which new tokens a new token sees is a static `SelfMask`, never a [T, T] mask array, so each pass
 computes only the scores it needs:
@@ -15,11 +16,7 @@ kernel has its own gradient (without dropout): the backward pass recomputes each
 probabilities from one saved log-sum-exp per query, so no [T, T] probabilities are kept between
 the passes.
 
-With an empty cache the blocked causal kernel skips the all-masked key blocks after each query
-block. With a cache, queries go through in chunks of `QUERY_CHUNK` (a sequential `lax.map`), so the
-scores in memory at once are chunk × (cache + keys): memory grows linearly with the sequence
-length. A single new token (cached decoding) has its own kernel that reads the cache in its stored
-layout.
+The blocked causal kernel skips the all-masked key blocks after each query block.
 
 Masked keys never leak into a query: their probabilities are exactly zero, and non-finite keys or
 values of new tokens are replaced by zero before they meet other queries' probabilities (0 · NaN
@@ -37,8 +34,6 @@ import jax.numpy as jnp
 
 # Queries per block of the cache-free causal kernel: block i scores keys [0, (i + 1) * block).
 CAUSAL_QUERY_BLOCK = 64
-# Queries per chunk of the cached kernel (the chunks run one after another).
-QUERY_CHUNK = 128
 NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -184,96 +179,3 @@ def fused_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Arra
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
     return jax.nn.dot_product_attention(q, finite_or_zero(k), finite_or_zero(v), is_causal=True,
                                         implementation=None if on_accelerator else "xla")
-
-
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
-                     v_cache: jax.Array, cache_valid: jax.Array, mask: SelfMask,
-                     chunk: int = QUERY_CHUNK) -> jax.Array:
-    """New tokens attend to the valid cache slots and to the new tokens `mask` lets them see.
-
-    q, k, v: [B, T, H, hd]; k_cache, v_cache: [B, S, H, hd]; cache_valid: bool [B, S]. Returns
-    [B, T, H, hd]. One softmax over [cache | new] per query, in float32. Every query sees itself.
-    """
-    t, hd = q.shape[1], q.shape[-1]
-    q = q * (1.0 / math.sqrt(hd))
-    k_seen, v_seen = finite_or_zero(k), finite_or_zero(v)
-    k_cache, v_cache = k_cache.astype(k.dtype), v_cache.astype(v.dtype)
-    if t == 1:  # every mask lets a lone token see itself, and nothing else is new
-        return _one_token(q, k_seen, v_seen, k_cache, v_cache, cache_valid)
-    if mask.diagonal:
-        one = lambda i, qc, kc, vc: _diagonal_chunk(qc, kc, vc, k_cache, v_cache, cache_valid)
-        return _map_chunks(one, (q, k_seen, v_seen), chunk)
-    if mask.blocks > 1:  # independent causal blocks, one block per step
-        one = lambda i, qb, kb, vb: _causal_chunk(qb, kb, vb, k_cache, v_cache, cache_valid, 0)
-        return _map_chunks(one, (q, k_seen, v_seen), t // mask.blocks)
-    # causal over all new tokens: query chunks against every new key, masked
-    chunk = min(chunk, t)
-    one = lambda i, qc: _causal_chunk(qc, k_seen, v_seen, k_cache, v_cache, cache_valid,
-                                      i * chunk)
-    return _map_chunks(one, (q,), chunk)
-
-
-def _map_chunks(f, arrays, chunk: int):
-    """f(index, *chunks) over consecutive chunks of `chunk` tokens (axis 1 of every array), run
-    one after another by `lax.map`; the outputs [B, chunk, ...] are concatenated back to
-    [B, T, ...]. A last partial chunk is zero-padded and its padding dropped."""
-    t = arrays[0].shape[1]
-    if t <= chunk:
-        return f(0, *arrays)
-    n = -(-t // chunk)
-    pad = lambda a: jnp.pad(a, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (a.ndim - 2))
-    split = lambda a: jnp.moveaxis(pad(a).reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
-    out = jax.lax.map(lambda xs: f(xs[0], *xs[1:]), (jnp.arange(n), *map(split, arrays)))
-    return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], n * chunk, *out.shape[3:])[:, :t]
-
-
-def _cache_scores(q, k_cache, cache_valid):
-    s = jnp.einsum("bthd,bshd->bhts", q, k_cache, preferred_element_type=jnp.float32)
-    return jnp.where(cache_valid[:, None, None, :], s, NEG)  # [B, H, Tq, S]
-
-
-def _one_token(q, k, v, k_cache, v_cache, cache_valid):
-    """q, k, v [B, 1, H, hd]: one new token per row against the cache [B, S, H, hd] and itself.
-
-    Both products read the cache in its [B, S, H, hd] layout, as plain matrices with no transposed
-    copy: the scores of all H queries against every (slot, head) row of keys, of which the
-    (head, head) ones are kept, and every head's probabilities against all H x hd value columns,
-    of which each head's own are kept. That is H times the multiply-adds of the per-head products
-    but one pass over the cache, which is what a single token's attention costs.
-    """
-    b, s, h, hd = k_cache.shape
-    q1 = q[:, 0]  # [B, H, hd]
-    s_all = jnp.einsum("bnd,bgd->bng", k_cache.reshape(b, s * h, hd), q1,
-                       preferred_element_type=jnp.float32).reshape(b, s, h, h)  # [B, S, H, H]
-    s_cache = jnp.moveaxis(jnp.diagonal(s_all, axis1=2, axis2=3), 2, 1)[:, :, None]  # [B,H,1,S]
-    s_cache = jnp.where(cache_valid[:, None, None, :], s_cache, NEG)
-    s_self = jnp.einsum("bthd,bthd->bht", q, k, preferred_element_type=jnp.float32)  # [B, H, 1]
-    probs = softmax_last(jnp.concatenate([s_cache, s_self[..., None]], axis=-1))
-    p_cache, p_self = probs[:, :, 0, :-1], probs[..., -1]  # [B, H, S], [B, H, 1]
-    y_all = jnp.einsum("bgs,bsc->bgc", p_cache.astype(v.dtype),
-                       v_cache.reshape(b, s, h * hd))  # [B, H, H * hd]
-    y = jnp.swapaxes(jnp.diagonal(y_all.reshape(b, h, h, hd), axis1=1, axis2=2), 1, 2)
-    return y[:, None] + jnp.swapaxes(p_self, 1, 2)[..., None].astype(v.dtype) * v  # [B,1,H,hd]
-
-
-def _diagonal_chunk(q, k, v, k_cache, v_cache, cache_valid):
-    """q, k, v [B, c, H, hd]: each query sees the cache and its own key only."""
-    s_cache = _cache_scores(q, k_cache, cache_valid)
-    s_self = jnp.einsum("bthd,bthd->bht", q, k, preferred_element_type=jnp.float32)
-    probs = softmax_last(jnp.concatenate([s_cache, s_self[..., None]], axis=-1))
-    p_cache, p_self = probs[..., :-1], probs[..., -1]  # [B, H, c, S], [B, H, c]
-    y = jnp.einsum("bhts,bshd->bthd", p_cache.astype(v.dtype), v_cache)
-    return y + jnp.swapaxes(p_self, 1, 2)[..., None].astype(v.dtype) * v
-
-
-def _causal_chunk(q, k, v, k_cache, v_cache, cache_valid, start):
-    """q [B, c, H, hd] (new tokens start .. start+c-1) against the cache and new keys k, v
-    [B, U, H, hd] (new tokens 0 .. U-1), causal: query start+i sees key u iff u <= start+i."""
-    s_cache = _cache_scores(q, k_cache, cache_valid)
-    s_self = jnp.einsum("bthd,buhd->bhtu", q, k, preferred_element_type=jnp.float32)
-    seen = jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(q.shape[1])[:, None]
-    probs = softmax_last(jnp.concatenate([s_cache, jnp.where(seen, s_self, NEG)], axis=-1))
-    s = k_cache.shape[1]
-    p_cache, p_self = probs[..., :s].astype(v.dtype), probs[..., s:].astype(v.dtype)
-    return (jnp.einsum("bhts,bshd->bthd", p_cache, v_cache)
-            + jnp.einsum("bhtu,buhd->bthd", p_self, v))

@@ -1,7 +1,10 @@
 """The preallocated KV cache: one pytree for all layers, written per row.
 
 Slots are in generation order. Positions live in the token embeddings (the double positional
-encoding), so the cache stores no positions: slot s of row b is valid iff s < length[b].
+encoding), so the cache stores no positions: slot s of row b is valid iff s < length[b]. Each
+layer's keys and values are heads-major, [B, H, S, hd], the layout whose attention products need
+no transposed copy (`sigma_jax.cache_attention`); the new entries of a pass come in the model's
+token layout, [L, B, T, H, hd].
 
 Invariant kept by the samplers: between iterations the cache holds every accepted token except the
 last one (whose K/V depends on the position chosen next). With a start token, "accepted tokens"
@@ -19,7 +22,7 @@ from jax.sharding import NamedSharding
 from sigma_jax.config import ModelConfig
 from sigma_jax.sharding import constrain, explicit_spec, fitted_sharding, logical_to_spec
 
-CACHE_KV_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_KV_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 CACHE_LENGTH_AXES = ("batch",)
 NEW_KV_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")  # a pass's new entries
 
@@ -27,7 +30,7 @@ NEW_KV_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")  # a pass's new
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """k, v: [L, B, S, H, hd] (layers, batch, slots, heads, head dim); length: int32[B]."""
+    """k, v: [L, B, H, S, hd] (layers, batch, heads, slots, head dim); length: int32[B]."""
 
     k: jax.Array
     v: jax.Array
@@ -35,7 +38,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def valid(self) -> jax.Array:
         """bool[B, S]: which slots hold committed entries."""
@@ -46,7 +49,7 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> KVCache:
     """An empty cache of `capacity` slots per row (zeros, never uninitialised memory)."""
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0, got {capacity}")
-    shape = (cfg.n_layer, batch, capacity, cfg.n_head, cfg.head_dim)
+    shape = (cfg.n_layer, batch, cfg.n_head, capacity, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)
     return KVCache(k=zeros, v=zeros, length=jnp.zeros((batch,), jnp.int32))
 
@@ -64,10 +67,12 @@ def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) 
     slots = cache.length[:, None] + jnp.arange(t)[None, :]  # [B, T]
     rows = jnp.arange(slots.shape[0])[:, None]  # [B, 1]
 
-    def put(buf, new):  # buf [L, B, S, H, hd], new [L, B, T, H, hd]
-        buf, new = constrain(buf, CACHE_KV_AXES), constrain(new, CACHE_KV_AXES)
-        out = buf.at[:, rows, slots].set(new.astype(buf.dtype), mode="drop",
-                                         out_sharding=explicit_spec(buf.shape, CACHE_KV_AXES))
+    def put(buf, new):  # buf [L, B, H, S, hd], new [L, B, T, H, hd]
+        buf, new = constrain(buf, CACHE_KV_AXES), constrain(new, NEW_KV_AXES)
+        # buf[:, rows, :, slots] indexes as [B, T, L, H, hd]: the advanced axes come first.
+        out = buf.at[:, rows, :, slots].set(
+            jnp.moveaxis(new, (1, 2), (0, 1)).astype(buf.dtype), mode="drop",
+            out_sharding=explicit_spec(buf.shape, CACHE_KV_AXES))
         return constrain(out, CACHE_KV_AXES)
 
     return KVCache(
@@ -80,7 +85,7 @@ def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerCaches:
-    """A KVCache held as one buffer per layer: k, v: tuples of L arrays [B, S, H, hd]; length:
+    """A KVCache held as one buffer per layer: k, v: tuples of L arrays [B, H, S, hd]; length:
     int32[B]. For a loop that carries the cache: a model pass reads it layer by layer
     (`model.forward_masked(cache=...)`), `write` commits to every layer's buffer in place, and
     `stacked()` is the KVCache of the same entries.
@@ -99,7 +104,7 @@ class LayerCaches:
 
     def valid(self) -> jax.Array:
         """bool[B, S]: which slots hold committed entries."""
-        return jnp.arange(self.k[0].shape[1])[None, :] < self.length[:, None]
+        return jnp.arange(self.k[0].shape[2])[None, :] < self.length[:, None]
 
     def write(self, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) -> LayerCaches:
         """`write` (same arguments, same contract) applied to every layer's buffer."""
@@ -109,20 +114,48 @@ class LayerCaches:
         return LayerCaches(k=tuple(c.k[0] for c in layers), v=tuple(c.v[0] for c in layers),
                            length=layers[0].length)
 
+    def write_block(self, start: jax.Array, k_new: jax.Array, v_new: jax.Array) -> LayerCaches:
+        """Write k_new/v_new [L, B, T, H, hd] at slots start .. start+T-1 of every row (start:
+        int32 [] >= 0, the same for all rows; T <= S) in place, lengths unchanged: a block update,
+        no scatter (which some backends stage through a copy of the buffer). Slots past the
+        capacity are dropped, never shifted onto earlier ones."""
+        heads = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, hd] -> [B, H, T, hd]
+        layer = lambda x: constrain(x, CACHE_KV_AXES[1:])
+        put = lambda buf, new: layer(_put_block(layer(buf), layer(heads(new).astype(buf.dtype)),
+                                                start))
+        return LayerCaches(k=tuple(put(b, n) for b, n in zip(self.k, k_new, strict=True)),
+                           v=tuple(put(b, n) for b, n in zip(self.v, v_new, strict=True)),
+                           length=self.length)
+
     def no_entries(self, width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
         """A block of `width` new slots of which none is kept: (k, v [L, B, width, H, hd] zeros,
         n_new int32 [B] zeros), the `write` arguments of a loop's first, empty commit."""
-        b, _, h, hd = self.k[0].shape
+        b, h, _, hd = self.k[0].shape
         zeros = constrain(jnp.zeros((len(self.k), b, width, h, hd), self.k[0].dtype),
                           NEW_KV_AXES)
         return zeros, zeros, constrain(jnp.zeros((b,), jnp.int32), CACHE_LENGTH_AXES)
 
 
+def _put_block(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """buf [B, H, S, hd] with new [B, H, T, hd] at slots start .. start+T-1, those past S
+    dropped: `dynamic_update_slice` clamps its start to S - T, so the block written there keeps
+    the old entries before `start`."""
+    s, t = buf.shape[2], new.shape[2]
+    at = jnp.minimum(start, s - t)
+    index = jnp.arange(t) + (at - start)  # slot at + j holds new[index[j]]; < 0: the old entry
+    old = jax.lax.dynamic_slice_in_dim(buf, at, t, axis=2)
+    block = jnp.where((index >= 0)[None, None, :, None],
+                      jnp.take(new, jnp.maximum(index, 0), axis=2), old)
+    return jax.lax.dynamic_update_slice_in_dim(buf, block, at, axis=2)
+
+
 def split_layers(cache: KVCache) -> LayerCaches:
-    """The same cache, one buffer per layer."""
+    """The same cache, one buffer per layer (each laid out by the cache's axes on a mesh)."""
+    layer = lambda x: constrain(x, CACHE_KV_AXES[1:])
     n_layer = cache.k.shape[0]
-    return LayerCaches(k=tuple(cache.k[i] for i in range(n_layer)),
-                       v=tuple(cache.v[i] for i in range(n_layer)), length=cache.length)
+    return LayerCaches(k=tuple(layer(cache.k[i]) for i in range(n_layer)),
+                       v=tuple(layer(cache.v[i]) for i in range(n_layer)),
+                       length=constrain(cache.length, CACHE_LENGTH_AXES))
 
 
 def cache_sharding(mesh, cache=None) -> KVCache:

@@ -67,18 +67,20 @@ def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.Array,
 
     def one_pass(c, carry):  # history slots [c * chunk, (c + 1) * chunk) of every row
         layers, pending = carry
-        layers = layers.write(*pending)  # the previous pass's entries (see LayerCaches)
+        layers = layers.write_block(jnp.maximum(c - 1, 0) * chunk, *pending)  # the last pass's
         part = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)
         _, k_new, v_new = forward_masked(cfg, with_blocks(params, blocks), part(inputs),
-                                         part(pos_in), part(pos_out), cache=layers)
-        return layers, (k_new, v_new, constrain(jnp.full((b,), chunk, jnp.int32), ("batch",)))
+                                         part(pos_in), part(pos_out),
+                                         cache=dataclasses.replace(layers, length=full * c))
+        return layers, (k_new, v_new)
 
     layers = split_layers(init_cache(cfg, b, capacity))
-    layers = layers.write(*layers.no_entries(chunk))  # laid out as the loop writes it
+    full = constrain(jnp.full((b,), chunk, jnp.int32), ("batch",))
     passes = (jnp.max(n_hist) - 1 + chunk - 1) // chunk
     layers, pending = jax.lax.fori_loop(0, passes, one_pass,
-                                        (layers, layers.no_entries(chunk)))
-    layers = dataclasses.replace(layers.write(*pending), length=n_hist - 1)
+                                        (layers, layers.no_entries(chunk)[:2]))
+    layers = dataclasses.replace(layers.write_block(jnp.maximum(passes - 1, 0) * chunk, *pending),
+                                 length=n_hist - 1)
     last_tok, last_pos = history_entry(cfg, tokens, order, n_hist - 1)
     return layers, last_tok, last_pos
 

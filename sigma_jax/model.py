@@ -28,12 +28,12 @@ import numpy as np
 from sigma_jax.attention import (
     CAUSAL,
     SelfMask,
-    cached_attention,
     causal_attention,
     causal_kernel,
     fused_causal_attention,
 )
 from sigma_jax.cache import NEW_KV_AXES, KVCache, LayerCaches, init_cache
+from sigma_jax.cache_attention import cached_attention
 from sigma_jax.checks import is_concrete
 from sigma_jax.config import START_POS, ModelConfig
 from sigma_jax.layers import Linear
@@ -116,7 +116,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, -1))
         q, k, v = (constrain(a, ("batch", "seq", "heads", "head_dim")) for a in (q, k, v))
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        if self.mask == CAUSAL and k_cache.shape[1] == 0:
+        if self.mask == CAUSAL and k_cache.shape[2] == 0:  # no cache slots [B, H, S, hd]
             dropping = cfg.dropout > 0 and not self.deterministic
             if causal_kernel(cfg.attention) == "fused" and not dropping:
                 y = fused_causal_attention(q, k, v)
@@ -206,7 +206,8 @@ def _forward_per_layer(cfg: ModelConfig, params: dict, blocks, mask: SelfMask, t
                        pos_out, k_layers, v_layers, cache_valid):
     """SigmaGPT's inference pass with the block weights one tree per layer (`blocks`) and the
     cache one buffer per layer (k_layers, v_layers: L x [B, S, H, hd]): each layer reads its own
-    buffers, never a slice of stacked ones (which XLA may copy whole, e.g. to convert them)."""
+    buffers, never a slice of stacked ones (which XLA may copy whole, e.g. to convert them).
+    k_layers, v_layers: L x [B, H, S, hd]."""
     bound = lambda module, name: module.bind({"params": params[name]})
     wte = bound(_token_table(cfg), "wte")
     pos = DoublePositionalEmbedding(cfg).bind({"params": params.get("pos", {})})
@@ -286,7 +287,7 @@ def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: ja
     def apply(params, rngs, k_cache, v_cache, *arrays):
         if per_layer:
             blocks = params["h"] if isinstance(params["h"], tuple) else split_blocks(params)
-            layer = lambda c: c if isinstance(c, tuple) else tuple(c)  # L x [B, S, H, hd]
+            layer = lambda c: c if isinstance(c, tuple) else tuple(c)  # L x [B, H, S, hd]
             return _forward_per_layer(cfg, params, blocks, mask, *arrays[:3], layer(k_cache),
                                       layer(v_cache), arrays[3])
         return model.apply({"params": params}, *arrays[:3], k_cache, v_cache, arrays[3],

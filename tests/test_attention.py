@@ -1,5 +1,6 @@
 """The attention kernels against one plain reference: scores over [cache | new tokens] under an
-explicit boolean mask, one softmax, probabilities times values."""
+explicit boolean mask, one softmax, probabilities times values. The reference takes the cache in
+token layout [B, S, H, hd]; the cached kernel reads it heads-major, [B, H, S, hd]."""
 
 import jax
 import jax.numpy as jnp
@@ -7,13 +8,15 @@ import numpy as np
 import pytest
 
 from sigma_jax import ModelConfig, forward, init_params, sample_burst_call
-from sigma_jax.attention import (
-    CAUSAL,
-    DIAGONAL,
-    SelfMask,
-    cached_attention,
-    causal_attention,
-)
+from sigma_jax.attention import CAUSAL, DIAGONAL, SelfMask, causal_attention
+from sigma_jax.cache_attention import cached_attention as _cached_attention
+
+
+def cached_attention(q, k, v, k_cache, v_cache, cache_valid, mask, chunk):
+    """The cached kernel on a token-layout cache [B, S, H, hd]."""
+    heads = lambda c: jnp.swapaxes(c, 1, 2)
+    return _cached_attention(q, k, v, heads(k_cache), heads(v_cache), cache_valid, mask,
+                             chunk=chunk)
 
 
 def _self_mask(kind: SelfMask, t: int) -> np.ndarray:

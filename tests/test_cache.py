@@ -21,8 +21,8 @@ def test_per_row_writes_advance_independently():
     cache = write(cache, _block(1.0, 3), _block(1.0, 3), jnp.array([3, 1]))
     cache = write(cache, _block(2.0, 2), _block(2.0, 2), jnp.array([2, 2]))
     np.testing.assert_array_equal(cache.length, [5, 3])
-    np.testing.assert_array_equal(cache.k[0, 0, :, 0, 0], [1, 1, 1, 2, 2, 0, 0, 0])
-    np.testing.assert_array_equal(cache.k[0, 1, :, 0, 0], [1, 2, 2, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(cache.k[0, 0, 0, :, 0], [1, 1, 1, 2, 2, 0, 0, 0])
+    np.testing.assert_array_equal(cache.k[0, 1, 0, :, 0], [1, 2, 2, 0, 0, 0, 0, 0])
     np.testing.assert_array_equal(cache.valid()[1], [1, 1, 1, 0, 0, 0, 0, 0])
 
 
@@ -32,8 +32,8 @@ def test_a_write_at_the_end_lands_in_place_and_never_shifts():
     # Row 0 writes its block at slots 5..7: slot 5 lands in place, the overhang is dropped.
     # (lax.dynamic_update_slice would clamp the start to 3 and overwrite valid slots 3 and 4.)
     cache = write(cache, _block(7.0, 3), _block(7.0, 3), jnp.array([1, 3]))
-    np.testing.assert_array_equal(cache.k[0, 0, :, 0, 0], [1, 1, 1, 1, 1, 7])
-    np.testing.assert_array_equal(cache.k[0, 1, :, 0, 0], [1, 1, 1, 7, 7, 7])
+    np.testing.assert_array_equal(cache.k[0, 0, 0, :, 0], [1, 1, 1, 1, 1, 7])
+    np.testing.assert_array_equal(cache.k[0, 1, 0, :, 0], [1, 1, 1, 7, 7, 7])
     np.testing.assert_array_equal(cache.length, [6, 6])
 
 
@@ -90,8 +90,8 @@ def test_prefill_in_several_passes_matches_one_pass_and_the_full_forward():
     np.testing.assert_array_equal(pos_a, pos_b)
     for row in range(b):
         m = int(n_known[row])
-        np.testing.assert_allclose(several.k[:, row, :m], one.k[:, row, :m], atol=1e-5)
-        np.testing.assert_allclose(several.v[:, row, :m], one.v[:, row, :m], atol=1e-5)
+        np.testing.assert_allclose(several.k[:, row, :, :m], one.k[:, row, :, :m], atol=1e-5)
+        np.testing.assert_allclose(several.v[:, row, :, :m], one.v[:, row, :, :m], atol=1e-5)
     targets = jnp.broadcast_to(jnp.arange(n), (b, n))
     got = jax.nn.softmax(burst_pass(CFG, params, several, tok_a, pos_a, targets))
     inputs, p_in, p_out, _ = orders.make_batch(tokens, order, bos=True, bos_id=CFG.bos_id)

@@ -11,7 +11,7 @@ from jax.sharding import AxisType, NamedSharding
 
 from sigma_jax import decode, orders
 from sigma_jax import sharding as sh
-from sigma_jax.cache import CACHE_KV_AXES, KVCache, cache_sharding, init_cache, write
+from sigma_jax.cache import CACHE_KV_AXES, NEW_KV_AXES, KVCache, cache_sharding, init_cache, write
 from sigma_jax.config import ModelConfig
 from sigma_jax.model import forward, init_params, param_shardings, param_specs, shard_params
 
@@ -253,10 +253,10 @@ def test_batch_cache_and_replicated_shardings():
     assert sh.batch_rows(mesh).spec == P(BATCH)
     assert sh.replicated(mesh).spec == P()
     cache_sh = cache_sharding(mesh)
-    assert cache_sh.k.spec == cache_sh.v.spec == P(None, BATCH, None, "tensor", None)
+    assert cache_sh.k.spec == cache_sh.v.spec == P(None, BATCH, "tensor", None, None)
     assert cache_sh.length.spec == P(BATCH)
     cache = jax.jit(lambda: init_cache(CFG, B, 12), out_shardings=cache_sh)()
-    assert cache.k.sharding.spec == P(None, BATCH, None, "tensor", None)
+    assert cache.k.sharding.spec == P(None, BATCH, "tensor", None, None)
     fitted = cache_sharding(mesh, jax.eval_shape(lambda: init_cache(CFG.replace(n_head=1), 2,
                                                                        4)))
     assert fitted.k.spec == P(None, "data", None, None, None) and fitted.length.spec == P("data")
@@ -306,11 +306,12 @@ def test_cache_write_sharded_matches_unsharded(axis_type):
     expected = two_writes(k_new, n_new)
     mesh = mesh_of("2:2:2", axis_type)
     with jax.set_mesh(mesh):
-        kv_spec = sh.logical_to_spec(CACHE_KV_AXES)
+        kv_spec = sh.logical_to_spec(NEW_KV_AXES)  # a pass's new entries
         got = two_writes(jax.device_put(k_new, NamedSharding(mesh, kv_spec)),
                          jax.device_put(n_new, sh.batch_rows(mesh)))
     jax.tree.map(np.testing.assert_array_equal, got, expected)
-    assert spec_equivalent(got.k, mesh, kv_spec) and spec_equivalent(got.v, mesh, kv_spec)
+    cache_spec = sh.logical_to_spec(CACHE_KV_AXES)
+    assert spec_equivalent(got.k, mesh, cache_spec) and spec_equivalent(got.v, mesh, cache_spec)
     assert spec_equivalent(got.length, mesh, P(BATCH))
 
 
@@ -332,7 +333,7 @@ def test_prefill_and_burst_sharded_match_unsharded(params, batch, shape, axis_ty
         cache, logits = _prefill_and_burst(CFG, shard_params(params, mesh), *arrays)
     assert isinstance(cache, KVCache)
     np.testing.assert_array_equal(cache.length, expected_cache.length)
-    valid = np.asarray(expected_cache.valid())[None, :, :, None, None]
+    valid = np.asarray(expected_cache.valid())[None, :, None, :, None]  # [L, B, H, S, hd]
     for got, want in ((cache.k, expected_cache.k), (cache.v, expected_cache.v)):
         np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=1e-5)
     np.testing.assert_allclose(logits, expected_logits, atol=1e-5, rtol=0)
