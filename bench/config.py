@@ -7,12 +7,13 @@ import dataclasses
 import jax
 
 from bench.models import WEIGHTS_NOTES, cast_model, param_bytes, preset_model_config
+from bench.shipped import load_shipped
 from sigma_jax.checkpoint import load
 from sigma_jax.config import ModelConfig
 from sigma_jax.model import count_params, init_params
 from sigma_jax.sampling import SAMPLERS, SampleOptions
 
-SUITES = ("sampling", "training", "roofline", "memory")
+SUITES = ("sampling", "training", "roofline", "memory", "shipped")
 
 
 @dataclasses.dataclass
@@ -25,7 +26,8 @@ class BenchConfig:
     first measure `batch_samplers` (None = all `samplers`). burst_window is the window of the
     main-grid burst rows (None = all remaining positions); the main paper rows use n_orders[-1].
     The memory suite compiles every sampler and the train step at every (length, batch) pair,
-    with burst_window and n_orders[-1] (bench/memory.py).
+    with burst_window and n_orders[-1] (bench/memory.py). The shipped suite measures its own
+    samplers on the shipped model at every (length, batch) pair (bench/shipped.py).
     The sweeps run at (lengths[-1], batches[0]) for every entry of `weights` (the first entry also
     runs the main grid): exact mode over `windows`, paper mode over `n_orders` at burst_window,
     and cached AR as the reference of each weights' ratios. max_uncached_tokens skips uncached AR
@@ -117,7 +119,11 @@ def load_model(config: BenchConfig) -> tuple[ModelConfig, dict, str, dict]:
     """(cfg, params, primary weights kind, source info): the checkpoint of `workdir` or random
     weights of `preset` (block_size raised to the longest length), cast to `dtype` if given.
     With memory as the only suite, a preset's params are jax.ShapeDtypeStructs (nothing
-    allocated)."""
+    allocated); with shipped as the only suite and no workdir, the model is the shipped one
+    (primary kind 'shipped')."""
+    if set(config.suites) == {"shipped"} and not config.workdir:
+        cfg, params, info = load_shipped(config.dtype)
+        return cfg, params, "shipped", info
     if config.workdir:
         cfg, params, step = load(config.workdir, config.step)
         info = dict(source="checkpoint", workdir=str(config.workdir), step=int(step))

@@ -1,5 +1,5 @@
-"""The benchmark suites (sampling, training, decode roofline, compiled memory) and `run`, which
-runs them in turn.
+"""The benchmark suites (sampling, training, decode roofline, compiled memory, the shipped model's
+samplers) and `run`, which runs them in turn.
 
 Each suite turns a `BenchConfig` into result rows (`ResultWriter`): a configuration that does not
 fit (length, memory, uncached cost, time budget) is recorded as skipped, one that fails as an
@@ -23,6 +23,7 @@ from bench.models import preset_model_config, variant_params
 from bench.report import ResultWriter, environment, format_value, plot_sampling, write_json
 from bench.roofline import measure_copy_bandwidth, measure_decode, measure_matmul
 from bench.sampling import measure_sampler, sampler_peak_bytes
+from bench.shipped import NOTE, run_shipped_suite
 from bench.training import measure_training
 from sigma_jax.model import count_params
 from sigma_jax.sampling import BURST_MODES, SampleOptions
@@ -232,15 +233,16 @@ def run_roofline_suite(config: BenchConfig, cfg, params, writer: ResultWriter, b
 
 def run(config: BenchConfig, *, argv: Sequence[str] | None = None, model=None,
         log=print) -> dict:
-    """Run the chosen suites; write <out>/{sampling,training,roofline,memory}.jsonl, env.json
-    and plots when `config.out` is set. model: `load_model(config)` if already loaded. Returns
-    {"rows": {suite: rows}, "env": env, "plots": paths}."""
+    """Run the chosen suites; write <out>/{sampling,training,roofline,memory,shipped}.jsonl,
+    env.json and plots when `config.out` is set. model: `load_model(config)` if already loaded.
+    Returns {"rows": {suite: rows}, "env": env, "plots": paths}."""
     clock = Clock(config.budget_s)
     plain_log = log
     log = lambda message: plain_log(f"[{time.monotonic() - clock.start:6.1f}s] {message}")
     writer = ResultWriter(config.out)
     cfg, params, primary, info = model if model is not None else load_model(config)
-    log(f"device {device_kind()} ({jax.default_backend()}); model {info.get('preset') or 'ckpt'}"
+    name = info.get("preset") or info.get("shipped") or "ckpt"
+    log(f"device {device_kind()} ({jax.default_backend()}); model {name}"
         f" {cfg.n_layer}x{cfg.n_embd} V={cfg.vocab_size} block={cfg.block_size} "
         f"{cfg.dtype}/{cfg.param_dtype}, {info['params']:,} params")
     env = environment(argv, dict(model_info=info, config=dataclasses.asdict(config)))
@@ -262,6 +264,10 @@ def run(config: BenchConfig, *, argv: Sequence[str] | None = None, model=None,
             log("memory (compile only):")
             run_memory_suite(config, cfg, params, preset_train_config(config.preset), writer,
                              clock, log)
+        if "shipped" in config.suites:
+            log(f"shipped (interleaved rounds; {NOTE}):")
+            run_shipped_suite(config, writer, clock, log,
+                              model=(cfg, params) if primary == "shipped" else None)
         if "sampling" in config.suites:
             log("sampling:")
             run_sampling_suite(config, cfg, params, primary, writer, clock, log)

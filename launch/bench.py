@@ -6,6 +6,9 @@ experiments/results/bench_cpu/{sampling,training,roofline}.jsonl, env.json and P
 the defaults switch to the GPT-2-small preset in bfloat16 and experiments/results/bench_gpu.
 `--suite=memory` alone compiles without running (bench/memory.py) and defaults to GPT-2 small in
 bfloat16, N = 1024, B = 1, 16, 64, W = 64, no time budget, experiments/results/memory.
+`--suite=shipped` alone measures cached AR, exact burst and jacobi burst on the shipped
+`shakespeare_char` model in interleaved rounds (bench/shipped.py) and defaults to N = 256,
+B = 1, 16, 5 repeats, no time budget, experiments/results/shipped.
 
 Exit codes: 0 done; 2 bad usage (one line on stderr, before any work).
 
@@ -14,6 +17,7 @@ Examples:
   python -m launch.bench --suite=sampling --lengths=64,128 --batches=1,16 --windows=8,none
   python -m launch.bench --workdir=workdirs/shakespeare_char_cpu --weights=checkpoint,product
   python -m launch.bench --suite=memory --preset=tiny --lengths=32 --batches=1,4 --burst_window=8
+  python -m launch.bench --suite=shipped --batches=1 --repeats=3
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from launch.flags import die, usage_errors
 FLAGS = flags.FLAGS
 # What to run and where the results go.
 flags.DEFINE_list("suite", ["sampling", "training", "roofline"],
-                  "Suites to run: sampling, training, roofline, memory (compile only; alone, "
-                  "its own defaults: see the module docstring).")
+                  "Suites to run: sampling, training, roofline, memory (compile only), shipped "
+                  "(the shipped model); memory or shipped alone: its own defaults (see the "
+                  "module docstring).")
 flags.DEFINE_string("preset", None, "Preset for random weights (sigma_jax/presets.py); default "
                     "shakespeare_char_cpu on CPU, gpt2_small on GPU.")
 flags.DEFINE_string("workdir", None, "Training run whose latest checkpoint to benchmark "
@@ -64,7 +69,8 @@ flags.DEFINE_string("burst_window", None, "Window of the main-grid burst rows: a
                     "'none' (default none on CPU, 64 on GPU).")
 flags.DEFINE_list("n_orders", ["1", "5"], "Paper-mode order counts swept (at --burst_window); "
                   "the last one is used for the main grid.")
-flags.DEFINE_integer("repeats", 3, "Timed calls per configuration (after 2 warm-up calls).")
+flags.DEFINE_integer("repeats", 3, "Timed calls per configuration (after 2 warm-up calls); "
+                     "default 5 for --suite=shipped alone.")
 flags.DEFINE_list("weights", None, "Weights for the burst sweep; the first also runs the main "
                   "grid: init, peaked, product, checkpoint (default: init or checkpoint, then "
                   "product, peaked).")
@@ -106,6 +112,7 @@ def build_config(on_gpu: bool):
     from sigma_jax.presets import PRESETS
 
     memory = tuple(s.strip() for s in FLAGS.suite) == ("memory",)
+    shipped = tuple(s.strip() for s in FLAGS.suite) == ("shipped",)
     big = on_gpu or memory  # GPT-2-small defaults
     preset = FLAGS.preset or (None if FLAGS.workdir else
                               ("gpt2_small" if big else "shakespeare_char_cpu"))
@@ -115,9 +122,11 @@ def build_config(on_gpu: bool):
         if not os.path.isdir(FLAGS.workdir):
             raise FileNotFoundError(f"no workdir {FLAGS.workdir}")
     lengths = _ints("lengths", FLAGS.lengths or (["1024"] if memory else
+                                                 ["256"] if shipped else
                                                  ["64", "256", "1024"] if on_gpu else
                                                  ["32", "64"]))
     batches = _ints("batches", FLAGS.batches or (["1", "16", "64"] if memory else
+                                                 ["1", "16"] if shipped else
                                                  ["1", "16", "256"] if on_gpu else
                                                  ["1", "4"]))
     windows = tuple(_window("windows", w) for w in
@@ -129,6 +138,7 @@ def build_config(on_gpu: bool):
         raise ValueError(f"the first --weights entry must be {primary} (the main grid's weights)")
     suites = tuple(s.strip() for s in FLAGS.suite)
     out = FLAGS.out or ("experiments/results/memory" if memory else
+                        "experiments/results/shipped" if shipped else
                         "experiments/results/bench_gpu" if on_gpu else
                         "experiments/results/bench_cpu")
     pick = lambda value, default: default if value is None else value
@@ -141,12 +151,13 @@ def build_config(on_gpu: bool):
         batch_samplers=tuple(FLAGS.batch_samplers) if FLAGS.batch_samplers else
         (None if on_gpu else ("ar", "burst")),
         orders=tuple(FLAGS.orders),
-        repeats=FLAGS.repeats, seed=FLAGS.seed,
+        repeats=5 if shipped and not FLAGS["repeats"].present else FLAGS.repeats,
+        seed=FLAGS.seed,
         max_uncached_tokens=pick(FLAGS.max_uncached_tokens, 4_300_000 if on_gpu else 10_000),
         train_batch=pick(FLAGS.train_batch, 16 if on_gpu else 4), train_length=FLAGS.train_length,
         train_reference=FLAGS.train_reference,
         matmul_n=8192 if on_gpu else 1024, copy_bytes=(1 << 30) if on_gpu else (128 << 20),
-        budget_s=pick(FLAGS.budget_s, None if big else 150.0),
+        budget_s=pick(FLAGS.budget_s, None if big or shipped else 150.0),
         out=None if out.lower() == "none" else out,
     )
 
@@ -165,7 +176,7 @@ def main(argv):
         on_gpu = jax.default_backend() != "cpu"
         config = build_config(on_gpu)
         model = load_model(config)  # checkpoint / preset errors are usage errors too
-    from bench import memory, report, suites
+    from bench import memory, report, shipped, suites
 
     argv0 = sys.argv[0].replace("\\", "/")
     command = (["python", "-m", "launch.bench"] if argv0.endswith("launch/bench.py") else
@@ -173,6 +184,7 @@ def main(argv):
     result = suites.run(config, argv=command, model=model)
     report.print_tables(result["rows"])
     memory.print_memory_table(result["rows"].get("memory"))
+    shipped.print_shipped_table(result["rows"].get("shipped"))
     if config.out:
         print(f"\nwrote {config.out}: " + ", ".join(
             sorted(f"{s}.jsonl" for s in result["rows"]) + ["env.json"] +
