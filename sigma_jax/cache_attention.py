@@ -65,13 +65,17 @@ def _map_chunks(f, arrays, chunk: int):
 
 def _cache_part(q, k_cache, v_cache, cache_valid, scores_new):
     """Softmax over [cache | new] of queries q [B, c, H, hd] given the new part's scores
-    [B, H, c, U]: (the cache part of the output [B, c, H, hd], the new part's probs)."""
-    s_cache = jnp.einsum("bthd,bhsd->bhts", q, k_cache, preferred_element_type=jnp.float32)
+    [B, H, c, U]: (the cache part of the output [B, c, H, hd], the new part's probs). Both
+    products are batched over (B, H) with the operands' own row-major matrices, [c, hd] x
+    [S, hd]^T and [c, S] x [S, hd], the forms CPU matrix kernels take without a transpose."""
+    qh = jnp.swapaxes(q, 1, 2)  # [B, H, c, hd]
+    s_cache = jnp.einsum("bhtd,bhsd->bhts", qh, k_cache, preferred_element_type=jnp.float32)
     s_cache = jnp.where(cache_valid[:, None, None, :], s_cache, NEG)  # [B, H, c, S]
     probs = softmax_last(jnp.concatenate([s_cache, scores_new], axis=-1))
     s = k_cache.shape[2]
     p_cache = probs[..., :s].astype(v_cache.dtype)
-    return jnp.einsum("bhts,bhsd->bthd", p_cache, v_cache), probs[..., s:]
+    y = jnp.einsum("bhts,bhsd->bhtd", p_cache, v_cache)  # [B, H, c, hd]
+    return jnp.swapaxes(y, 1, 2), probs[..., s:]
 
 
 def _diagonal(q, k, v, k_cache, v_cache, cache_valid):
