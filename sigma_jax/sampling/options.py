@@ -186,7 +186,8 @@ def model_calls(mode: str, iterations):
     """Sequential model calls of one kernel run (ints or arrays): AR 1 + steps (prefill + one per
     token; `iterations` = steps), ar_nocache one full pass per token, exact and paper burst
     1 + 2 x iterations (prefill + draft and verify), jacobi 2 + iterations (prefill, the drafts,
-    one verify per iteration)."""
+    one verify per iteration). The prefill and jacobi's first drafts count as one call each,
+    whatever number of bounded-size passes they run in (`decode.prefill`)."""
     if mode == "ar_nocache":
         return iterations
     if mode == "ar":
