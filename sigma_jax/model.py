@@ -205,9 +205,8 @@ def _logits(cfg: ModelConfig, x, wte, head) -> jax.Array:
 def _forward_per_layer(cfg: ModelConfig, params: dict, blocks, mask: SelfMask, tokens, pos_in,
                        pos_out, k_layers, v_layers, cache_valid):
     """SigmaGPT's inference pass with the block weights one tree per layer (`blocks`) and the
-    cache one buffer per layer (k_layers, v_layers: L x [B, S, H, hd]): each layer reads its own
-    buffers, never a slice of stacked ones (which XLA may copy whole, e.g. to convert them).
-    k_layers, v_layers: L x [B, H, S, hd]."""
+    cache one buffer per layer (k_layers, v_layers: L x [B, H, S, hd]): each layer reads its own
+    buffers, never a slice of stacked ones (which XLA may copy whole, e.g. to convert them)."""
     bound = lambda module, name: module.bind({"params": params[name]})
     wte = bound(_token_table(cfg), "wte")
     pos = DoublePositionalEmbedding(cfg).bind({"params": params.get("pos", {})})
