@@ -54,6 +54,8 @@ flags.DEFINE_enum("order", "random", ORDER_KINDS, "Generation order (every sampl
 flags.DEFINE_enum("known_order", "random", KNOWN_ORDERS, "With --order=random: feed "
                   "the known tokens in a uniformly random order, or ascending.")
 flags.DEFINE_integer("n_orders", 5, "Candidate orders of burst_paper.")
+flags.DEFINE_integer("draft_support", 64, "burst_jacobi: each first draft is drawn from this "
+                     "many most probable tokens (exact for any value; fewer: less memory).")
 flags.DEFINE_integer("window", None, "Burst samplers: positions drafted per iteration "
                      "(default: all remaining).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy.")
@@ -125,7 +127,8 @@ def chosen_options() -> SampleOptions:
     """The sampler options of the flags (a one-line ValueError for any value they reject)."""
     return SampleOptions(FLAGS.sampler, order=FLAGS.order, window=FLAGS.window,
                          n_orders=FLAGS.n_orders, top_k=FLAGS.top_k, known_order=FLAGS.known_order,
-                         temperature=FLAGS.temperature, top_p=FLAGS.top_p)
+                         draft_support=FLAGS.draft_support, temperature=FLAGS.temperature,
+                         top_p=FLAGS.top_p)
 
 
 def run_sampler(cfg, params, key, tokens, known, mesh, options: SampleOptions):

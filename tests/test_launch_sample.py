@@ -68,6 +68,7 @@ def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler, order):
     (["--window=30", "--length=24"], "window must be an integer in [1, 24]"),
     (["--prompt=ab<missing>300000000</missing>", "--length=16"], "more than --length 16"),
     (["--top_p=0"], "top_p"),
+    (["--sampler=burst_jacobi", "--draft_support=0"], "draft_support must be an integer >= 1"),
 ])
 @pytest.mark.integration
 def test_bad_input_exits_2_with_one_line(char_run, args, message):
@@ -114,7 +115,9 @@ def test_more_samples_than_the_batch_go_through_the_engine(char_run):
                      "--batch_size=2", "--window=4", "--order=spread", "--seed=3")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "engine, 2 slots" in out.stdout
-    printed = dict(re.findall(r"^--- sample (\d+):.*\n(.*)$", out.stdout, flags=re.M))
+    # A sample's text may hold newlines: it runs from its header to the next header (or the end).
+    parts = re.split(r"^--- sample (\d+):[^\n]*\n", out.stdout, flags=re.M)[1:]
+    printed = dict(zip(parts[::2], parts[1::2], strict=True))
     cfg, params, _ = checkpoint.load(char_run)
     _, task = load_run_config(char_run)
     tokens, known = parse(prompt, task.encode, length, cfg.block_size)
@@ -123,4 +126,5 @@ def test_more_samples_than_the_batch_go_through_the_engine(char_run):
     assert sorted(map(int, printed)) == list(range(5))
     for i, key in enumerate(keys):
         want, _ = sample(cfg, params, key[None], tokens[None], known[None], options)
-        assert printed[str(i)] == task.decode(np.asarray(want)[0])
+        text = task.decode(np.asarray(want)[0])
+        assert printed[str(i)][:len(text) + 1] == text + "\n"  # printed with its own newline

@@ -23,6 +23,7 @@ BAD = [
     (dict(window=2.0), "window must be an integer"),
     (dict(window=True), "window must be an integer"),
     (dict(n_orders=0), "n_orders must be an integer >= 1"),
+    (dict(draft_support=0), "draft_support must be an integer >= 1"),
     (dict(top_k=0), "top_k must be an integer >= 1"),
     (dict(top_k=2.5), "top_k must be an integer"),
     (dict(temperature=-1.0), "temperature must be >= 0"),
