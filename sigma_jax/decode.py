@@ -35,7 +35,7 @@ def with_blocks(params: dict, blocks: tuple[dict, ...]) -> dict:
     return {**params, "h": tuple(blocks)}
 
 
-PREFILL_TOKENS = 2048  # tokens (rows x slots) per prefill pass
+PREFILL_TOKENS = 1024  # tokens (rows x slots) per prefill pass
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "tokens_per_pass"))
