@@ -39,6 +39,7 @@ from launch.prompt import parse_prompt, read_prompt
 from sigma_jax.model import shard_params
 from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
 from sigma_jax.sampling import SAMPLERS, SampleOptions, sample_sharded
+from sigma_jax.sampling.options import DRAFT_SUPPORT
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
@@ -54,8 +55,9 @@ flags.DEFINE_enum("order", "random", ORDER_KINDS, "Generation order (every sampl
 flags.DEFINE_enum("known_order", "random", KNOWN_ORDERS, "With --order=random: feed "
                   "the known tokens in a uniformly random order, or ascending.")
 flags.DEFINE_integer("n_orders", 5, "Candidate orders of burst_paper.")
-flags.DEFINE_integer("draft_support", 64, "burst_jacobi: each first draft is drawn from this "
-                     "many most probable tokens (exact for any value; fewer: less memory).")
+flags.DEFINE_integer("draft_support", DRAFT_SUPPORT, "burst_jacobi: each first draft is drawn "
+                     "from this many most probable tokens (exact for any value; fewer: less "
+                     "memory).")
 flags.DEFINE_integer("window", None, "Burst samplers: positions drafted per iteration "
                      "(default: all remaining).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy.")

@@ -18,7 +18,7 @@ from sigma_jax import orders as orders_lib
 from sigma_jax.attention import DIAGONAL, SelfMask
 from sigma_jax.cache import KVCache, LayerCaches, init_cache, split_layers
 from sigma_jax.config import START_POS, ModelConfig
-from sigma_jax.model import forward_masked, split_blocks
+from sigma_jax.model import forward_masked, per_layer
 from sigma_jax.sharding import constrain
 
 
@@ -27,15 +27,13 @@ def cache_capacity(cfg: ModelConfig, n: int, headroom: int = 0) -> int:
     return n + int(cfg.bos) + headroom
 
 
-def with_blocks(params: dict, blocks: tuple[dict, ...]) -> dict:
-    """params with "h" replaced by the per-layer trees of `split_blocks`. In a loop body over
-    blocks split before the loop, the model then reads each layer's weights where they lie
-    (`model.forward_masked` runs such params layer by layer) instead of copying them out of the
-    stacked arrays every step."""
-    return {**params, "h": tuple(blocks)}
-
-
 PREFILL_TOKENS = 1024  # tokens (rows x slots) per prefill pass
+
+
+def pass_slots(rows: int, slots: int, tokens_per_pass: int = PREFILL_TOKENS) -> int:
+    """Slots per pass when `slots` slots of `rows` rows go through in passes of about
+    `tokens_per_pass` tokens: at least 1, at most `slots`."""
+    return max(1, min(tokens_per_pass // rows, slots))
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "tokens_per_pass"))
@@ -59,17 +57,17 @@ def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.Array,
                                                        bos_id=cfg.bos_id)
     n_hist = n_known + int(cfg.bos)  # [B]
     b, t = inputs.shape
-    chunk = max(1, min(tokens_per_pass // b, t))
+    chunk = pass_slots(b, t, tokens_per_pass)
     padded = -(-t // chunk) * chunk  # whole chunks; padding slots are computed, never kept
     inputs, pos_in, pos_out = (jnp.pad(x, [(0, 0), (0, padded - t)])
                                for x in (inputs, pos_in, pos_out))
-    blocks = split_blocks(params)
+    layered = per_layer(params)
 
     def one_pass(c, carry):  # history slots [c * chunk, (c + 1) * chunk) of every row
         layers, pending = carry
         layers = layers.write_block(jnp.maximum(c - 1, 0) * chunk, *pending)  # the last pass's
         part = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)
-        _, k_new, v_new = forward_masked(cfg, with_blocks(params, blocks), part(inputs),
+        _, k_new, v_new = forward_masked(cfg, layered, part(inputs),
                                          part(pos_in), part(pos_out),
                                          cache=dataclasses.replace(layers, length=full * c))
         return layers, (k_new, v_new)

@@ -253,6 +253,13 @@ def split_blocks(params: dict) -> tuple[dict, ...]:
     return tuple(jax.tree.map(lambda a, i=i: a[i], params["h"]) for i in range(n_layer))
 
 
+def per_layer(params: dict) -> dict:
+    """params with "h" as the tuple of per-layer trees (`split_blocks`), which `forward_masked`
+    runs layer by layer. Split before a loop, each step then reads every layer's weights where
+    they lie instead of slicing (and copying) them out of the stacked arrays."""
+    return {**params, "h": split_blocks(params)}
+
+
 def count_params(params: dict) -> int:
     """Number of parameters (array elements) in a params tree; works on arrays and on
     jax.ShapeDtypeStruct leaves alike."""
@@ -269,7 +276,7 @@ def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: ja
       blocks; see sigma_jax/attention.py).
     cache: the history every new token also attends to (its valid slots); None = no history.
       A `LayerCaches` (one buffer per layer), or params whose "h" is a tuple of per-layer trees
-      (`split_blocks`), run the layers one by one on their own buffers (inference only).
+      (`per_layer`), run the layers one by one on their own buffers (inference only).
     dropout_key: None = deterministic (inference); a key turns dropout on.
     Returns (logits float32 [B, T, V], k_new, v_new [L, B, T, H, hd]). Nothing is written to the
     cache: callers commit what they accept with `cache.write`.

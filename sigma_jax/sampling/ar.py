@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 from sigma_jax import orders as orders_lib
 from sigma_jax.config import ModelConfig
-from sigma_jax.decode import extend_pass, prefill, split_blocks, with_blocks
-from sigma_jax.model import forward
+from sigma_jax.decode import extend_pass, prefill
+from sigma_jax.model import forward, per_layer
 from sigma_jax.sampling.call import SamplerCall, SampleStats
 from sigma_jax.sampling.draws import draw, to_probs
 from sigma_jax.sampling.inputs import checked_inputs, kernel_inputs
@@ -112,7 +112,7 @@ def _cached_loop(cfg, params, tokens, order, n_known, seq, steps, sample_next, o
     n = tokens.shape[1]
     cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known,
                                         opts.cache_capacity(cfg, n))
-    blocks = split_blocks(params)
+    layered = per_layer(params)
 
     # The loop carries the cache and the weights one buffer per layer (no per-step copies of
     # layer slices), and the entries of each call are written at the start of the next one,
@@ -122,7 +122,7 @@ def _cached_loop(cfg, params, tokens, order, n_known, seq, steps, sample_next, o
         seq, layers, pending, last_tok, last_pos, cursor = carry
         layers = layers.write(*pending)
         target = jnp.take_along_axis(order, jnp.minimum(cursor, n - 1)[:, None], 1)  # [B, 1]
-        logits, k_new, v_new = extend_pass(cfg, with_blocks(params, blocks), layers,
+        logits, k_new, v_new = extend_pass(cfg, layered, layers,
                                            last_tok[:, None], last_pos[:, None], target)
         seq, active = sample_next(seq, cursor, logits[:, 0])
         new_tok = jnp.take_along_axis(seq, jnp.minimum(cursor, n - 1)[:, None], 1)[:, 0]

@@ -53,12 +53,14 @@ import jax.numpy as jnp
 
 from sigma_jax.checks import check_choice
 from sigma_jax.config import ModelConfig
-from sigma_jax.decode import prefill, split_blocks, with_blocks
+from sigma_jax.decode import prefill
+from sigma_jax.model import per_layer
 from sigma_jax.sampling.burst_steps import BurstState, burst_step, jacobi_init, jacobi_step
 from sigma_jax.sampling.call import SamplerCall, SampleStats
 from sigma_jax.sampling.inputs import checked_inputs, kernel_inputs
 from sigma_jax.sampling.options import (
     BURST_MODES,
+    DRAFT_SUPPORT,
     MODES,
     KernelOptions,
     SampleOptions,
@@ -70,7 +72,7 @@ def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
                  known: jax.Array, *, mode: str = "exact", order="random", n_orders: int = 5,
                  temperature=1.0, top_k: int | None = None, top_p=None, max_iters=None,
                  window: int | None = None, known_order: str = "random", lengths=None,
-                 draft_support: int = 64) -> tuple[jax.Array, SampleStats]:
+                 draft_support: int = DRAFT_SUPPORT) -> tuple[jax.Array, SampleStats]:
     """Fill every unknown position by burst rejection sampling.
 
     tokens: int32 [B, N] (values at unknown positions ignored); known: bool [B, N], any subset per
@@ -149,10 +151,10 @@ def _sample_burst(cfg, params, keys, tokens, known, order, temperature, top_p, m
     state = start_state(cfg, params, keys, tokens, known, order, lengths, temperature, top_p,
                         opts)
     # The loop carries the weights one buffer per layer (no per-step copies of layer slices).
-    blocks = split_blocks(params)
+    layered = per_layer(params)
     state = jax.lax.while_loop(
         lambda s: jnp.any(s.unfilled()) & (s.step < max_iters),
-        lambda s: advance(cfg, with_blocks(params, blocks), s, temperature, top_p, opts), state)
+        lambda s: advance(cfg, layered, s, temperature, top_p, opts), state)
     return state.tokens, stats_of(state, known, opts)
 
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from sigma_jax.cache import LayerCaches
 from sigma_jax.config import ModelConfig
-from sigma_jax.decode import PREFILL_TOKENS, burst_pass, extend_pass, split_blocks, with_blocks
+from sigma_jax.decode import burst_pass, extend_pass, pass_slots
+from sigma_jax.model import per_layer
 from sigma_jax.sampling.draws import draw, to_probs, uniforms
 from sigma_jax.sampling.options import KernelOptions
 
@@ -24,7 +25,7 @@ class BurstState:
     tokens: jax.Array  # int32 [B, N]: known and committed tokens (0 elsewhere)
     filled: jax.Array  # bool [B, N]: known or committed
     order: jax.Array  # int32 [B, N]: the generation order (known first, absent last)
-    cache: LayerCaches  # L x [B, C, H, hd]: every accepted entry but the last and `pending`
+    cache: LayerCaches  # L x [B, H, C, hd]: every accepted entry but the last and `pending`
     pending: tuple  # (k, v [L, B, W, H, hd], n int32 [B]): the last pass's entries to commit
     last_tok: jax.Array  # int32 [B]: the last accepted token, not yet in the cache
     last_pos: jax.Array  # int32 [B]: its position (START_POS for the start token)
@@ -127,8 +128,7 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
         targets = jnp.argsort(jnp.where(remaining, u_order, 2.0), axis=1)[:, :w].astype(jnp.int32)
 
     probs = lambda logits: to_probs(logits, temperature, opts.top_k, top_p)
-    p = probs(burst_pass(cfg, params, state.cache, state.last_tok, state.last_pos,
-                         targets))
+    p = probs(burst_pass(cfg, params, state.cache, state.last_tok, state.last_pos, targets))
     draft = draw(k_draft, p)  # [B, W]
     u = uniforms(k_accept, (w,))
     p_draft = _pick(p, draft)
@@ -177,22 +177,22 @@ def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, pr
 
 def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
                 opts: KernelOptions) -> BurstState:
-    """Draft every position given the known tokens, in burst passes of about PREFILL_TOKENS
+    """Draft every position given the known tokens, in burst passes of about decode.PREFILL_TOKENS
     queries: each position's distribution is truncated to its K = min(draft_support, V) most
     probable tokens and renormalized (first_ids, first_probs [B, N, K]) and its first draft is
     drawn from that truncation, which is what acceptance divides by (exact for any K). Known
     positions' drafts are unused."""
     b, n = state.tokens.shape
     k = min(opts.draft_support, cfg.vocab_size)
-    chunk = max(1, min(n, PREFILL_TOKENS // b))
+    chunk = pass_slots(b, n)
     padded = -(-n // chunk) * chunk
     draft_keys, loop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
-    split = with_blocks(params, split_blocks(params))
+    layered = per_layer(params)
 
     def one_pass(c, carry):  # positions [c * chunk, (c + 1) * chunk), clamped to N - 1
         ids, probs, drafts = carry
         targets = jnp.minimum(c * chunk + jnp.arange(chunk, dtype=jnp.int32), n - 1)
-        logits = burst_pass(cfg, split, state.cache, state.last_tok, state.last_pos,
+        logits = burst_pass(cfg, layered, state.cache, state.last_tok, state.last_pos,
                             jnp.broadcast_to(targets, (b, chunk)))
         top, top_ids = jax.lax.top_k(to_probs(logits, temperature, opts.top_k, top_p), k)
         top = top / jnp.sum(top, axis=-1, keepdims=True)  # [B, chunk, K]

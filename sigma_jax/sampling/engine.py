@@ -28,7 +28,8 @@ import numpy as np
 from sigma_jax.cache import init_cache, split_layers
 from sigma_jax.checks import check_int, is_concrete, token_ids
 from sigma_jax.config import ModelConfig
-from sigma_jax.decode import extend_pass, split_blocks, with_blocks
+from sigma_jax.decode import extend_pass
+from sigma_jax.model import per_layer
 from sigma_jax.sampling.burst import advance, start_state
 from sigma_jax.sampling.burst_steps import BurstState
 from sigma_jax.sampling.call import SampleStats
@@ -109,13 +110,11 @@ def state_shardings(state: EngineState, mesh):
 def _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, order_kind, known_order):
     s, n = slots, capacity
     zeros = jnp.zeros((s, n), jnp.int32)
-    kv_block = (cfg.n_layer, s, opts.window, cfg.n_head, cfg.head_dim)  # one pass's entries
+    cache = split_layers(init_cache(cfg, s, opts.cache_capacity(cfg, n)))
     rows = BurstState(
         tokens=zeros, filled=jnp.ones((s, n), bool),
         order=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (s, n)),
-        cache=split_layers(init_cache(cfg, s, opts.cache_capacity(cfg, n))),
-        pending=(jnp.zeros(kv_block, cfg.compute_dtype), jnp.zeros(kv_block, cfg.compute_dtype),
-                 zeros[:, 0]),
+        cache=cache, pending=cache.no_entries(opts.window),
         last_tok=zeros[:, 0], last_pos=zeros[:, 0], keys=jax.random.split(jax.random.key(0), s),
         iterations=zeros[:, 0], step=jnp.zeros((), jnp.int32), lengths=zeros[:, 0],
         **(_jacobi_rows(cfg, opts, s, n) if opts.mode == "jacobi" else {}))
@@ -212,13 +211,13 @@ def step(cfg: ModelConfig, params: dict, state: EngineState, iterations: int = 1
     """`iterations` sampler iterations for every slot still generating (a no-op for the others):
     AR one token per slot, burst one draft-and-verify round (or one jacobi verify)."""
 
-    blocks = split_blocks(params)  # the weights one buffer per layer, as the one-shot kernels
+    layered = per_layer(params)  # the weights one buffer per layer, as the one-shot kernels
 
     def one(i, rows):
         capped = rows.iterations >= state.max_iters
         live = dataclasses.replace(rows, lengths=jnp.where(capped, 0, rows.lengths))
         step_fn = ar_step if state.opts.mode == "ar" else advance
-        live = step_fn(cfg, with_blocks(params, blocks), live, state.temperature, state.top_p,
+        live = step_fn(cfg, layered, live, state.temperature, state.top_p,
                        state.opts)
         return dataclasses.replace(live, lengths=rows.lengths)
 

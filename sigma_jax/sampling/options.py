@@ -29,6 +29,7 @@ from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
 SAMPLERS = ("ar", "ar_nocache", "burst", "burst_jacobi", "burst_paper")
 BURST_MODES = {"burst": "exact", "burst_jacobi": "jacobi", "burst_paper": "paper"}
 MODES = tuple(BURST_MODES.values())
+DRAFT_SUPPORT = 64  # burst_jacobi's default: tokens kept of each first draft's distribution
 _PAPER_ORDER = ("burst_paper (mode='paper') draws its own random candidate orders: use "
                 "order='random' or another sampler")
 
@@ -49,7 +50,7 @@ class KernelOptions:
     window: int
     n_orders: int
     top_k: int | None
-    draft_support: int = 64
+    draft_support: int
 
     def cache_capacity(self, cfg: ModelConfig, n: int) -> int:
         """KV-cache slots at length n: every token, the start token, and one block of `window`
@@ -84,7 +85,7 @@ class SampleOptions:
     n_orders: int = 5
     top_k: int | None = None
     known_order: str = "random"
-    draft_support: int = 64
+    draft_support: int = DRAFT_SUPPORT
     temperature: float | jax.Array = _traced(1.0)
     top_p: float | jax.Array | None = _traced(None)
     max_iters: int | jax.Array | None = _traced(None)
