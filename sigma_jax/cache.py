@@ -70,9 +70,9 @@ def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) 
     def put(buf, new):  # buf [L, B, H, S, hd], new [L, B, T, H, hd]
         buf, new = constrain(buf, CACHE_KV_AXES), constrain(new, NEW_KV_AXES)
         # buf[:, rows, :, slots] indexes as [B, T, L, H, hd]: the advanced axes come first.
+        new = as_stored(jnp.moveaxis(new, (1, 2), (0, 1)), buf.dtype)
         out = buf.at[:, rows, :, slots].set(
-            jnp.moveaxis(new, (1, 2), (0, 1)).astype(buf.dtype), mode="drop",
-            out_sharding=explicit_spec(buf.shape, CACHE_KV_AXES))
+            new, mode="drop", out_sharding=explicit_spec(buf.shape, CACHE_KV_AXES))
         return constrain(out, CACHE_KV_AXES)
 
     return KVCache(
@@ -93,6 +93,12 @@ class LayerCaches:
     The model slices a stacked [L, ...] cache by layer, and XLA copies a slice of a buffer (and,
     on CPU in bfloat16, a converted stack of all of them), so a loop carrying one KVCache would
     copy the whole cache every step.
+
+    bfloat16 entries are held as their bit patterns (`BF16_BITS`, read with `as_entries`): XLA:CPU
+    has no bfloat16 product or scatter and converts every bfloat16 buffer it multiplies or writes
+    to a float32 copy of the whole buffer, several layers at once, while integer buffers are
+    written in place and read block by block (`sigma_jax.cache_attention`). Elsewhere the bits
+    cost nothing: a bitcast is free.
     """
 
     k: tuple[jax.Array, ...]
@@ -100,7 +106,8 @@ class LayerCaches:
     length: jax.Array
 
     def stacked(self) -> KVCache:
-        return KVCache(k=jnp.stack(self.k), v=jnp.stack(self.v), length=self.length)
+        return KVCache(k=as_entries(jnp.stack(self.k)), v=as_entries(jnp.stack(self.v)),
+                       length=self.length)
 
     def valid(self) -> jax.Array:
         """bool[B, S]: which slots hold committed entries."""
@@ -121,7 +128,7 @@ class LayerCaches:
         capacity are dropped, never shifted onto earlier ones."""
         heads = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, hd] -> [B, H, T, hd]
         layer = lambda x: constrain(x, CACHE_KV_AXES[1:])
-        put = lambda buf, new: layer(_put_block(layer(buf), layer(heads(new).astype(buf.dtype)),
+        put = lambda buf, new: layer(_put_block(layer(buf), layer(as_stored(heads(new), buf.dtype)),
                                                 start))
         return LayerCaches(k=tuple(put(b, n) for b, n in zip(self.k, k_new, strict=True)),
                            v=tuple(put(b, n) for b, n in zip(self.v, v_new, strict=True)),
@@ -131,9 +138,28 @@ class LayerCaches:
         """A block of `width` new slots of which none is kept: (k, v [L, B, width, H, hd] zeros,
         n_new int32 [B] zeros), the `write` arguments of a loop's first, empty commit."""
         b, h, _, hd = self.k[0].shape
-        zeros = constrain(jnp.zeros((len(self.k), b, width, h, hd), self.k[0].dtype),
-                          NEW_KV_AXES)
+        zeros = jnp.zeros((len(self.k), b, width, h, hd), entry_dtype(self.k[0].dtype))
+        zeros = constrain(zeros, NEW_KV_AXES)
         return zeros, zeros, constrain(jnp.zeros((b,), jnp.int32), CACHE_LENGTH_AXES)
+
+
+BF16_BITS = jnp.uint16  # how a per-layer buffer holds bfloat16 entries
+
+
+def entry_dtype(stored_dtype) -> jnp.dtype:
+    """The dtype of the entries a buffer of `stored_dtype` holds."""
+    return jnp.dtype(jnp.bfloat16 if stored_dtype == BF16_BITS else stored_dtype)
+
+
+def as_stored(x: jax.Array, stored_dtype) -> jax.Array:
+    """Entries x, cast to the entry dtype of a `stored_dtype` buffer, in that buffer's form."""
+    x = x.astype(entry_dtype(stored_dtype))
+    return jax.lax.bitcast_convert_type(x, BF16_BITS) if stored_dtype == BF16_BITS else x
+
+
+def as_entries(buf: jax.Array) -> jax.Array:
+    """The entries of a buffer (bfloat16 from its bits; any other dtype as it is)."""
+    return jax.lax.bitcast_convert_type(buf, jnp.bfloat16) if buf.dtype == BF16_BITS else buf
 
 
 def _put_block(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -153,8 +179,9 @@ def split_layers(cache: KVCache) -> LayerCaches:
     """The same cache, one buffer per layer (each laid out by the cache's axes on a mesh)."""
     layer = lambda x: constrain(x, CACHE_KV_AXES[1:])
     n_layer = cache.k.shape[0]
-    return LayerCaches(k=tuple(layer(cache.k[i]) for i in range(n_layer)),
-                       v=tuple(layer(cache.v[i]) for i in range(n_layer)),
+    store = lambda x: layer(as_stored(x, BF16_BITS if x.dtype == jnp.bfloat16 else x.dtype))
+    return LayerCaches(k=tuple(store(cache.k[i]) for i in range(n_layer)),
+                       v=tuple(store(cache.v[i]) for i in range(n_layer)),
                        length=constrain(cache.length, CACHE_LENGTH_AXES))
 
 

@@ -10,10 +10,15 @@ matrix products over (B, H) that read each layer's cache where it lies: with the
 the heads, every pass would first write a transposed copy of the whole cache (the cost of a
 burst pass on CPU was mostly those copies, and every layer's copy was live at once).
 
-Queries go through in chunks of `QUERY_CHUNK` (a sequential `lax.map`), so the scores in memory
-at once are chunk x (cache + keys). Masked keys never leak into a query: their probabilities are
-exactly zero, and non-finite keys or values of new tokens are replaced by zero before they meet
-other queries' probabilities.
+Queries go through in chunks of at most `QUERY_CHUNK` (a sequential `lax.map`), fewer when the
+scores of a chunk, chunk x (cache + keys) per row and head, would pass `SCORE_BYTES`. Masked keys
+never leak into a query: their probabilities are exactly zero, and non-finite keys or values of
+new tokens are replaced by zero before they meet other queries' probabilities.
+
+A cache of bfloat16 entries held as bits (`cache.BF16_BITS`, a `LayerCaches` buffer) is read, on
+CPU, in blocks of slots widened to float32 (`WIDE_BLOCK_BYTES` per block), up to the last valid
+slot only: XLA:CPU multiplies bfloat16 through float32 copies of whole operands. On other
+backends its products run in bfloat16 on the same bits.
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ import jax
 import jax.numpy as jnp
 
 from sigma_jax.attention import NEG, SelfMask, finite_or_zero, softmax_last
+from sigma_jax.cache import BF16_BITS, as_entries
 
-QUERY_CHUNK = 128  # queries per chunk (the chunks run one after another)
+QUERY_CHUNK = 128  # queries per chunk at most (the chunks run one after another)
+SCORE_BYTES = 64 << 20  # float32 scores of one query chunk, at most (unless a chunk is 1 query)
+WIDE_BLOCK_BYTES = 256 << 10  # float32 keys (or values) of one widened block of cache slots,
+WIDE_BLOCK_SLOTS = 16  # unless a block of this many slots is larger
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
@@ -33,11 +42,13 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
                      chunk: int = QUERY_CHUNK) -> jax.Array:
     """q, k, v: [B, T, H, hd] (the new tokens); k_cache, v_cache: [B, H, S, hd]; cache_valid:
     bool [B, S]. Returns [B, T, H, hd]. Every query sees itself."""
-    t, hd = q.shape[1], q.shape[-1]
+    b, t, h, hd = q.shape
     q = q * (1.0 / math.sqrt(hd))
     k_seen, v_seen = finite_or_zero(k), finite_or_zero(v)
-    k_cache, v_cache = k_cache.astype(k.dtype), v_cache.astype(v.dtype)
+    if k_cache.dtype != BF16_BITS:
+        k_cache, v_cache = k_cache.astype(k.dtype), v_cache.astype(v.dtype)
     cache = (k_cache, v_cache, cache_valid)
+    chunk = max(1, min(chunk, SCORE_BYTES // (4 * b * h * (k_cache.shape[2] + t))))
     if t == 1 or mask.diagonal:  # a lone token sees itself only, whatever the mask
         return _map_chunks(lambda i, qc, kc, vc: _diagonal(qc, kc, vc, *cache),
                            (q, k_seen, v_seen), chunk)
@@ -68,14 +79,64 @@ def _cache_part(q, k_cache, v_cache, cache_valid, scores_new):
     [B, H, c, U]: (the cache part of the output [B, c, H, hd], the new part's probs). Both
     products are batched over (B, H) with the operands' own row-major matrices, [c, hd] x
     [S, hd]^T and [c, S] x [S, hd], the forms CPU matrix kernels take without a transpose."""
-    qh = jnp.swapaxes(q, 1, 2)  # [B, H, c, hd]
+    args = (jnp.swapaxes(q, 1, 2), k_cache, v_cache, cache_valid, scores_new)  # q [B, H, c, hd]
+    if k_cache.dtype != BF16_BITS:
+        y, p_new = _whole(*args)
+    else:
+        y, p_new = jax.lax.platform_dependent(*args, cpu=_widened_blocks, default=_whole)
+    return jnp.swapaxes(y, 1, 2), p_new
+
+
+def _whole(qh, k_cache, v_cache, cache_valid, scores_new):
+    """Both products over the whole cache in the cache's dtype: (y [B, H, c, hd], new probs)."""
+    k_cache, v_cache = as_entries(k_cache), as_entries(v_cache)
     s_cache = jnp.einsum("bhtd,bhsd->bhts", qh, k_cache, preferred_element_type=jnp.float32)
-    s_cache = jnp.where(cache_valid[:, None, None, :], s_cache, NEG)  # [B, H, c, S]
-    probs = softmax_last(jnp.concatenate([s_cache, scores_new], axis=-1))
+    probs = _softmax_with_new(s_cache, cache_valid, scores_new)
     s = k_cache.shape[2]
-    p_cache = probs[..., :s].astype(v_cache.dtype)
-    y = jnp.einsum("bhts,bhsd->bhtd", p_cache, v_cache)  # [B, H, c, hd]
-    return jnp.swapaxes(y, 1, 2), probs[..., s:]
+    y = jnp.einsum("bhts,bhsd->bhtd", probs[..., :s].astype(v_cache.dtype), v_cache)
+    return y.astype(qh.dtype), probs[..., s:]
+
+
+def _softmax_with_new(s_cache, cache_valid, scores_new):
+    """Probabilities [B, H, c, S + U] of the cache scores (invalid slots masked) and the new."""
+    s_cache = jnp.where(cache_valid[:, None, None, :], s_cache, NEG)  # [B, H, c, S]
+    return softmax_last(jnp.concatenate([s_cache, scores_new], axis=-1))
+
+
+def _widened_blocks(qh, k_bits, v_bits, cache_valid, scores_new):
+    """`_whole` for bfloat16 bits, in float32, one block of `kb` slots after another, only the
+    blocks up to the last valid slot of any row. The last block starts at S - kb at most; slots
+    an earlier block covered are masked out of its values product."""
+    b, h, s, hd = k_bits.shape
+    kb = min(s, max(WIDE_BLOCK_SLOTS, WIDE_BLOCK_BYTES // (4 * b * h * hd)))
+    starts = lambda j: (jnp.minimum(j * kb, s - kb), j * kb)  # (block start, first new slot)
+    block = lambda bits, at: _widen(jax.lax.dynamic_slice_in_dim(bits, at, kb, axis=2))
+    n = (jnp.max(jnp.where(cache_valid, jnp.arange(s) + 1, 0)) + kb - 1) // kb
+
+    def scores(j, s_cache):  # s_cache [B, H, c, S], unvisited slots NEG
+        at, _ = starts(j)
+        s_blk = jnp.einsum("bhtd,bhsd->bhts", qh.astype(jnp.float32), block(k_bits, at))
+        return jax.lax.dynamic_update_slice_in_dim(s_cache, s_blk, at, axis=3)
+
+    c = qh.shape[2]
+    s_cache = jax.lax.fori_loop(0, n, scores, jnp.full((b, h, c, s), NEG, jnp.float32))
+    probs = _softmax_with_new(s_cache, cache_valid, scores_new)
+
+    def values(j, y):  # y [B, H, c, hd] float32
+        at, first = starts(j)
+        p_blk = jax.lax.dynamic_slice_in_dim(probs, at, kb, axis=3)
+        p_blk = jnp.where(at + jnp.arange(kb) >= first, p_blk, 0.0)
+        return y + jnp.einsum("bhts,bhsd->bhtd", p_blk, block(v_bits, at))
+
+    y = jax.lax.fori_loop(0, n, values, jnp.zeros((b, h, c, hd), jnp.float32))
+    return y.astype(qh.dtype), probs[..., s:]
+
+
+def _widen(bits: jax.Array) -> jax.Array:
+    """float32 values of bfloat16 bit patterns (uint16), by integer shift: XLA rewrites a
+    float conversion of a slice into a slice of a converted whole buffer."""
+    wide = jax.lax.shift_left(bits.astype(jnp.uint32), jnp.uint32(16))
+    return jax.lax.bitcast_convert_type(wide, jnp.float32)
 
 
 def _diagonal(q, k, v, k_cache, v_cache, cache_valid):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -45,10 +47,19 @@ def to_probs(logits: jax.Array, temperature: jax.Array, top_k: int | None,
     return jnp.where(temperature > 0, probs, greedy)
 
 
+DRAW_BYTES = 64 << 20  # float32 probabilities of the rows drawn at once, at most (>= 1 row)
+
+
 def draw(keys: jax.Array, probs: jax.Array) -> jax.Array:
-    """One token per row from probs [B, ..., V] with keys [B]: int32 [B, ...]."""
-    sample = lambda k, p: jax.random.categorical(k, jnp.log(p), axis=-1)
-    return jax.vmap(sample)(keys, probs).astype(jnp.int32)
+    """One token per row from probs [B, ..., V] with keys [B]: int32 [B, ...]. Row b's draw
+    depends on keys[b] and probs[b] only. Rows go through in groups of at most `DRAW_BYTES` of
+    probabilities, one group after another (the Gumbel noise of a draw takes several times its
+    probabilities' bytes); the groups change the memory, never the draws."""
+    sample = lambda kp: jax.random.categorical(kp[0], jnp.log(kp[1]), axis=-1).astype(jnp.int32)
+    rows = max(1, DRAW_BYTES // (4 * math.prod(probs.shape[1:])))
+    if rows >= probs.shape[0]:
+        return jax.vmap(sample)((keys, probs))
+    return jax.lax.map(sample, (keys, probs), batch_size=rows)
 
 
 def uniforms(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
