@@ -1,14 +1,48 @@
-"""A dense layer whose weight gradient is laid out for XLA's matmul kernels.
+"""Layers whose backward passes are arranged for XLA's CPU kernels; their values are those of
+the standard layers, which tests check.
 
 `Linear` computes exactly what `nn.Dense` computes (`x @ w + b`, the same parameters); only the
-arrangement of its backward pass differs, which tests check against `nn.Dense`.
+arrangement of its backward pass differs. `gelu` computes exactly what
+`jax.nn.gelu(approximate=False)` computes; its gradient is the analytic one.
 """
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+_SQRT_HALF = np.float32(math.sqrt(0.5))
+_INV_SQRT_2PI = np.float32(1.0 / math.sqrt(2.0 * math.pi))
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x Φ(x): the values of `jax.nn.gelu(x, approximate=False)`, bit for bit.
+
+    The gradient is Φ(x) + x φ(x), computed in float32 from x alone (Φ through erf, φ(x) =
+    exp(-x²/2) / √(2π)) and cast to x's dtype; it equals autodiff's to float32 rounding.
+    Autodiff would differentiate the erfc form and keep its intermediates for the backward
+    pass, which costs XLA:CPU about as much again as the rest of the MLP's elementwise work.
+    """
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, dy):
+    x32 = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))
+    pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * x32 * x32)
+    return ((dy.astype(jnp.float32) * (cdf + x32 * pdf)).astype(dy.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 @jax.custom_vjp

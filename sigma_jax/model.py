@@ -36,7 +36,7 @@ from sigma_jax.cache import NEW_KV_AXES, KVCache, LayerCaches, init_cache
 from sigma_jax.cache_attention import cached_attention
 from sigma_jax.checks import is_concrete
 from sigma_jax.config import START_POS, ModelConfig
-from sigma_jax.layers import Linear
+from sigma_jax.layers import Linear, gelu
 from sigma_jax.sharding import (
     auto_axes_call,
     constrain,
@@ -136,7 +136,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        h = jax.nn.gelu(_dense(cfg, cfg.hidden_dim, "c_fc")(x), approximate=False)
+        h = gelu(_dense(cfg, cfg.hidden_dim, "c_fc")(x))
         h = constrain(h, ("batch", "seq", "ff"))
         y = _dense(cfg, cfg.n_embd, "c_proj", 0.02 / math.sqrt(2 * cfg.n_layer))(h)
         return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y)
