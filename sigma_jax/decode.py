@@ -95,10 +95,11 @@ def history_entry(cfg: ModelConfig, tokens: jax.Array, order: jax.Array, index: 
     return jnp.take_along_axis(tokens, pos[:, None], 1)[:, 0], pos
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames="head")
 def burst_pass(cfg: ModelConfig, params: dict, cache: KVCache | LayerCaches, last_tok: jax.Array,
-               last_pos: jax.Array, targets: jax.Array) -> jax.Array:
-    """Every target's conditional given the history, in one pass: logits float32 [B, Q, V].
+               last_pos: jax.Array, targets: jax.Array, head: bool = True) -> jax.Array:
+    """Every target's conditional given the history, in one pass: logits float32 [B, Q, V]
+    (head=False: the activations [B, Q, D] the logits are `model.head_logits` of).
 
     Query j is (last_tok, last_pos, targets[:, j]); it attends to the cache and to itself only
     (DIAGONAL: one self score per query, never a Q x Q block). Writes nothing.
@@ -106,14 +107,15 @@ def burst_pass(cfg: ModelConfig, params: dict, cache: KVCache | LayerCaches, las
     b, q = targets.shape
     tok = jnp.broadcast_to(last_tok[:, None], (b, q))
     pos = jnp.broadcast_to(last_pos[:, None], (b, q))
-    logits, _, _ = forward_masked(cfg, params, tok, pos, targets, DIAGONAL, cache=cache)
-    return logits
+    out, _, _ = forward_masked(cfg, params, tok, pos, targets, DIAGONAL, cache=cache, head=head)
+    return out
 
 
-@functools.partial(jax.jit, static_argnames="blocks")
+@functools.partial(jax.jit, static_argnames=("blocks", "head"))
 def extend_pass(cfg: ModelConfig, params: dict, cache: KVCache | LayerCaches, tokens: jax.Array,
-                pos_in: jax.Array, pos_out: jax.Array, blocks: int = 1):
-    """Feed new slots on top of the cache: (logits [B, T, V], k_new, v_new [L, B, T, H, hd]).
+                pos_in: jax.Array, pos_out: jax.Array, blocks: int = 1, head: bool = True):
+    """Feed new slots on top of the cache: (logits [B, T, V], k_new, v_new [L, B, T, H, hd]);
+    head=False gives the activations [B, T, D] in place of the logits (`model.head_logits`).
 
     The new slots are causal (cached decoding, the verify pass); with `blocks` = K they are K
     independent causal blocks of T/K slots (K candidate orders) that share the one cache. Commit
@@ -122,4 +124,4 @@ def extend_pass(cfg: ModelConfig, params: dict, cache: KVCache | LayerCaches, to
     if tokens.shape[1] % blocks:
         raise ValueError(f"{tokens.shape[1]} new slots do not split into {blocks} blocks")
     return forward_masked(cfg, params, tokens, pos_in, pos_out, SelfMask(blocks=blocks),
-                          cache=cache)
+                          cache=cache, head=head)

@@ -160,11 +160,13 @@ class Block(nn.Module):
 
 
 class SigmaGPT(nn.Module):
-    """tokens, pos_in, pos_out [B,T] -> (logits f32 [B,T,V], (k, v) [L,B,T,H,hd])."""
+    """tokens, pos_in, pos_out [B,T] -> (logits f32 [B,T,V], (k, v) [L,B,T,H,hd]); without
+    `with_head`, the final-LayerNormed activations [B,T,D] in place of the logits."""
 
     cfg: ModelConfig
     deterministic: bool = True
     mask: SelfMask = CAUSAL
+    with_head: bool = True
 
     @nn.compact
     def __call__(self, tokens, pos_in, pos_out, k_cache, v_cache, cache_valid):
@@ -181,8 +183,11 @@ class SigmaGPT(nn.Module):
             unroll=cfg.n_layer,
         )(cfg, self.deterministic, self.mask, name="h")
         x, (k_new, v_new) = blocks(x, k_cache, v_cache, cache_valid)
+        x = _layer_norm(cfg, "ln_f")(x)
+        if not self.with_head:
+            return x, (k_new, v_new)
         head = None if cfg.tie_embeddings else _dense(cfg, cfg.vocab_size, "lm_head", bias=False)
-        return _logits(cfg, _layer_norm(cfg, "ln_f")(x), wte, head), (k_new, v_new)
+        return _logits(cfg, x, wte, head), (k_new, v_new)
 
 
 def _token_table(cfg: ModelConfig) -> nn.Embed:
@@ -198,12 +203,25 @@ def _embed(cfg: ModelConfig, wte, pos, tokens, pos_in, pos_out) -> jax.Array:
 def _logits(cfg: ModelConfig, x, wte, head) -> jax.Array:
     """float32 logits [B, T, V] of the final-LayerNormed activations x (the tied table when head
     is None)."""
-    logits = wte.attend(x)[..., : cfg.vocab_size] if head is None else head(x)
+    if head is None:  # the output tokens' rows of the table only (no start token)
+        table = wte.embedding[: cfg.vocab_size].astype(cfg.compute_dtype)
+        logits = jnp.einsum("btd,vd->btv", x.astype(cfg.compute_dtype), table)
+    else:
+        logits = head(x)
     return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
 
 
+def head_logits(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+    """float32 logits [B, T, V] of final-LayerNormed activations x [B, T, D] (what
+    `forward_masked(..., head=False)` returns): the model's output head alone."""
+    wte = _token_table(cfg).bind({"params": params["wte"]})
+    head = None if cfg.tie_embeddings else _dense(
+        cfg, cfg.vocab_size, "lm_head", bias=False).bind({"params": params["lm_head"]})
+    return _logits(cfg, x, wte, head)
+
+
 def _forward_per_layer(cfg: ModelConfig, params: dict, blocks, mask: SelfMask, tokens, pos_in,
-                       pos_out, k_layers, v_layers, cache_valid):
+                       pos_out, k_layers, v_layers, cache_valid, head: bool = True):
     """SigmaGPT's inference pass with the block weights one tree per layer (`blocks`) and the
     cache one buffer per layer (k_layers, v_layers: L x [B, H, S, hd]): each layer reads its own
     buffers, never a slice of stacked ones (which XLA may copy whole, e.g. to convert them)."""
@@ -217,10 +235,8 @@ def _forward_per_layer(cfg: ModelConfig, params: dict, blocks, mask: SelfMask, t
                                                  cache_valid)
         ks.append(k)
         vs.append(v)
-    head = None if cfg.tie_embeddings else bound(
-        _dense(cfg, cfg.vocab_size, "lm_head", bias=False), "lm_head")
     x = bound(_layer_norm(cfg, "ln_f"), "ln_f")(x)
-    return _logits(cfg, x, wte, head), (jnp.stack(ks), jnp.stack(vs))
+    return head_logits(cfg, params, x) if head else x, (jnp.stack(ks), jnp.stack(vs))
 
 
 def check_positions(cfg: ModelConfig, *positions) -> None:
@@ -268,7 +284,7 @@ def count_params(params: dict) -> int:
 
 def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: jax.Array,
                    pos_out: jax.Array, mask: SelfMask = CAUSAL, *, cache: KVCache | None = None,
-                   dropout_key: jax.Array | None = None):
+                   dropout_key: jax.Array | None = None, head: bool = True):
     """The general model call.
 
     tokens, pos_in, pos_out: int32 [B, T] (pos -1 = start position; token cfg.bos_id = start token).
@@ -278,6 +294,8 @@ def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: ja
       A `LayerCaches` (one buffer per layer), or params whose "h" is a tuple of per-layer trees
       (`per_layer`), run the layers one by one on their own buffers (inference only).
     dropout_key: None = deterministic (inference); a key turns dropout on.
+    head: False returns the final-LayerNormed activations [B, T, D] in place of the logits, for
+      callers that apply `head_logits` to a few rows at a time.
     Returns (logits float32 [B, T, V], k_new, v_new [L, B, T, H, hd]). Nothing is written to the
     cache: callers commit what they accept with `cache.write`.
     """
@@ -287,7 +305,7 @@ def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: ja
     per_layer = isinstance(cache, LayerCaches) or isinstance(params["h"], tuple)
     if per_layer and dropout_key is not None:
         raise ValueError("dropout needs the stacked parameters and cache (a training pass)")
-    model = SigmaGPT(cfg, deterministic=dropout_key is None, mask=mask)
+    model = SigmaGPT(cfg, deterministic=dropout_key is None, mask=mask, with_head=head)
     rngs = None if dropout_key is None else {"dropout": dropout_key}
 
     def apply(params, rngs, k_cache, v_cache, *arrays):
@@ -295,15 +313,16 @@ def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: ja
             blocks = params["h"] if isinstance(params["h"], tuple) else split_blocks(params)
             layer = lambda c: c if isinstance(c, tuple) else tuple(c)  # L x [B, H, S, hd]
             return _forward_per_layer(cfg, params, blocks, mask, *arrays[:3], layer(k_cache),
-                                      layer(v_cache), arrays[3])
+                                      layer(v_cache), arrays[3], head)
         return model.apply({"params": params}, *arrays[:3], k_cache, v_cache, arrays[3],
                            rngs=rngs)
 
     # Flax layers are not Explicit-sharding clean; under an Explicit mesh this runs with Auto axes.
-    logits, (k_new, v_new) = auto_axes_call(
-        apply, (("batch", "seq", "vocab"), (NEW_KV_AXES, NEW_KV_AXES)), params, rngs, cache.k,
-        cache.v, tokens, pos_in, pos_out, cache.valid())
-    return logits, k_new, v_new
+    out_axes = ("batch", "seq", "vocab" if head else "act_embed")
+    out, (k_new, v_new) = auto_axes_call(
+        apply, (out_axes, (NEW_KV_AXES, NEW_KV_AXES)), params, rngs, cache.k, cache.v, tokens,
+        pos_in, pos_out, cache.valid())
+    return out, k_new, v_new
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: jax.Array,

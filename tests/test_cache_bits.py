@@ -113,7 +113,7 @@ def test_grouped_draws_are_the_draws_of_one_group(monkeypatch):
     probs = jax.nn.softmax(jax.random.normal(jax.random.key(5), (5, 3, 11)) * 3, axis=-1)
     keys = jax.random.split(jax.random.key(6), 5)
     together = draws.draw(keys, probs)
-    monkeypatch.setattr(draws, "DRAW_BYTES", 2 * 3 * 11 * 4)  # two rows per group, one partial
+    monkeypatch.setattr(draws, "GROUP_BYTES", 2 * 3 * 11 * 4)  # two rows per group, one partial
     np.testing.assert_array_equal(draws.draw(keys, probs), together)
-    monkeypatch.setattr(draws, "DRAW_BYTES", 1)  # one row per group
+    monkeypatch.setattr(draws, "GROUP_BYTES", 1)  # one row per group
     np.testing.assert_array_equal(draws.draw(keys, probs), together)

@@ -203,3 +203,28 @@ def test_config_is_hashable_and_static():
     f(CFG, jnp.ones(2))
     f(CFG.replace(), jnp.ones(2))
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_head_of_the_activations_gives_the_logits(tie):
+    """forward_masked(head=False) returns the activations the logits are the head of, over a
+    cache (per-layer buffers) and without one (the stacked model)."""
+    from sigma_jax.cache import init_cache, split_layers
+    from sigma_jax.model import forward_masked, head_logits
+
+    cfg = CFG.replace(tie_embeddings=tie)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    layers = split_layers(init_cache(cfg, 2, 4))
+    for cache in (None, layers):
+        logits, k, v = forward_masked(cfg, params, tokens, pos - 1, pos, cache=cache)
+        hidden, k2, v2 = forward_masked(cfg, params, tokens, pos - 1, pos, cache=cache,
+                                        head=False)
+        assert hidden.shape == (2, 5, cfg.n_embd)
+        np.testing.assert_allclose(head_logits(cfg, params, hidden), logits, rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_array_equal(k, k2)
+        np.testing.assert_array_equal(v, v2)
+    np.testing.assert_allclose(logits, forward(cfg, params, tokens, pos - 1, pos), rtol=1e-5,
+                               atol=1e-5)

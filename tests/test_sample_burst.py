@@ -349,13 +349,11 @@ def test_a_planted_mismatch_between_drawn_and_accepted_probabilities_fails(monke
                           peaked_params(TINY, 11, scale=6.0, sharpness=2.0))
     seqs, probs = enumerated_law(cfg, params, 4)
     tokens, known = _tiny_inputs({})
-    honest_draw = burst_steps.draw
-
-    def skewed_draw(keys, p):
-        sharp = p * p
-        return honest_draw(keys, sharp / jnp.sum(sharp, axis=-1, keepdims=True))
-
-    monkeypatch.setattr(burst_steps, "draw", skewed_draw)
+    sharpened = lambda p: p * p / jnp.sum(p * p, axis=-1, keepdims=True)
+    honest_draw, honest_draw_row = burst_steps.draw, burst_steps.draw_row
+    monkeypatch.setattr(burst_steps, "draw", lambda keys, p: honest_draw(keys, sharpened(p)))
+    monkeypatch.setattr(burst_steps, "draw_row",
+                        lambda key, p: honest_draw_row(key, sharpened(p)))
     _sample_burst.clear_cache()  # retrace with the planted draw
     try:
         samples, _ = sample_burst(cfg, params, jax.random.key(3), tokens, known, window=2,

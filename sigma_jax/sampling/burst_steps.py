@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from sigma_jax.cache import LayerCaches
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import burst_pass, extend_pass, pass_slots
-from sigma_jax.model import per_layer
-from sigma_jax.sampling.draws import draw, to_probs, uniforms
+from sigma_jax.model import head_logits, per_layer
+from sigma_jax.sampling.draws import draw, draw_row, in_row_groups, to_probs, uniforms
 from sigma_jax.sampling.options import KernelOptions
 
 
@@ -86,11 +86,12 @@ def _next_in_order(state: BurstState, w: int) -> jax.Array:
     return _take(state.order, (cursor + jnp.arange(w)[None, :]) % n)
 
 
-def _verify(cfg, params, state: BurstState, draft, targets):
-    """The causal pass over the drafts along targets: (logits [B, W, V], k_new, v_new)."""
+def _verify(cfg, params, state: BurstState, draft, targets, head: bool = True):
+    """The causal pass over the drafts along targets: (logits [B, W, V] (head=False: the
+    activations [B, W, D]), k_new, v_new)."""
     tok_in = jnp.concatenate([state.last_tok[:, None], draft[:, :-1]], axis=1)
     pos_in = jnp.concatenate([state.last_pos[:, None], targets[:, :-1]], axis=1)
-    return extend_pass(cfg, params, state.cache, tok_in, pos_in, targets)
+    return extend_pass(cfg, params, state.cache, tok_in, pos_in, targets, head=head)
 
 
 def _commit(state: BurstState, new_tok, new_pos, n_new, k_new, v_new, **changes) -> BurstState:
@@ -128,19 +129,32 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
         targets = jnp.argsort(jnp.where(remaining, u_order, 2.0), axis=1)[:, :w].astype(jnp.int32)
 
     probs = lambda logits: to_probs(logits, temperature, opts.top_k, top_p)
-    p = probs(burst_pass(cfg, params, state.cache, state.last_tok, state.last_pos, targets))
-    draft = draw(k_draft, p)  # [B, W]
+    row_probs = lambda h: probs(head_logits(cfg, params, h[None])[0])  # [W, D] -> [W, V]
+    row_bytes = 4 * w * cfg.vocab_size
+
+    def drafted(key, h):  # one row: its W drafts, their probabilities, the distributions
+        p = row_probs(h)
+        draft = draw_row(key, p)
+        return draft, _pick(p, draft), p
+
+    h_p = burst_pass(cfg, params, state.cache, state.last_tok, state.last_pos, targets,
+                     head=False)  # [B, W, D]
+    draft, p_draft, p = in_row_groups(drafted, row_bytes, k_draft, h_p)  # p [B, W, V]
     u = uniforms(k_accept, (w,))
-    p_draft = _pick(p, draft)
     if opts.mode == "paper":
         return _commit(state, *_paper_verify(cfg, params, state, targets, draft, p_draft, u,
                                              valid, k_extra, probs, opts))
-    logits_q, k_new, v_new = _verify(cfg, params, state, draft, targets)
-    q = probs(logits_q)  # [B, W, V]
-    accept = ((u * p_draft < _pick(q, draft)) | (slot == 0)) & valid
-    n_acc = _accepted_prefix(accept)  # [B]
-    at = jnp.minimum(n_acc, w - 1)[:, None, None]
-    fix = draw(k_extra, _residual(_take(q, at)[:, 0], _take(p, at)[:, 0]))  # [B]
+    h_q, k_new, v_new = _verify(cfg, params, state, draft, targets, head=False)
+
+    def verified(u, p_draft, draft, valid, h):  # one row: accepted drafts, q at the first miss
+        q = row_probs(h)  # [W, V]
+        accept = ((u * p_draft < _pick(q, draft)) | (slot[0] == 0)) & valid
+        n_acc = _accepted_prefix(accept)
+        return n_acc, q[jnp.minimum(n_acc, w - 1)]
+
+    n_acc, q_at = in_row_groups(verified, row_bytes, u, p_draft, draft, valid, h_q)
+    p_at = _take(p, jnp.minimum(n_acc, w - 1)[:, None, None])[:, 0]
+    fix = draw(k_extra, _residual(q_at, p_at))  # [B]
     new_tok = jnp.where(slot == n_acc[:, None], fix[:, None], draft)
     return _commit(state, new_tok, targets, n_acc + (n_acc < n_valid), k_new, v_new)
 

@@ -47,19 +47,32 @@ def to_probs(logits: jax.Array, temperature: jax.Array, top_k: int | None,
     return jnp.where(temperature > 0, probs, greedy)
 
 
-DRAW_BYTES = 64 << 20  # float32 probabilities of the rows drawn at once, at most (>= 1 row)
+GROUP_BYTES = 64 << 20  # float32 [.., V] arrays of the rows a group handles at once (>= 1 row)
+
+
+def in_row_groups(f, row_bytes: int, *arrays):
+    """vmap(f)(*arrays) (f maps one row of each array, axis 0, to that row's outputs), run as
+    equal groups of rows one after another when the `row_bytes`-byte rows of all would pass
+    `GROUP_BYTES` (a group: the most rows that divide the batch and fit, at least 1). The groups
+    change the memory, never the values."""
+    batch = arrays[0].shape[0]
+    fit = max(1, GROUP_BYTES // row_bytes)
+    if fit >= batch:
+        return jax.vmap(f)(*arrays)
+    rows = max(d for d in range(1, fit + 1) if batch % d == 0)
+    return jax.lax.map(lambda xs: f(*xs), arrays, batch_size=rows)
+
+
+def draw_row(key: jax.Array, probs: jax.Array) -> jax.Array:
+    """One token per distribution of probs [..., V] (one row's) with one key: int32 [...]."""
+    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
 def draw(keys: jax.Array, probs: jax.Array) -> jax.Array:
     """One token per row from probs [B, ..., V] with keys [B]: int32 [B, ...]. Row b's draw
-    depends on keys[b] and probs[b] only. Rows go through in groups of at most `DRAW_BYTES` of
-    probabilities, one group after another (the Gumbel noise of a draw takes several times its
-    probabilities' bytes); the groups change the memory, never the draws."""
-    sample = lambda kp: jax.random.categorical(kp[0], jnp.log(kp[1]), axis=-1).astype(jnp.int32)
-    rows = max(1, DRAW_BYTES // (4 * math.prod(probs.shape[1:])))
-    if rows >= probs.shape[0]:
-        return jax.vmap(sample)((keys, probs))
-    return jax.lax.map(sample, (keys, probs), batch_size=rows)
+    depends on keys[b] and probs[b] only (the Gumbel noise of a row's draw takes several times its
+    probabilities' bytes, so large batches draw in groups of rows)."""
+    return in_row_groups(draw_row, 4 * math.prod(probs.shape[1:]), keys, probs)
 
 
 def uniforms(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
