@@ -132,14 +132,14 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
     row_probs = lambda h: probs(head_logits(cfg, params, h[None])[0])  # [W, D] -> [W, V]
     row_bytes = 4 * w * cfg.vocab_size
 
-    def drafted(key, h):  # one row: its W drafts, their probabilities, the distributions
+    def drafted(key, h):  # one row: its W drafts and their probabilities
         p = row_probs(h)
         draft = draw_row(key, p)
-        return draft, _pick(p, draft), p
+        return draft, _pick(p, draft)
 
     h_p = burst_pass(cfg, params, state.cache, state.last_tok, state.last_pos, targets,
                      head=False)  # [B, W, D]
-    draft, p_draft, p = in_row_groups(drafted, row_bytes, k_draft, h_p)  # p [B, W, V]
+    draft, p_draft = in_row_groups(drafted, row_bytes, k_draft, h_p)  # [B, W]
     u = uniforms(k_accept, (w,))
     if opts.mode == "paper":
         return _commit(state, *_paper_verify(cfg, params, state, targets, draft, p_draft, u,
@@ -153,7 +153,8 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
         return n_acc, q[jnp.minimum(n_acc, w - 1)]
 
     n_acc, q_at = in_row_groups(verified, row_bytes, u, p_draft, draft, valid, h_q)
-    p_at = _take(p, jnp.minimum(n_acc, w - 1)[:, None, None])[:, 0]
+    at = jnp.minimum(n_acc, w - 1)[:, None, None]
+    p_at = probs(head_logits(cfg, params, _take(h_p, at)))[:, 0]  # [B, V]: p, recomputed
     fix = draw(k_extra, _residual(q_at, p_at))  # [B]
     new_tok = jnp.where(slot == n_acc[:, None], fix[:, None], draft)
     return _commit(state, new_tok, targets, n_acc + (n_acc < n_valid), k_new, v_new)
@@ -238,24 +239,38 @@ def jacobi_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
     """One verify pass over the next W drafts; commit up to the first replaced one; keep the rest
     (coupled to the verifier's conditionals, which become their distributions) as drafts. The
     window then slides past the committed positions: the positions entering it bring their
-    first distributions."""
-    w = opts.window
-    n_valid = jnp.minimum(jnp.sum(state.unfilled(), axis=1), w)  # [B]
+    first distributions. Everything after the pass is per row, in groups of rows
+    (`in_row_groups`): only the window's distributions are ever [B, W, V]."""
+    w, n = opts.window, state.tokens.shape[1]
+    unfilled = state.unfilled()
+    n_valid = jnp.minimum(jnp.sum(unfilled, axis=1), w)  # [B]
+    active = jnp.any(unfilled, axis=1)  # [B]: rows still generating commit, the others do not
+    cursor = jnp.sum(state.filled, axis=1)  # [B]
     k_accept, k_extra = _iteration_keys(state, 2)
-    valid = jnp.arange(w)[None, :] < n_valid[:, None]  # [B, W]
     targets = _next_in_order(state, w)
     draft = _take(state.drafts, targets)  # [B, W]
-    pi = state.window_probs  # [B, W, V]
-    logits_q, k_new, v_new = _verify(cfg, params, state, draft, targets)
-    q = to_probs(logits_q, temperature, opts.top_k, top_p)  # [B, W, V]
-    keep = uniforms(k_accept, (w,)) * _pick(pi, draft) < _pick(q, draft)
-    coupled = jnp.where(keep, draft, draw(k_extra, _residual(q, pi)))  # [B, W], each ~ q
-    n_new = jnp.minimum(_accepted_prefix(keep & valid) + 1, n_valid)
+    h_q, k_new, v_new = _verify(cfg, params, state, draft, targets, head=False)  # [B, W, D]
+    slot = jnp.arange(w)
+
+    def row(pi, h, draft, u, key, n_valid, active, cursor, order, first_ids, first_probs):
+        """One row: (its coupled drafts [W], tokens committed, the next window's probs [W, V])."""
+        q = to_probs(head_logits(cfg, params, h[None])[0], temperature, opts.top_k, top_p)
+        keep = u * _pick(pi, draft) < _pick(q, draft)
+        coupled = jnp.where(keep, draft, draw_row(key, _residual(q, pi)))  # each ~ q
+        valid = slot < n_valid
+        n_new = jnp.where(active, jnp.minimum(_accepted_prefix(keep & valid) + 1, n_valid), 0)
+        src = slot + n_new  # each slot of the slid window: its old slot, or >= W (entering)
+        kept = jnp.where(valid[:, None], q, pi)[jnp.minimum(src, w - 1)]
+        entering = order[(cursor + src) % n]  # the positions that enter the window
+        first = jnp.zeros_like(pi).at[slot[:, None], first_ids[entering]].set(
+            first_probs[entering])
+        return coupled, n_new, jnp.where((src < w)[:, None], kept, first)
+
+    coupled, n_new, window = in_row_groups(
+        row, 4 * w * cfg.vocab_size, state.window_probs, h_q, draft, uniforms(k_accept, (w,)),
+        k_extra, n_valid, active, cursor, state.order, state.first_ids, state.first_probs)
     rows = jnp.arange(draft.shape[0])[:, None]
+    valid = slot[None, :] < n_valid[:, None]
     drafts = state.drafts.at[rows, targets].set(jnp.where(valid, coupled, draft))
-    new = _commit(state, coupled, targets, n_new, k_new, v_new, drafts=drafts)
-    shift = jnp.sum(new.filled, axis=1) - jnp.sum(state.filled, axis=1)  # [B]: committed
-    src = jnp.arange(w)[None, :] + shift[:, None]  # [B, W]: each new slot's old slot
-    kept = _take(jnp.where(valid[..., None], q, pi), jnp.minimum(src, w - 1)[..., None])
-    entering = _first_window_probs(new, _next_in_order(new, w), cfg.vocab_size)
-    return dataclasses.replace(new, window_probs=jnp.where((src < w)[..., None], kept, entering))
+    return _commit(state, coupled, targets, n_new, k_new, v_new, drafts=drafts,
+                   window_probs=window)
