@@ -3,6 +3,7 @@ commits).
 
     python experiments/time_decode.py --batch=16 --length=256 [--calls=5] [--tag=new]
     python experiments/time_decode.py --sampler=burst_jacobi --order=spread --window=16
+    python experiments/time_decode.py --dtype=bfloat16
 
 Compiles `sample_ar_call(cfg, params, key, tokens, known, order="random")` (or, for a burst
 sampler, `sample_burst_call(..., mode=..., order=..., window=...)`) ahead of time for the
@@ -32,8 +33,11 @@ MODES = {"burst": "exact", "burst_jacobi": "jacobi"}
 
 
 def main(batch: int, length: int, calls: int, tag: str, sampler: str = "ar",
-         order: str = "random", window: int | None = None) -> None:
+         order: str = "random", window: int | None = None, dtype: str = "float32") -> None:
     cfg, params, _, _ = pretrained.load("shakespeare_char")
+    if dtype != "float32":  # the same weights, rounded, computed and stored in `dtype`
+        cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
     tokens = jnp.zeros((batch, length), jnp.int32)
     known = jnp.zeros((batch, length), bool)
 
@@ -59,6 +63,7 @@ def main(batch: int, length: int, calls: int, tag: str, sampler: str = "ar",
     median = float(np.median(times))
     print(json.dumps(dict(
         tag=tag, sampler=sampler, order=order, window=window, batch=batch, length=length,
+        dtype=dtype,
         median_ms=round(1e3 * median, 1),
         min_ms=round(1e3 * min(times), 1), ms_per_model_call=round(1e3 * median / passes, 3),
         cpu_ms_per_model_call=round(1e3 * float(np.median(cpu_times)) / passes, 3),
@@ -76,6 +81,8 @@ if __name__ == "__main__":
     parser.add_argument("--sampler", default="ar", choices=["ar", *MODES])
     parser.add_argument("--order", default="random")
     parser.add_argument("--window", type=int, default=None, help="burst window (default all)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute and storage dtype (the shipped weights rounded to it)")
     flags = parser.parse_args()
     main(flags.batch, flags.length, flags.calls, flags.tag, flags.sampler, flags.order,
-         flags.window)
+         flags.window, flags.dtype)

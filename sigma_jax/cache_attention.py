@@ -80,7 +80,7 @@ def _cache_part(q, k_cache, v_cache, cache_valid, scores_new):
     products are batched over (B, H) with the operands' own row-major matrices, [c, hd] x
     [S, hd]^T and [c, S] x [S, hd], the forms CPU matrix kernels take without a transpose."""
     args = (jnp.swapaxes(q, 1, 2), k_cache, v_cache, cache_valid, scores_new)  # q [B, H, c, hd]
-    if k_cache.dtype != BF16_BITS:
+    if k_cache.dtype != BF16_BITS or k_cache.shape[2] == 0:
         y, p_new = _whole(*args)
     else:
         y, p_new = jax.lax.platform_dependent(*args, cpu=_widened_blocks, default=_whole)
