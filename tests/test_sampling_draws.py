@@ -74,3 +74,34 @@ def test_draw_follows_the_probabilities_and_uniforms_are_per_row_streams():
     assert u.shape == (2, 5) and not np.array_equal(u[0], u[1])
     np.testing.assert_array_equal(u[1], jax.random.uniform(jax.random.split(
         jax.random.key(2), 2)[1], (5,)))
+
+
+@pytest.mark.parametrize("group_rows", [1, 2, 6])  # 6 of 6 rows: one vmapped group
+def test_row_groups_recompute_the_head_bit_for_bit(monkeypatch, group_rows):
+    """Exact burst draws from p = softmax(head(h)) in groups of rows and, after the verify pass,
+    recomputes p at each row's first rejection the same way: the two must agree bit for bit (a
+    one-position product may round differently), in one program, grouped or not."""
+    from sigma_jax import ModelConfig, init_params
+    from sigma_jax.model import head_logits
+    from sigma_jax.sampling import draws
+
+    cfg = ModelConfig(vocab_size=61, block_size=8, n_layer=1, n_head=2, n_embd=24,
+                      dtype="bfloat16", param_dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    b, w = 6, 5
+    monkeypatch.setattr(draws, "GROUP_BYTES", group_rows * 4 * w * cfg.vocab_size)
+    probs = lambda h: to_probs(head_logits(cfg, params, h[None])[0], jnp.float32(0.7), None,
+                               None)
+
+    @jax.jit
+    def both(h, keys, at):
+        drafted = lambda key, h: (draws.draw_row(key, probs(h)), probs(h))
+        tokens, p = draws.in_row_groups(drafted, 4 * w * cfg.vocab_size, keys, h)
+        again = draws.in_row_groups(lambda h, a: probs(h)[a], 4 * w * cfg.vocab_size, h, at)
+        return tokens, p[jnp.arange(b), at], again
+
+    h = (3 * jax.random.normal(jax.random.key(1), (b, w, cfg.n_embd))).astype(jnp.bfloat16)
+    at = jnp.array([0, 4, 2, 2, 1, 3])
+    tokens, p_at, again = both(h, jax.random.split(jax.random.key(2), b), at)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(p_at))
+    assert tokens.shape == (b, w) and tokens.dtype == jnp.int32

@@ -146,15 +146,17 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
                                              valid, k_extra, probs, opts))
     h_q, k_new, v_new = _verify(cfg, params, state, draft, targets, head=False)
 
-    def verified(u, p_draft, draft, valid, h):  # one row: accepted drafts, q at the first miss
-        q = row_probs(h)  # [W, V]
+    def verified(u, p_draft, draft, valid, h_p, h_q):
+        """One row: its accepted drafts, p and q [V] at its first rejection. p is recomputed
+        from the burst pass's activations by the computation the drafts were drawn from (the
+        same values, bit for bit; a one-position product could round differently)."""
+        q = row_probs(h_q)  # [W, V]
         accept = ((u * p_draft < _pick(q, draft)) | (slot[0] == 0)) & valid
         n_acc = _accepted_prefix(accept)
-        return n_acc, q[jnp.minimum(n_acc, w - 1)]
+        at = jnp.minimum(n_acc, w - 1)
+        return n_acc, row_probs(h_p)[at], q[at]
 
-    n_acc, q_at = in_row_groups(verified, row_bytes, u, p_draft, draft, valid, h_q)
-    at = jnp.minimum(n_acc, w - 1)[:, None, None]
-    p_at = probs(head_logits(cfg, params, _take(h_p, at)))[:, 0]  # [B, V]: p, recomputed
+    n_acc, p_at, q_at = in_row_groups(verified, row_bytes, u, p_draft, draft, valid, h_p, h_q)
     fix = draw(k_extra, _residual(q_at, p_at))  # [B]
     new_tok = jnp.where(slot == n_acc[:, None], fix[:, None], draft)
     return _commit(state, new_tok, targets, n_acc + (n_acc < n_valid), k_new, v_new)
