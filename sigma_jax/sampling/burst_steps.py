@@ -86,12 +86,12 @@ def _next_in_order(state: BurstState, w: int) -> jax.Array:
     return _take(state.order, (cursor + jnp.arange(w)[None, :]) % n)
 
 
-def _verify(cfg, params, state: BurstState, draft, targets, head: bool = True):
-    """The causal pass over the drafts along targets: (logits [B, W, V] (head=False: the
-    activations [B, W, D]), k_new, v_new)."""
+def _verify(cfg, params, state: BurstState, draft, targets):
+    """The causal pass over the drafts along targets: (activations [B, W, D], whose head gives
+    the verifier's logits, k_new, v_new)."""
     tok_in = jnp.concatenate([state.last_tok[:, None], draft[:, :-1]], axis=1)
     pos_in = jnp.concatenate([state.last_pos[:, None], targets[:, :-1]], axis=1)
-    return extend_pass(cfg, params, state.cache, tok_in, pos_in, targets, head=head)
+    return extend_pass(cfg, params, state.cache, tok_in, pos_in, targets, head=False)
 
 
 def _commit(state: BurstState, new_tok, new_pos, n_new, k_new, v_new, **changes) -> BurstState:
@@ -144,7 +144,7 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
     if opts.mode == "paper":
         return _commit(state, *_paper_verify(cfg, params, state, targets, draft, p_draft, u,
                                              valid, k_extra, probs, opts))
-    h_q, k_new, v_new = _verify(cfg, params, state, draft, targets, head=False)
+    h_q, k_new, v_new = _verify(cfg, params, state, draft, targets)
 
     def verified(u, p_draft, draft, valid, h_p, h_q):
         """One row: its accepted drafts, p and q [V] at its first rejection. p is recomputed
@@ -251,7 +251,7 @@ def jacobi_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
     k_accept, k_extra = _iteration_keys(state, 2)
     targets = _next_in_order(state, w)
     draft = _take(state.drafts, targets)  # [B, W]
-    h_q, k_new, v_new = _verify(cfg, params, state, draft, targets, head=False)  # [B, W, D]
+    h_q, k_new, v_new = _verify(cfg, params, state, draft, targets)  # [B, W, D]
     slot = jnp.arange(w)
 
     def row(pi, h, draft, u, key, n_valid, active, cursor, order, first_ids, first_probs):
