@@ -4,8 +4,9 @@ size (12 x 768, V 50,304, N 1,024, bfloat16 compute and storage).
 
 The entry points: the train step on the default local mesh (`train.make_train_step`), `forward`,
 `log_prob`, `conditionals`, `sample_ar` (cached and uncached) and `sample_burst` in every mode,
-along random and spread orders. A sampler is exported whole: `sample_*_call(...)()` traced in one
-jitted function, so the order construction before the kernel is lowered too.
+along random and spread orders, and the serving engine's `insert` and `step` for cached AR and
+every burst mode. A sampler is exported whole: `sample_*_call(...)()` traced in one jitted
+function, so the order construction before the kernel is lowered too.
 
 Attention: the train step and `forward` are exported with both cache-free causal kernels
 ('blocked', 'fused'); the densities and samplers with 'fused', the kernel that
@@ -34,6 +35,8 @@ from sigma_jax import (
     sample_burst_call,
 )
 from sigma_jax.presets import PRESETS
+from sigma_jax.sampling import engine
+from sigma_jax.sampling.options import SampleOptions
 from sigma_jax.train import init_state, make_train_step
 
 PLATFORMS = ("cuda", "tpu")
@@ -50,7 +53,10 @@ ENTRIES = (
     + [(f"sample_burst[{m},{o}]", "fused", dict(mode=m, order=o))
        for m in ("exact", "jacobi") for o in ("random", "spread")]
     + [("sample_burst[paper,random]", "fused", dict(mode="paper", order="random"))]
+    + [(f"engine_{f}[{s}]", "fused", dict(sampler=s, order="random"))
+       for f in ("insert", "step") for s in ("ar", "burst", "burst_jacobi", "burst_paper")]
 )
+ENGINE_SLOTS = 2
 
 
 def _configs(size: str, attention: str):
@@ -94,11 +100,30 @@ def _entry(size: str, name: str):
     if name == "conditionals":
         fn = jax.jit(lambda p, t, m, k: conditionals(cfg, p, t, m, k))
         return fn, (params, tokens, known, key), (((b, n, cfg.vocab_size), F32),)
+    if name.startswith("engine"):
+        return _engine_entry(cfg, params, name, options, window)
     prepare = sample_ar_call if name.startswith("sample_ar") else functools.partial(
         sample_burst_call, window=window)
     truncation = dict(temperature=0.8, top_p=0.9)
     fn = jax.jit(lambda p, k, t, m: prepare(cfg, p, k, t, m, **options, **truncation)())
     return fn, (params, key, tokens, known), (((b, n), I32),)  # tokens [B, N], stats
+
+
+def _engine_entry(cfg, params, name, options, window):
+    """The engine's insert (one request into a traced slot) or step, on an abstract state of
+    ENGINE_SLOTS slots of capacity block_size: each returns a state of the same leaves."""
+    n = cfg.block_size
+    burst_window = None if options["sampler"] == "ar" else window
+    state = jax.eval_shape(lambda: engine.init(
+        cfg, SampleOptions(**options, window=burst_window, temperature=0.8, top_p=0.9),
+        ENGINE_SLOTS, n))
+    expected = tuple((s.shape, s.dtype) for s in jax.tree.leaves(state))
+    if name.startswith("engine_step"):
+        return jax.jit(lambda p, s: engine.step(cfg, p, s)), (params, state), expected
+    request = (_spec((), jnp.int32), _spec((n,), jnp.int32), _spec((n,), jnp.bool_),
+               _spec((), jnp.int32), _spec((), jax.random.key(0).dtype))
+    fn = jax.jit(lambda p, s, *r: engine._insert(cfg, p, s, *r))
+    return fn, (params, state, *request), expected
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
