@@ -32,7 +32,7 @@ from sigma_jax.attention import NEG, SelfMask, finite_or_zero, softmax_last
 from sigma_jax.cache import BF16_BITS, as_entries
 
 QUERY_CHUNK = 128  # queries per chunk at most (the chunks run one after another)
-SCORE_BYTES = 16 << 20  # float32 scores of one query chunk, at most (unless a chunk is 1 query)
+SCORE_BYTES = 32 << 20  # float32 scores of one query chunk, at most (unless a chunk is 1 query)
 WIDE_BLOCK_BYTES = 256 << 10  # float32 keys (or values) of one widened block of cache slots,
 WIDE_BLOCK_SLOTS = 16  # unless a block of this many slots is larger
 
