@@ -54,13 +54,25 @@ def in_row_groups(f, row_bytes: int, *arrays):
     """vmap(f)(*arrays) (f maps one row of each array, axis 0, to that row's outputs), run as
     equal groups of rows one after another when the `row_bytes`-byte rows of all would pass
     `GROUP_BYTES` (a group: the most rows that divide the batch and fit, at least 1). The groups
-    change the memory, never the values."""
+    change the memory, never the values.
+
+    Group g holds rows g, g + G, g + 2G, ... (G groups): strided, so that every group spans the
+    whole batch, and every device of a mesh that shards the batch in contiguous blocks works on
+    every group."""
     batch = arrays[0].shape[0]
     fit = max(1, GROUP_BYTES // row_bytes)
     if fit >= batch:
         return jax.vmap(f)(*arrays)
     rows = max(d for d in range(1, fit + 1) if batch % d == 0)
-    return jax.lax.map(lambda xs: f(*xs), arrays, batch_size=rows)
+    groups = batch // rows
+    strided = [a.reshape(rows, groups, *a.shape[1:]) for a in arrays]  # row r * G + g at [r, g]
+    group = lambda g: jax.vmap(f)(*(jax.lax.dynamic_index_in_dim(a, g, 1, keepdims=False)
+                                    for a in strided))
+    put = lambda g, outs: jax.tree.map(
+        lambda out, part: jax.lax.dynamic_update_index_in_dim(out, part, g, 1), outs, group(g))
+    empty = lambda s: jnp.zeros((rows, groups, *s.shape[1:]), s.dtype)
+    outs = jax.lax.fori_loop(0, groups, put, jax.tree.map(empty, jax.eval_shape(group, 0)))
+    return jax.tree.map(lambda out: out.reshape(batch, *out.shape[2:]), outs)
 
 
 def draw_row(key: jax.Array, probs: jax.Array) -> jax.Array:
