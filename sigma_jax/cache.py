@@ -42,7 +42,12 @@ class KVCache:
 
     def valid(self) -> jax.Array:
         """bool[B, S]: which slots hold committed entries."""
-        return jnp.arange(self.capacity)[None, :] < self.length[:, None]
+        return _valid_slots(self.capacity, self.length)
+
+
+def _valid_slots(capacity: int, length: jax.Array) -> jax.Array:
+    """bool [B, capacity]: slot s of row b is valid iff s < length[b]."""
+    return jnp.arange(capacity)[None, :] < length[:, None]
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> KVCache:
@@ -111,7 +116,7 @@ class LayerCaches:
 
     def valid(self) -> jax.Array:
         """bool[B, S]: which slots hold committed entries."""
-        return jnp.arange(self.k[0].shape[2])[None, :] < self.length[:, None]
+        return _valid_slots(self.k[0].shape[2], self.length)
 
     def write(self, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) -> LayerCaches:
         """`write` (same arguments, same contract) applied to every layer's buffer."""
@@ -151,6 +156,12 @@ def entry_dtype(stored_dtype) -> jnp.dtype:
     return jnp.dtype(jnp.bfloat16 if stored_dtype == BF16_BITS else stored_dtype)
 
 
+def storage_dtype(entries_dtype) -> jnp.dtype:
+    """The dtype of a per-layer buffer holding entries of `entries_dtype` (`entry_dtype`'s
+    inverse)."""
+    return jnp.dtype(BF16_BITS if entries_dtype == jnp.bfloat16 else entries_dtype)
+
+
 def as_stored(x: jax.Array, stored_dtype) -> jax.Array:
     """Entries x, cast to the entry dtype of a `stored_dtype` buffer, in that buffer's form."""
     x = x.astype(entry_dtype(stored_dtype))
@@ -179,7 +190,7 @@ def split_layers(cache: KVCache) -> LayerCaches:
     """The same cache, one buffer per layer (each laid out by the cache's axes on a mesh)."""
     layer = lambda x: constrain(x, CACHE_KV_AXES[1:])
     n_layer = cache.k.shape[0]
-    store = lambda x: layer(as_stored(x, BF16_BITS if x.dtype == jnp.bfloat16 else x.dtype))
+    store = lambda x: layer(as_stored(x, storage_dtype(x.dtype)))
     return LayerCaches(k=tuple(store(cache.k[i]) for i in range(n_layer)),
                        v=tuple(store(cache.v[i]) for i in range(n_layer)),
                        length=constrain(cache.length, CACHE_LENGTH_AXES))

@@ -113,9 +113,11 @@ def _widened_blocks(qh, k_bits, v_bits, cache_valid, scores_new):
     block = lambda bits, at: _widen(jax.lax.dynamic_slice_in_dim(bits, at, kb, axis=2))
     n = (jnp.max(jnp.where(cache_valid, jnp.arange(s) + 1, 0)) + kb - 1) // kb
 
+    q32 = qh.astype(jnp.float32)
+
     def scores(j, s_cache):  # s_cache [B, H, c, S], unvisited slots NEG
         at, _ = starts(j)
-        s_blk = jnp.einsum("bhtd,bhsd->bhts", qh.astype(jnp.float32), block(k_bits, at))
+        s_blk = jnp.einsum("bhtd,bhsd->bhts", q32, block(k_bits, at))
         return jax.lax.dynamic_update_slice_in_dim(s_cache, s_blk, at, axis=3)
 
     c = qh.shape[2]

@@ -129,7 +129,7 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
         targets = jnp.argsort(jnp.where(remaining, u_order, 2.0), axis=1)[:, :w].astype(jnp.int32)
 
     probs = lambda logits: to_probs(logits, temperature, opts.top_k, top_p)
-    row_probs = lambda h: probs(head_logits(cfg, params, h[None])[0])  # [W, D] -> [W, V]
+    row_probs = lambda h: _row_probs(cfg, params, h, temperature, top_p, opts)
     row_bytes = 4 * w * cfg.vocab_size
 
     def drafted(key, h):  # one row: its W drafts and their probabilities
@@ -231,9 +231,18 @@ def _first_window_probs(state: BurstState, targets, v: int) -> jax.Array:
     """float32 [B, W, V]: the first distributions of the positions targets [B, W], dense."""
     ids, probs = _take(state.first_ids, targets[..., None]), _take(state.first_probs,
                                                                    targets[..., None])
-    b, w, _ = ids.shape
-    return jnp.zeros((b, w, v), jnp.float32).at[
-        jnp.arange(b)[:, None, None], jnp.arange(w)[None, :, None], ids].set(probs)
+    return jax.vmap(_dense_first, (0, 0, None))(ids, probs, v)
+
+
+def _dense_first(ids, probs, v: int) -> jax.Array:
+    """float32 [W, V]: W first distributions, their K tokens ids and probabilities [W, K]."""
+    return jnp.zeros((ids.shape[0], v), jnp.float32).at[
+        jnp.arange(ids.shape[0])[:, None], ids].set(probs)
+
+
+def _row_probs(cfg: ModelConfig, params: dict, h, temperature, top_p, opts: KernelOptions):
+    """One row's sampling distributions [W, V] from its pass activations h [W, D]."""
+    return to_probs(head_logits(cfg, params, h[None])[0], temperature, opts.top_k, top_p)
 
 
 def jacobi_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
@@ -256,7 +265,7 @@ def jacobi_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
 
     def row(pi, h, draft, u, key, n_valid, active, cursor, order, first_ids, first_probs):
         """One row: (its coupled drafts [W], tokens committed, the next window's probs [W, V])."""
-        q = to_probs(head_logits(cfg, params, h[None])[0], temperature, opts.top_k, top_p)
+        q = _row_probs(cfg, params, h, temperature, top_p, opts)
         keep = u * _pick(pi, draft) < _pick(q, draft)
         coupled = jnp.where(keep, draft, draw_row(key, _residual(q, pi)))  # each ~ q
         valid = slot < n_valid
@@ -264,8 +273,7 @@ def jacobi_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
         src = slot + n_new  # each slot of the slid window: its old slot, or >= W (entering)
         kept = jnp.where(valid[:, None], q, pi)[jnp.minimum(src, w - 1)]
         entering = order[(cursor + src) % n]  # the positions that enter the window
-        first = jnp.zeros_like(pi).at[slot[:, None], first_ids[entering]].set(
-            first_probs[entering])
+        first = _dense_first(first_ids[entering], first_probs[entering], cfg.vocab_size)
         return coupled, n_new, jnp.where((src < w)[:, None], kept, first)
 
     coupled, n_new, window = in_row_groups(
