@@ -18,7 +18,11 @@ new tokens are replaced by zero before they meet other queries' probabilities.
 A cache of bfloat16 entries held as bits (`cache.BF16_BITS`, a `LayerCaches` buffer) is read, on
 CPU, in blocks of slots widened to float32 (`WIDE_BLOCK_BYTES` per block), up to the last valid
 slot only: XLA:CPU multiplies bfloat16 through float32 copies of whole operands. On other
-backends its products run in bfloat16 on the same bits.
+backends its products run in bfloat16 on the same bits. A float32 cache is read, on CPU, by
+passes of several queries (burst, verify and prefill passes) over a static prefix of it: the
+shortest of `PREFIX_PARTS` + 1 (none, a quarter, ... all of it) that holds every row's valid
+slots, picked at run time. Single-query passes read it whole: for them the prefix's copy costs
+more than the slots it skips.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ QUERY_CHUNK = 128  # queries per chunk at most (the chunks run one after another
 SCORE_BYTES = 32 << 20  # float32 scores of one query chunk, at most (unless a chunk is 1 query)
 WIDE_BLOCK_BYTES = 256 << 10  # float32 keys (or values) of one widened block of cache slots,
 WIDE_BLOCK_SLOTS = 16  # unless a block of this many slots is larger
+PREFIX_PARTS = 4  # float32 caches on CPU: passes of several queries read 0, 1/4, ... 4/4 of it
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
@@ -80,10 +85,14 @@ def _cache_part(q, k_cache, v_cache, cache_valid, scores_new):
     products are batched over (B, H) with the operands' own row-major matrices, [c, hd] x
     [S, hd]^T and [c, S] x [S, hd], the forms CPU matrix kernels take without a transpose."""
     args = (jnp.swapaxes(q, 1, 2), k_cache, v_cache, cache_valid, scores_new)  # q [B, H, c, hd]
-    if k_cache.dtype != BF16_BITS or k_cache.shape[2] == 0:
+    if k_cache.shape[2] == 0:
         y, p_new = _whole(*args)
-    else:
+    elif k_cache.dtype == BF16_BITS:
         y, p_new = jax.lax.platform_dependent(*args, cpu=_widened_blocks, default=_whole)
+    elif q.shape[1] > 1:
+        y, p_new = jax.lax.platform_dependent(*args, cpu=_valid_prefix, default=_whole)
+    else:
+        y, p_new = _whole(*args)
     return jnp.swapaxes(y, 1, 2), p_new
 
 
@@ -95,6 +104,20 @@ def _whole(qh, k_cache, v_cache, cache_valid, scores_new):
     s = k_cache.shape[2]
     y = jnp.einsum("bhts,bhsd->bhtd", probs[..., :s].astype(v_cache.dtype), v_cache)
     return y.astype(qh.dtype), probs[..., s:]
+
+
+def _valid_prefix(qh, k_cache, v_cache, cache_valid, scores_new):
+    """`_whole` over the shortest of `PREFIX_PARTS` + 1 static prefixes of the cache (none, a
+    quarter, a half, ...) that holds every row's valid slots, chosen at run time by `lax.switch`:
+    the slots past the last valid one of every row are neither multiplied nor softmaxed."""
+    s = k_cache.shape[2]
+    sizes = sorted({-(-s * i // PREFIX_PARTS) for i in range(PREFIX_PARTS + 1)})
+    last = jnp.max(jnp.where(cache_valid, jnp.arange(s) + 1, 0))  # valid slots are below it
+    part = jnp.searchsorted(jnp.array(sizes, jnp.int32), last).astype(jnp.int32)
+    prefix = lambda n: lambda qh, k, v, valid, new: _whole(
+        qh, k[:, :, :n], v[:, :, :n], valid[:, :n], new)
+    return jax.lax.switch(part, [prefix(n) for n in sizes], qh, k_cache, v_cache, cache_valid,
+                          scores_new)
 
 
 def _softmax_with_new(s_cache, cache_valid, scores_new):

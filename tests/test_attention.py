@@ -2,12 +2,14 @@
 explicit boolean mask, one softmax, probabilities times values. The reference takes the cache in
 token layout [B, S, H, hd]; the cached kernel reads it heads-major, [B, H, S, hd]."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sigma_jax import ModelConfig, forward, init_params, sample_burst_call
+from sigma_jax import ModelConfig, cache_attention, forward, init_params, sample_burst_call
 from sigma_jax.attention import CAUSAL, DIAGONAL, SelfMask, causal_attention
 from sigma_jax.cache_attention import cached_attention as _cached_attention
 
@@ -76,6 +78,36 @@ def test_cached_attention_matches_the_reference(mask, t, chunk):
     got = cached_attention(q, k, v, k_cache, v_cache, cache_valid, mask, chunk=chunk)
     want = _reference(q, k, v, k_cache, v_cache, cache_valid, _self_mask(mask, t))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [(0, 0), (3, 0), (4, 1), (6, 6), (7, 2), (12, 5)])
+@pytest.mark.parametrize("mask,t", [(CAUSAL, 5), (DIAGONAL, 4), (SelfMask(blocks=2), 6)])
+def test_passes_read_the_shortest_prefix_holding_every_valid_slot(lengths, mask, t):
+    """A float32 cache of 12 slots: passes of several queries read a prefix of 0, 3, 6, 9 or 12
+    slots, the shortest that holds every row's valid slots (rows valid below `lengths`, so each
+    prefix is taken, at its edges too); the result is the whole-cache reference's."""
+    q, k, v, k_cache, v_cache, _ = _inputs(t, 12, seed=sum(lengths) + t)
+    cache_valid = jnp.arange(12)[None, :] < jnp.array(lengths)[:, None]
+    run = jax.jit(lambda *a: cached_attention(*a, mask, chunk=128))
+    program = run.lower(q, k, v, k_cache, v_cache, cache_valid).compile().as_text()
+    assert re.search(r"conditional\(.*branch_computations=\{(%[\w.]+, ){4}%[\w.]+\}", program)
+    got = run(q, k, v, k_cache, v_cache, cache_valid)
+    want = _reference(q, k, v, k_cache, v_cache, cache_valid, _self_mask(mask, t))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_each_prefix_gives_the_whole_cache_products():
+    """The prefix a pass reads gives the whole cache's products to float32 rounding, for a
+    valid set ending in every prefix."""
+    q, k, v, k_cache, v_cache, _ = _inputs(4, 12, seed=5)
+    qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k_cache, v_cache))
+    scores_new = jnp.einsum("bthd,buhd->bhtu", q, k)
+    for last in range(13):
+        valid = jnp.arange(12)[None, :] < jnp.array([last, last // 2])[:, None]
+        got = jax.jit(cache_attention._valid_prefix)(qh, kh, vh, valid, scores_new)
+        want = cache_attention._whole(qh, kh, vh, valid, scores_new)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("mask", [CAUSAL, DIAGONAL, SelfMask(blocks=2)])
