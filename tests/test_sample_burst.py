@@ -389,3 +389,22 @@ def test_rows_in_groups_give_the_same_samples(monkeypatch, mode, group_bytes):
     np.testing.assert_array_equal(np.asarray(grouped), np.asarray(whole))
     np.testing.assert_array_equal(np.asarray(grouped_stats.forward_passes),
                                   np.asarray(stats.forward_passes))
+
+
+@pytest.mark.parametrize("mode", ["exact", "jacobi", "paper"])
+@pytest.mark.integration
+def test_a_row_samples_the_same_alone_as_in_a_large_batch(mode):
+    """Rows of a batch of 128 at N = 10, whose first-draft passes hold 8 positions of every
+    row (decode.pass_slots), against the same rows sampled alone (one pass of all 10): the
+    same tokens, bit for bit."""
+    params = peaked_params(SMALL, 6)
+    b, n = 128, SMALL.block_size
+    tokens = jax.random.randint(jax.random.key(1), (b, n), 0, SMALL.vocab_size)
+    known = ragged_known(5, b, n)
+    keys = jax.random.split(jax.random.key(2), b)
+    run = lambda rows: sample_burst(SMALL, params, keys[rows], tokens[rows], known[rows],
+                                    mode=mode, window=4, order="random")[0]
+    batch = np.asarray(run(slice(None)))
+    for row in (0, 57, 127):
+        np.testing.assert_array_equal(np.asarray(run(slice(row, row + 1)))[0], batch[row],
+                                      err_msg=f"row {row}")

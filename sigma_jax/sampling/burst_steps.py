@@ -194,11 +194,12 @@ def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, pr
 
 def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
                 opts: KernelOptions) -> BurstState:
-    """Draft every position given the known tokens, in burst passes of about decode.PREFILL_TOKENS
-    queries: each position's distribution is truncated to its K = min(draft_support, V) most
-    probable tokens and renormalized (first_ids, first_probs [B, N, K]) and its first draft is
-    drawn from that truncation, which is what acceptance divides by (exact for any K). Known
-    positions' drafts are unused."""
+    """Draft every position given the known tokens: burst passes of about
+    decode.PREFILL_TOKENS queries truncate each position's distribution to its
+    K = min(draft_support, V) most probable tokens, renormalized (first_ids, first_probs
+    [B, N, K]); then every first draft is drawn from its truncation (what acceptance divides by:
+    exact for any K) with one key per row, so a row's drafts do not depend on how many rows
+    share the passes. Known positions' drafts are unused."""
     b, n = state.tokens.shape
     k = min(opts.draft_support, cfg.vocab_size)
     chunk = pass_slots(b, n)
@@ -207,22 +208,21 @@ def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
     layered = per_layer(params)
 
     def one_pass(c, carry):  # positions [c * chunk, (c + 1) * chunk), clamped to N - 1
-        ids, probs, drafts = carry
+        ids, probs = carry
         targets = jnp.minimum(c * chunk + jnp.arange(chunk, dtype=jnp.int32), n - 1)
         logits = burst_pass(cfg, layered, state.cache, state.last_tok, state.last_pos,
                             jnp.broadcast_to(targets, (b, chunk)))
         top, top_ids = jax.lax.top_k(to_probs(logits, temperature, opts.top_k, top_p), k)
         top = top / jnp.sum(top, axis=-1, keepdims=True)  # [B, chunk, K]
-        pick = draw(jax.vmap(jax.random.fold_in, (0, None))(draft_keys, c), top)  # [B, chunk]
         put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, c * chunk, 1)
-        return (put(ids, top_ids), put(probs, top),
-                put(drafts, jnp.take_along_axis(top_ids, pick[..., None], -1)[..., 0]))
+        return put(ids, top_ids), put(probs, top)
 
-    init = (jnp.zeros((b, padded, k), jnp.int32), jnp.zeros((b, padded, k), jnp.float32),
-            jnp.zeros((b, padded), jnp.int32))
-    ids, probs, drafts = jax.lax.fori_loop(0, padded // chunk, one_pass, init)
-    state = dataclasses.replace(state, keys=loop_keys, drafts=drafts[:, :n],
-                                first_ids=ids[:, :n], first_probs=probs[:, :n])
+    init = (jnp.zeros((b, padded, k), jnp.int32), jnp.zeros((b, padded, k), jnp.float32))
+    ids, probs = jax.lax.fori_loop(0, padded // chunk, one_pass, init)
+    ids, probs = ids[:, :n], probs[:, :n]
+    pick = draw(jax.vmap(jax.random.fold_in, (0, None))(draft_keys, 0), probs)  # [B, N]
+    state = dataclasses.replace(state, keys=loop_keys, first_ids=ids, first_probs=probs,
+                                drafts=jnp.take_along_axis(ids, pick[..., None], -1)[..., 0])
     return dataclasses.replace(state, window_probs=_first_window_probs(
         state, _next_in_order(state, opts.window), cfg.vocab_size))
 
