@@ -365,19 +365,21 @@ def test_a_planted_mismatch_between_drawn_and_accepted_probabilities_fails(monke
     assert p_value < 1e-6, (p_value, chi2, df)
 
 
-@pytest.mark.parametrize("mode", ["exact", "jacobi"])
+@pytest.mark.parametrize("mode", ["exact", "jacobi", "paper"])
 @pytest.mark.parametrize("group_bytes", [1, 2 * 3 * 11 * 4])  # 1 row per group; 2 of 6 rows
 def test_rows_in_groups_give_the_same_samples(monkeypatch, mode, group_bytes):
     """Large batches run the output head, the draws and the verification in groups of rows
-    (`draws.in_row_groups`) to bound memory; the samples must not change, bit for bit."""
+    (`draws.in_row_groups`) to bound memory; the samples must not change, bit for bit (paper
+    mode: 2 candidate orders of 3, whose q of one row alone takes 2 x 3 x 11 x 4 bytes)."""
     from sigma_jax.sampling import draws
 
     cfg = ModelConfig(vocab_size=11, block_size=9, n_layer=1, n_head=2, n_embd=16)
     params = peaked_params(cfg, 5)
     tokens = jax.random.randint(jax.random.key(0), (6, 9), 0, cfg.vocab_size)
     known = ragged_known(3, 6, 9)
+    order, orders = ("random", {"n_orders": 2}) if mode == "paper" else ("spread", {})
     run = lambda: sample_burst(cfg, params, jax.random.key(4), tokens, known, window=3,
-                               mode=mode, order="spread")
+                               mode=mode, order=order, **orders)
     whole, stats = run()
     monkeypatch.setattr(draws, "GROUP_BYTES", group_bytes)
     _sample_burst.clear_cache()  # retrace with the groups

@@ -128,7 +128,6 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
         u_order = uniforms(k_order, (n,))
         targets = jnp.argsort(jnp.where(remaining, u_order, 2.0), axis=1)[:, :w].astype(jnp.int32)
 
-    probs = lambda logits: to_probs(logits, temperature, opts.top_k, top_p)
     row_probs = lambda h: _row_probs(cfg, params, h, temperature, top_p, opts)
     row_bytes = 4 * w * cfg.vocab_size
 
@@ -143,7 +142,7 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
     u = uniforms(k_accept, (w,))
     if opts.mode == "paper":
         return _commit(state, *_paper_verify(cfg, params, state, targets, draft, p_draft, u,
-                                             valid, k_extra, probs, opts))
+                                             valid, k_extra, row_probs, opts))
     h_q, k_new, v_new = _verify(cfg, params, state, draft, targets)
 
     def verified(u, p_draft, draft, valid, h_p, h_q):
@@ -162,10 +161,12 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
     return _commit(state, new_tok, targets, n_acc + (n_acc < n_valid), k_new, v_new)
 
 
-def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, probs, opts):
+def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, row_probs, opts):
     """The published rule: K orders of the candidates verified in one pass over the shared cache
     (K independent causal blocks), one uniform per candidate shared by the orders, accept while
-    u < q/p (the first always), keep the order with the longest accepted prefix."""
+    u < q/p (the first always), keep the order with the longest accepted prefix. q of the K x W
+    candidates comes per row, in groups of rows (`in_row_groups`): row_probs maps one row's
+    activations [K W, D] to its distributions [K W, V]."""
     b, w = draft.shape
     k = opts.n_orders
     u_perm = jax.vmap(lambda kk: jax.random.uniform(kk, (k, w)))(key)  # [B, K, W]
@@ -177,9 +178,11 @@ def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, pr
     last_pos = jnp.broadcast_to(state.last_pos[:, None, None], (b, k, 1))
     tok_in = jnp.concatenate([last_tok, c_tok[..., :-1]], axis=-1).reshape(b, k * w)
     pos_in = jnp.concatenate([last_pos, c_pos[..., :-1]], axis=-1).reshape(b, k * w)
-    logits_q, k_new, v_new = extend_pass(cfg, params, state.cache, tok_in, pos_in,
-                                         c_pos.reshape(b, k * w), blocks=k)
-    q_draft = _pick(probs(logits_q).reshape(b, k, w, -1), c_tok)  # [B, K, W]
+    h_q, k_new, v_new = extend_pass(cfg, params, state.cache, tok_in, pos_in,
+                                    c_pos.reshape(b, k * w), blocks=k, head=False)
+    q_of = lambda h, tok: _pick(row_probs(h), tok)  # one row: q [K W] of its candidates
+    q_draft = in_row_groups(q_of, 4 * k * w * cfg.vocab_size, h_q,
+                            c_tok.reshape(b, k * w)).reshape(b, k, w)
     first = jnp.arange(w)[None, None, :] == 0
     accept = ((c_u * c_p < q_draft) | first) & c_valid
     n_acc = _accepted_prefix(accept)  # [B, K]
