@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from sigma_jax.checks import within_lengths
 from sigma_jax.config import ModelConfig
 from sigma_jax.sharding import constrain, explicit_spec, fitted_sharding, logical_to_spec
 
@@ -42,12 +43,7 @@ class KVCache:
 
     def valid(self) -> jax.Array:
         """bool[B, S]: which slots hold committed entries."""
-        return _valid_slots(self.capacity, self.length)
-
-
-def _valid_slots(capacity: int, length: jax.Array) -> jax.Array:
-    """bool [B, capacity]: slot s of row b is valid iff s < length[b]."""
-    return jnp.arange(capacity)[None, :] < length[:, None]
+        return within_lengths(self.length, self.capacity)
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> KVCache:
@@ -116,7 +112,7 @@ class LayerCaches:
 
     def valid(self) -> jax.Array:
         """bool[B, S]: which slots hold committed entries."""
-        return _valid_slots(self.k[0].shape[2], self.length)
+        return within_lengths(self.length, self.k[0].shape[2])
 
     def write(self, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) -> LayerCaches:
         """`write` (same arguments, same contract) applied to every layer's buffer."""

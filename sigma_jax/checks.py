@@ -92,6 +92,11 @@ def token_ids(tokens):
     return integer_array(tokens, "tokens", "token ids")
 
 
+def within_lengths(lengths: jax.Array, n: int) -> jax.Array:
+    """bool [B, n]: position (or cache slot) i of row b lies below lengths[b] (int32 [B])."""
+    return jnp.arange(n)[None, :] < lengths[:, None]
+
+
 def row_lengths(lengths, shape: tuple[int, int]) -> jax.Array:
     """Each row's length as int32 [B]: N for None; else a [B] integer array (lists accepted)
     with values in [1, N] (checked when concrete)."""
@@ -162,7 +167,7 @@ def checked_rows(cfg, tokens, known, order=None, lengths=None, *, known_only: bo
     known = jnp.asarray(known).astype(bool)
     tokens = token_ids(tokens)
     lengths = row_lengths(lengths, known.shape)
-    known = known & (jnp.arange(known.shape[-1])[None, :] < lengths[:, None])
+    known = known & within_lengths(lengths, known.shape[-1])
     order = None if order is None else integer_array(order, "order")
     checked = tokens  # ids are range-checked in their given dtype, before a cast can wrap them
     if known_only and is_concrete(tokens, known):

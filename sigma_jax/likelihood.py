@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sigma_jax import orders as orders_lib
-from sigma_jax.checks import check_int, checked_rows
+from sigma_jax.checks import check_int, checked_rows, within_lengths
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import burst_pass, cache_capacity, prefill
 from sigma_jax.model import forward
@@ -89,7 +89,7 @@ def _conditionals(cfg: ModelConfig, params: dict, tokens, known, order, lengths)
     targets = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     probs = jax.nn.softmax(burst_pass(cfg, params, cache, last_tok, last_pos, targets), axis=-1)
     one_hot = jax.nn.one_hot(tokens, cfg.vocab_size, dtype=probs.dtype)
-    present = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])[..., None]
+    present = within_lengths(lengths, tokens.shape[1])[..., None]
     return jnp.where(known[..., None], one_hot, jnp.where(present, probs, 0.0))
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from sigma_jax.cache import LayerCaches
+from sigma_jax.checks import within_lengths
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import burst_pass, extend_pass, pass_slots
 from sigma_jax.model import head_logits, per_layer
@@ -49,8 +50,7 @@ class BurstState:
 
     def unfilled(self) -> jax.Array:
         """bool [B, N]: the positions still to generate (neither filled nor past the length)."""
-        present = jnp.arange(self.filled.shape[1])[None, :] < self.lengths[:, None]
-        return ~self.filled & present
+        return ~self.filled & within_lengths(self.lengths, self.filled.shape[1])
 
 
 def _take(x, idx):  # x [B, W, ...] gathered along axis 1 with idx [B, ...]
@@ -99,7 +99,7 @@ def _commit(state: BurstState, new_tok, new_pos, n_new, k_new, v_new, **changes)
     and advance the counters of the rows that were still generating."""
     active = jnp.any(state.unfilled(), axis=1)  # [B]
     n_new = jnp.where(active, n_new, 0).astype(jnp.int32)
-    commit = jnp.arange(new_tok.shape[1])[None, :] < n_new[:, None]  # [B, W]
+    commit = within_lengths(n_new, new_tok.shape[1])  # [B, W]
     rows = jnp.arange(new_tok.shape[0])[:, None]
     tokens = state.tokens.at[rows, new_pos].set(
         jnp.where(commit, new_tok, state.tokens[rows, new_pos]))
