@@ -9,6 +9,7 @@
   a storage of its own with distinct values.
 - `official(...)`: the published checkpoint dict around a state dict.
 - `write_archive(path, pickle_bytes, storages)`: the zip (stored entries, like torch).
+- `ESC`: terminal escape sequences, a payload for names and messages.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def encode(value) -> bytes:
 def pickle_of(value) -> bytes:
     return PROTO2 + encode(value) + STOP
 
+
+ESC = "\x1b]0;owned\x07\x1b[2J"  # sets a terminal title, clears the screen
 
 TINY_ARGS = {"n_layer": 1, "n_head": 1, "n_embd": 4, "block_size": 2, "bias": False,
              "vocab_size": 3, "dropout": 0.0}
