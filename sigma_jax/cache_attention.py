@@ -112,12 +112,16 @@ def _valid_prefix(qh, k_cache, v_cache, cache_valid, scores_new):
     the slots past the last valid one of every row are neither multiplied nor softmaxed."""
     s = k_cache.shape[2]
     sizes = sorted({-(-s * i // PREFIX_PARTS) for i in range(PREFIX_PARTS + 1)})
-    last = jnp.max(jnp.where(cache_valid, jnp.arange(s) + 1, 0))  # valid slots are below it
-    part = jnp.searchsorted(jnp.array(sizes, jnp.int32), last).astype(jnp.int32)
+    part = jnp.searchsorted(jnp.array(sizes, jnp.int32), _valid_end(cache_valid))
     prefix = lambda n: lambda qh, k, v, valid, new: _whole(
         qh, k[:, :, :n], v[:, :, :n], valid[:, :n], new)
     return jax.lax.switch(part, [prefix(n) for n in sizes], qh, k_cache, v_cache, cache_valid,
                           scores_new)
+
+
+def _valid_end(cache_valid: jax.Array) -> jax.Array:
+    """int32 []: one past the last slot any row holds valid (0 when none does)."""
+    return jnp.max(jnp.where(cache_valid, jnp.arange(cache_valid.shape[1]) + 1, 0))
 
 
 def _softmax_with_new(s_cache, cache_valid, scores_new):
@@ -134,7 +138,7 @@ def _widened_blocks(qh, k_bits, v_bits, cache_valid, scores_new):
     kb = min(s, max(WIDE_BLOCK_SLOTS, WIDE_BLOCK_BYTES // (4 * b * h * hd)))
     starts = lambda j: (jnp.minimum(j * kb, s - kb), j * kb)  # (block start, first new slot)
     block = lambda bits, at: _widen(jax.lax.dynamic_slice_in_dim(bits, at, kb, axis=2))
-    n = (jnp.max(jnp.where(cache_valid, jnp.arange(s) + 1, 0)) + kb - 1) // kb
+    n = (_valid_end(cache_valid) + kb - 1) // kb
 
     q32 = qh.astype(jnp.float32)
 

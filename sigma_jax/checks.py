@@ -92,6 +92,11 @@ def token_ids(tokens):
     return integer_array(tokens, "tokens", "token ids")
 
 
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of n that is at most `at_most` (n, at_most >= 1)."""
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
 def within_lengths(lengths: jax.Array, n: int) -> jax.Array:
     """bool [B, n]: position (or cache slot) i of row b lies below lengths[b] (int32 [B])."""
     return jnp.arange(n)[None, :] < lengths[:, None]

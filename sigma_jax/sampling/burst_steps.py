@@ -121,7 +121,7 @@ def burst_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, t
     n_valid = jnp.minimum(jnp.sum(remaining, axis=1), w)  # candidates that exist per row
     k_order, k_draft, k_accept, k_extra = _iteration_keys(state, 4)
     slot = jnp.arange(w)[None, :]  # [1, W]
-    valid = slot < n_valid[:, None]
+    valid = within_lengths(n_valid, w)
     if opts.mode == "exact":
         targets = _next_in_order(state, w)
     else:  # W remaining positions drawn uniformly at random, before any draft
@@ -283,7 +283,7 @@ def jacobi_step(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
         row, 4 * w * cfg.vocab_size, state.window_probs, h_q, draft, uniforms(k_accept, (w,)),
         k_extra, n_valid, active, cursor, state.order, state.first_ids, state.first_probs)
     rows = jnp.arange(draft.shape[0])[:, None]
-    valid = slot[None, :] < n_valid[:, None]
+    valid = within_lengths(n_valid, w)
     drafts = state.drafts.at[rows, targets].set(jnp.where(valid, coupled, draft))
     return _commit(state, coupled, targets, n_new, k_new, v_new, drafts=drafts,
                    window_probs=window)

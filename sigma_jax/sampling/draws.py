@@ -8,6 +8,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from sigma_jax.checks import largest_divisor
+
 
 def row_keys(key: jax.Array, batch: int) -> jax.Array:
     """One typed key per row: `key` [B] is used as is; a single key is folded with the row index."""
@@ -63,7 +65,7 @@ def in_row_groups(f, row_bytes: int, *arrays):
     fit = max(1, GROUP_BYTES // row_bytes)
     if fit >= batch:
         return jax.vmap(f)(*arrays)
-    rows = max(d for d in range(1, fit + 1) if batch % d == 0)
+    rows = largest_divisor(batch, fit)
     groups = batch // rows
     strided = [a.reshape(rows, groups, *a.shape[1:]) for a in arrays]  # row r * G + g at [r, g]
     group = lambda g: jax.vmap(f)(*(jax.lax.dynamic_index_in_dim(a, g, 1, keepdims=False)

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from sigma_jax import orders as orders_lib
+from sigma_jax.checks import largest_divisor
 from sigma_jax.config import ModelConfig, TrainConfig
 from sigma_jax.model import forward, init_params, param_shardings
 from sigma_jax.sharding import (
@@ -271,7 +272,7 @@ def rows_per_chunk(micro_batch: int, n: int, mesh) -> int:
     if mesh.devices.size > 1 or mesh.devices.flat[0].platform != "cpu":
         return micro_batch
     most = max(1, CPU_CHUNK_TOKENS // max(n, 1))
-    return max(d for d in range(1, micro_batch + 1) if micro_batch % d == 0 and d <= most)
+    return largest_divisor(micro_batch, most)
 
 
 def lanes_per_chunk(chunk: int, mesh) -> int:
@@ -285,7 +286,7 @@ def lanes_per_chunk(chunk: int, mesh) -> int:
     """
     if mesh.devices.size > 1 or mesh.devices.flat[0].platform != "cpu":
         return 1
-    return max(d for d in range(1, min(chunk, CPU_LANES) + 1) if chunk % d == 0)
+    return largest_divisor(chunk, CPU_LANES)
 
 
 # TrainConfig fields that do not change the compiled step: they are reset to their defaults in
