@@ -197,37 +197,66 @@ def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, ro
 
 def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
                 opts: KernelOptions) -> BurstState:
-    """Draft every position given the known tokens: burst passes of about
-    decode.PREFILL_TOKENS queries truncate each position's distribution to its
-    K = min(draft_support, V) most probable tokens, renormalized (first_ids, first_probs
-    [B, N, K]); then every first draft is drawn from its truncation (what acceptance divides by:
-    exact for any K) with one key per row, so a row's drafts do not depend on how many rows
-    share the passes. Known positions' drafts are unused."""
-    b, n = state.tokens.shape
+    """Draft every position given the known tokens: each position's distribution truncated to
+    its K = min(draft_support, V) most probable tokens, renormalized (first_ids, first_probs
+    [B, N, K], `_first_distributions`); then every first draft is drawn from its truncation
+    (what acceptance divides by: exact for any K) with one key per row, so a row's drafts do not
+    depend on how many rows share the passes. Known positions' drafts are unused."""
     k = min(opts.draft_support, cfg.vocab_size)
-    chunk = pass_slots(b, n)
-    padded = -(-n // chunk) * chunk
     draft_keys, loop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
-    layered = per_layer(params)
-
-    def one_pass(c, carry):  # positions [c * chunk, (c + 1) * chunk), clamped to N - 1
-        ids, probs = carry
-        targets = jnp.minimum(c * chunk + jnp.arange(chunk, dtype=jnp.int32), n - 1)
-        logits = burst_pass(cfg, layered, state.cache, state.last_tok, state.last_pos,
-                            jnp.broadcast_to(targets, (b, chunk)))
-        top, top_ids = jax.lax.top_k(to_probs(logits, temperature, opts.top_k, top_p), k)
-        top = top / jnp.sum(top, axis=-1, keepdims=True)  # [B, chunk, K]
-        put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, c * chunk, 1)
-        return put(ids, top_ids), put(probs, top)
-
-    init = (jnp.zeros((b, padded, k), jnp.int32), jnp.zeros((b, padded, k), jnp.float32))
-    ids, probs = jax.lax.fori_loop(0, padded // chunk, one_pass, init)
-    ids, probs = ids[:, :n], probs[:, :n]
+    ids, probs = _first_distributions(cfg, per_layer(params), state.cache, state.last_tok,
+                                      state.last_pos, state.tokens.shape[1], k, temperature,
+                                      top_p, opts)
     pick = draw(jax.vmap(jax.random.fold_in, (0, None))(draft_keys, 0), probs)  # [B, N]
     state = dataclasses.replace(state, keys=loop_keys, first_ids=ids, first_probs=probs,
                                 drafts=jnp.take_along_axis(ids, pick[..., None], -1)[..., 0])
     return dataclasses.replace(state, window_probs=_first_window_probs(
         state, _next_in_order(state, opts.window), cfg.vocab_size))
+
+
+def _first_distributions(cfg: ModelConfig, layered: dict, cache: LayerCaches, last_tok,
+                         last_pos, n: int, k: int, temperature, top_p, opts: KernelOptions):
+    """(ids int32 [B, N, K], probs float32 [B, N, K]): the K most probable tokens of each of the
+    N positions given each row's history (its cache, then last_tok/last_pos [B]), renormalized,
+    from burst passes of about decode.PREFILL_TOKENS queries. layered: `per_layer` params.
+
+    When every row has one history (`_one_history`: an unconditional batch, or one prompt fed
+    in one order), the rows' passes split the N positions between them, and each position's
+    distribution, computed once, serves every row: B times fewer passes, the same values bit
+    for bit (a query's result does not depend on the queries beside it)."""
+    b = last_tok.shape[0]
+    chunk = pass_slots(b, n)
+    per_row = -(-n // chunk)  # passes that cover the N positions of every row
+    shared = _one_history(cache, last_tok, last_pos)
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]  # [B, 1]
+
+    def one_pass(c, carry):  # row r: positions [s, s + chunk) clamped to N - 1, s its start
+        ids, probs = carry
+        start = jnp.where(shared, (c * b + rows) * chunk, c * chunk)  # [B, 1]
+        targets = jnp.minimum(start + jnp.arange(chunk, dtype=jnp.int32)[None, :], n - 1)
+        logits = burst_pass(cfg, layered, cache, last_tok, last_pos, targets)
+        top, top_ids = jax.lax.top_k(to_probs(logits, temperature, opts.top_k, top_p), k)
+        top = top / jnp.sum(top, axis=-1, keepdims=True)  # [B, chunk, K]
+        put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, c * chunk, 1)
+        return put(ids, top_ids), put(probs, top)
+
+    init = (jnp.zeros((b, per_row * chunk, k), jnp.int32),
+            jnp.zeros((b, per_row * chunk, k), jnp.float32))
+    passes = jnp.where(shared, -(-per_row // b), per_row)
+    ids, probs = jax.lax.fori_loop(0, passes, one_pass, init)
+    at = jnp.arange(n)  # shared: position p lies at row (p // chunk) % B of pass p // (B chunk)
+    src_row, src_slot = (at // chunk) % b, (at // (b * chunk)) * chunk + at % chunk
+    spread = lambda x: jnp.where(shared, x[src_row, src_slot][None], x[:, :n])
+    return spread(ids), spread(probs)
+
+
+def _one_history(cache: LayerCaches, last_tok, last_pos) -> jax.Array:
+    """bool []: every row's history is row 0's, bit for bit: its cached entries (the valid
+    slots of every layer), then its last token and position."""
+    same = lambda x: jnp.all(x == x[:1])
+    valid = cache.valid()[:, None, :, None]  # [B, 1, S, 1]
+    entries = [same(jnp.where(valid, x, jnp.zeros((), x.dtype))) for x in (*cache.k, *cache.v)]
+    return jnp.all(jnp.stack([same(cache.length), same(last_tok), same(last_pos), *entries]))
 
 
 def _first_window_probs(state: BurstState, targets, v: int) -> jax.Array:
