@@ -1,7 +1,9 @@
-"""Jacobi's first drafts: each position's first distribution against the uncached model, and
-the passes of a batch whose rows share one history (B times fewer, the same values bit for bit)
-against those of a batch whose rows differ."""
+"""Jacobi's first drafts: each position's first distribution against the uncached model; the
+passes of a batch whose rows share one history (B times fewer, the same values bit for bit)
+against those of a batch whose rows differ; the engine's inserts of requests with no known
+token, which run the passes once."""
 
+import contextlib
 import dataclasses
 
 import jax
@@ -12,7 +14,7 @@ from sampler_helpers import SMALL, peaked_params
 
 from sigma_jax.config import START_POS
 from sigma_jax.model import forward
-from sigma_jax.sampling import burst_steps
+from sigma_jax.sampling import SampleOptions, burst_steps, engine
 from sigma_jax.sampling.burst import sample_burst_call, start_state
 
 K = 4  # draft_support: tokens kept of each first distribution
@@ -20,12 +22,9 @@ B = 256  # rows; at N = 10 each pass holds 4 positions of every row: 3 passes pe
 NO_BOS = dataclasses.replace(SMALL, bos=False)
 
 
-def _first_distributions(cfg, params, tokens, known):
-    """(first_ids, first_probs [B, N, K], first-draft passes run) of the jacobi start state
-    along the left-to-right order, traced afresh so that the passes are counted."""
-    call = sample_burst_call(cfg, params, jax.random.key(0), tokens, known, mode="jacobi",
-                             window=2, draft_support=K, order="left_to_right")
-    _, _, keys, tokens, known, order, temperature, top_p, _, lengths, opts = call.args
+@contextlib.contextmanager
+def _counted_passes():
+    """A list that gets one entry per first-draft pass run by what is traced inside."""
     passes = []
     real = burst_steps.burst_pass
 
@@ -35,11 +34,21 @@ def _first_distributions(cfg, params, tokens, known):
 
     burst_steps.burst_pass = counted
     try:
+        yield passes
+    finally:
+        burst_steps.burst_pass = real
+
+
+def _first_distributions(cfg, params, tokens, known):
+    """(first_ids, first_probs [B, N, K], first-draft passes run) of the jacobi start state
+    along the left-to-right order, traced afresh so that the passes are counted."""
+    call = sample_burst_call(cfg, params, jax.random.key(0), tokens, known, mode="jacobi",
+                             window=2, draft_support=K, order="left_to_right")
+    _, _, keys, tokens, known, order, temperature, top_p, _, lengths, opts = call.args
+    with _counted_passes() as passes:
         state = jax.jit(lambda *a: start_state(cfg, params, *a, temperature, top_p, opts))(
             keys, tokens, known, order, lengths)
         jax.block_until_ready(state)
-    finally:
-        burst_steps.burst_pass = real
     return np.asarray(state.first_ids), np.asarray(state.first_probs), len(passes)
 
 
@@ -113,3 +122,30 @@ def test_rows_with_one_history_share_their_first_distributions(case):
     np.testing.assert_array_equal(other_ids[:-1], ids[:-1])
     np.testing.assert_array_equal(other_probs[:-1], probs[:-1])
     assert not np.array_equal(other_probs[-1], probs[-1])
+
+
+def test_engine_inserts_run_the_passes_of_a_request_with_no_known_token_once():
+    """Requests with no known token after the first take their first distributions from the
+    engine state (no pass); a request with known tokens runs its own. The kept distributions
+    are the uncached model's (test_engine checks the served tokens against the one-shot
+    sampler's, bit for bit)."""
+    params = peaked_params(SMALL, 5)
+    n, slots = SMALL.block_size - 1, 2  # an engine shape of this test alone: traced afresh
+    options = SampleOptions("burst_jacobi", order="spread", window=2, draft_support=K)
+    state = engine.init(SMALL, options, slots, n)
+    nothing, some = np.zeros(n, bool), np.arange(n) % 4 == 1
+    tokens = np.arange(n, dtype=np.int32) % SMALL.vocab_size
+    counts = []
+    with _counted_passes() as passes:
+        for i, known in enumerate([nothing, nothing, some, nothing]):
+            before = len(passes)
+            state = engine.insert(SMALL, params, state, jnp.int32(i % slots), tokens, known,
+                                  np.int32(n), jax.random.key(i))
+            jax.block_until_ready(state)
+            counts.append(len(passes) - before)
+    assert counts == [1, 0, 1, 0]
+    ids, probs, ready = state.start_first
+    assert bool(ready)
+    want_ids, want_probs = _uncached_first(SMALL, params, {})
+    np.testing.assert_array_equal(np.asarray(ids), want_ids[:n])
+    np.testing.assert_allclose(np.asarray(probs), want_probs[:n], rtol=2e-5, atol=1e-6)

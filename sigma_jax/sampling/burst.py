@@ -176,11 +176,12 @@ def advance(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_
 
 
 def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, order, lengths,
-                temperature, top_p, opts: KernelOptions) -> BurstState:
+                temperature, top_p, opts: KernelOptions, first=None) -> BurstState:
     """The loop state before the first iteration: the known tokens prefilled along the generation
     order int32 [B, N] (known positions first) into a cache with room for one W block, and, in
     jacobi mode, the first drafts. keys [B]: the sampling streams of `generation_order`;
-    lengths int32 [B]: each row's length."""
+    lengths int32 [B]: each row's length. first (jacobi): None, or first distributions at hand
+    for the rows' history (`jacobi_init`)."""
     n_known = jnp.sum(known, axis=1).astype(jnp.int32)
     cache, last_tok, last_pos = prefill(cfg, params, tokens, order, n_known,
                                         opts.cache_capacity(cfg, tokens.shape[1]))
@@ -190,7 +191,7 @@ def start_state(cfg: ModelConfig, params: dict, keys, tokens, known, order, leng
                        iterations=jnp.zeros(tokens.shape[:1], jnp.int32),
                        step=jnp.zeros((), jnp.int32), lengths=lengths)
     if opts.mode == "jacobi":
-        state = jacobi_init(cfg, params, state, temperature, top_p, opts)
+        state = jacobi_init(cfg, params, state, temperature, top_p, opts, first)
     return state
 
 

@@ -196,17 +196,26 @@ def _paper_verify(cfg, params, state, targets, draft, p_draft, u, valid, key, ro
 
 
 def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, top_p,
-                opts: KernelOptions) -> BurstState:
+                opts: KernelOptions, first=None) -> BurstState:
     """Draft every position given the known tokens: each position's distribution truncated to
     its K = min(draft_support, V) most probable tokens, renormalized (first_ids, first_probs
     [B, N, K], `_first_distributions`); then every first draft is drawn from its truncation
     (what acceptance divides by: exact for any K) with one key per row, so a row's drafts do not
-    depend on how many rows share the passes. Known positions' drafts are unused."""
+    depend on how many rows share the passes. Known positions' drafts are unused.
+
+    first: None, or (ids, probs [N, K], use bool []): the truncated first distributions of every
+    row's history, computed before (by these passes, on the same params and sampling values);
+    when `use`, they stand in for the passes."""
+    b, n = state.tokens.shape
     k = min(opts.draft_support, cfg.vocab_size)
     draft_keys, loop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
-    ids, probs = _first_distributions(cfg, per_layer(params), state.cache, state.last_tok,
-                                      state.last_pos, state.tokens.shape[1], k, temperature,
-                                      top_p, opts)
+    passes = lambda: _first_distributions(cfg, per_layer(params), state.cache, state.last_tok,
+                                          state.last_pos, n, k, temperature, top_p, opts)
+    if first is None:
+        ids, probs = passes()
+    else:
+        at_hand = lambda: tuple(jnp.broadcast_to(x, (b, n, k)) for x in first[:2])
+        ids, probs = jax.lax.cond(first[2], at_hand, passes)
     pick = draw(jax.vmap(jax.random.fold_in, (0, None))(draft_keys, 0), probs)  # [B, N]
     state = dataclasses.replace(state, keys=loop_keys, first_ids=ids, first_probs=probs,
                                 drafts=jnp.take_along_axis(ids, pick[..., None], -1)[..., 0])

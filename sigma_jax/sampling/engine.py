@@ -13,6 +13,10 @@ order, prefill, per-row key streams (folded with the row's own iteration or curs
 global step) and per-row kernels are the one-shot sampler's, whatever slot it lands in, when it
 is inserted, and who shares the batch. `max_iters` caps each request's own iterations.
 
+An engine state serves one model: pass the same params to every insert and step (its caches,
+and in jacobi mode the first distributions it keeps for requests with no known token, come from
+them).
+
 Samplers: ar (cached), burst, burst_jacobi and burst_paper (not ar_nocache, the oracle).
 """
 
@@ -40,7 +44,8 @@ from sigma_jax.sharding import check_batch, fitted_sharding, replicated
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("rows", "known", "temperature", "top_p", "max_iters"),
+                   data_fields=("rows", "known", "temperature", "top_p", "max_iters",
+                                "start_first"),
                    meta_fields=("opts", "order_kind", "known_order"))
 @dataclasses.dataclass(frozen=True)
 class EngineState:
@@ -53,6 +58,9 @@ class EngineState:
     temperature: jax.Array  # float32 []
     top_p: jax.Array | None  # float32 [] or None (no nucleus truncation)
     max_iters: jax.Array  # int32 []: iterations a request may run
+    start_first: tuple | None  # jacobi with a start token: (ids int32 [N, K], probs float32
+    #   [N, K], ready bool []): the truncated first distributions of a request with no known
+    #   token, kept from the first such insert (ready) for every later one; None otherwise
     opts: KernelOptions  # static: mode, window, n_orders, top_k
     order_kind: str  # static: the generation order of every request
     known_order: str  # static: how order 'random' feeds the known tokens
@@ -93,8 +101,8 @@ def init(cfg: ModelConfig, options: SampleOptions, slots: int, capacity: int, *,
 
 def state_shardings(state: EngineState, mesh):
     """NamedShardings of every leaf of an engine state: slots over the mesh's batch axes (axis
-    1 of the pending K/V blocks [L, S, W, H, hd], axis 0 of every other slot leaf), scalars
-    replicated."""
+    1 of the pending K/V blocks [L, S, W, H, hd], axis 0 of every other slot leaf), scalars and
+    `start_first` replicated."""
     def spec(x):
         if x.ndim == 0:
             return replicated(mesh)
@@ -102,7 +110,8 @@ def state_shardings(state: EngineState, mesh):
         names = [None] * x.ndim
         names[axis] = "batch"
         return fitted_sharding(mesh, names, x.shape)
-    return jax.tree.map(spec, state)
+    everywhere = jax.tree.map(lambda x: replicated(mesh), state.start_first)
+    return dataclasses.replace(jax.tree.map(spec, state), start_first=everywhere)
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "slots", "capacity", "order_kind",
@@ -118,9 +127,14 @@ def _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, order_kind
         last_tok=zeros[:, 0], last_pos=zeros[:, 0], keys=jax.random.split(jax.random.key(0), s),
         iterations=zeros[:, 0], step=jnp.zeros((), jnp.int32), lengths=zeros[:, 0],
         **(_jacobi_rows(cfg, opts, s, n) if opts.mode == "jacobi" else {}))
+    start_first = None
+    if opts.mode == "jacobi" and cfg.bos:
+        k = min(opts.draft_support, cfg.vocab_size)
+        start_first = (jnp.zeros((n, k), jnp.int32), jnp.zeros((n, k), jnp.float32),
+                       jnp.zeros((), bool))
     return EngineState(rows=rows, known=jnp.zeros((s, n), bool), temperature=temperature,
-                       top_p=top_p, max_iters=max_iters, opts=opts, order_kind=order_kind,
-                       known_order=known_order)
+                       top_p=top_p, max_iters=max_iters, start_first=start_first, opts=opts,
+                       order_kind=order_kind, known_order=known_order)
 
 
 def _jacobi_rows(cfg: ModelConfig, opts: KernelOptions, s: int, n: int) -> dict:
@@ -180,18 +194,29 @@ def _insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kn
     request's typed key (its per-row key: `sample_burst(key=key[None])` samples the same).
     The slot's previous request, if any, is dropped. Its order is drawn, its known tokens
     prefilled (only as many prefill passes as they need) and
-    (jacobi) its first drafts drawn, exactly as the one-shot sampler does.
+    (jacobi) its first drafts drawn, exactly as the one-shot sampler does; a request with no
+    known token takes its first distributions from `start_first` once an earlier one computed
+    them (the same values: they depend on the params and the sampling values only).
     Compiles once per engine shape; validate the request first (`check_request`)."""
     n = state.capacity
     length = jnp.asarray(length, jnp.int32)[None]  # [1]
     known = (jnp.asarray(known, bool) & (jnp.arange(n) < length))[None]  # [1, N]
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32)[None], 0)
     order, keys = generation_order(state.order_kind, known, key[None], state.known_order, length)
+    first, start_first = None, state.start_first
+    if start_first is not None:
+        ids, probs, ready = start_first
+        unconditional = ~jnp.any(known)
+        first = (ids, probs, unconditional & ready)
     row = start_state(cfg, params, keys, tokens, known, order, length, state.temperature,
-                      state.top_p, state.opts)
+                      state.top_p, state.opts, first)
+    if start_first is not None:
+        keep = unconditional & ~ready  # the first request with no known token: keep its own
+        start_first = (jnp.where(keep, row.first_ids[0], ids),
+                       jnp.where(keep, row.first_probs[0], probs), ready | unconditional)
     rows = jax.tree.map(_put_row(slot), state.rows, row)
     known = jax.lax.dynamic_update_slice_in_dim(state.known, known, slot, 0)
-    return dataclasses.replace(state, rows=rows, known=known)
+    return dataclasses.replace(state, rows=rows, known=known, start_first=start_first)
 
 
 def _put_row(slot):
