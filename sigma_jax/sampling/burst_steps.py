@@ -209,13 +209,13 @@ def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
     b, n = state.tokens.shape
     k = min(opts.draft_support, cfg.vocab_size)
     draft_keys, loop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
-    passes = lambda: _first_distributions(cfg, per_layer(params), state.cache, state.last_tok,
-                                          state.last_pos, n, k, temperature, top_p, opts)
+    drafted = lambda: _first_distributions(cfg, per_layer(params), state.cache, state.last_tok,
+                                           state.last_pos, n, k, temperature, top_p, opts)
     if first is None:
-        ids, probs = passes()
+        ids, probs = drafted()
     else:
         at_hand = lambda: tuple(jnp.broadcast_to(x, (b, n, k)) for x in first[:2])
-        ids, probs = jax.lax.cond(first[2], at_hand, passes)
+        ids, probs = jax.lax.cond(first[2], at_hand, drafted)
     pick = draw(jax.vmap(jax.random.fold_in, (0, None))(draft_keys, 0), probs)  # [B, N]
     state = dataclasses.replace(state, keys=loop_keys, first_ids=ids, first_probs=probs,
                                 drafts=jnp.take_along_axis(ids, pick[..., None], -1)[..., 0])
