@@ -39,7 +39,7 @@ from launch.prompt import parse_prompt, read_prompt
 from sigma_jax.model import shard_params
 from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
 from sigma_jax.sampling import SAMPLERS, SampleOptions, sample_sharded
-from sigma_jax.sampling.options import DRAFT_SUPPORT
+from sigma_jax.sampling.options import DRAFT_SUPPORT, FIRST_DRAFTS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
@@ -58,6 +58,10 @@ flags.DEFINE_integer("n_orders", 5, "Candidate orders of burst_paper.")
 flags.DEFINE_integer("draft_support", DRAFT_SUPPORT, "burst_jacobi: each first draft is drawn "
                      "from this many most probable tokens (exact for any value; fewer: less "
                      "memory).")
+flags.DEFINE_enum("first_drafts", "known", FIRST_DRAFTS, "burst_jacobi: draw the first drafts "
+                  "given each row's known tokens, or given the start token alone, once for the "
+                  "batch (exact either way; 'start' is faster where rows know different "
+                  "tokens).")
 flags.DEFINE_integer("window", None, "Burst samplers: positions drafted per iteration "
                      "(default: all remaining).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy.")
@@ -129,7 +133,8 @@ def chosen_options() -> SampleOptions:
     """The sampler options of the flags (a one-line ValueError for any value they reject)."""
     return SampleOptions(FLAGS.sampler, order=FLAGS.order, window=FLAGS.window,
                          n_orders=FLAGS.n_orders, top_k=FLAGS.top_k, known_order=FLAGS.known_order,
-                         draft_support=FLAGS.draft_support, temperature=FLAGS.temperature,
+                         draft_support=FLAGS.draft_support, first_drafts=FLAGS.first_drafts,
+                         temperature=FLAGS.temperature,
                          top_p=FLAGS.top_p)
 
 

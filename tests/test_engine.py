@@ -46,7 +46,8 @@ OPTIONS = [SampleOptions("ar", order="spread"),
            SampleOptions("burst", order="random", window=3),
            SampleOptions("burst_jacobi", order="spread", window=2),
            SampleOptions("burst_jacobi", order="random"),
-           SampleOptions("burst_jacobi", order="spread", window=3, temperature=0.7, top_p=0.9),
+           SampleOptions("burst_jacobi", order="spread", window=3, temperature=0.7, top_p=0.9,
+                         first_drafts="start"),
            SampleOptions("burst_paper", window=3, n_orders=2, temperature=0.8, top_k=6)]
 
 

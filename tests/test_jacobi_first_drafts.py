@@ -39,11 +39,12 @@ def _counted_passes():
         burst_steps.burst_pass = real
 
 
-def _first_distributions(cfg, params, tokens, known):
+def _first_distributions(cfg, params, tokens, known, first_drafts="known"):
     """(first_ids, first_probs [B, N, K], first-draft passes run) of the jacobi start state
     along the left-to-right order, traced afresh so that the passes are counted."""
     call = sample_burst_call(cfg, params, jax.random.key(0), tokens, known, mode="jacobi",
-                             window=2, draft_support=K, order="left_to_right")
+                             window=2, draft_support=K, order="left_to_right",
+                             first_drafts=first_drafts)
     _, _, keys, tokens, known, order, temperature, top_p, _, lengths, opts = call.args
     with _counted_passes() as passes:
         state = jax.jit(lambda *a: start_state(cfg, params, *a, temperature, top_p, opts))(
@@ -99,6 +100,20 @@ CASES = {  # (config, the history of every row, how the last row's history is ma
 }
 
 
+def test_first_drafts_from_the_start_token_ignore_what_rows_know():
+    """first_drafts='start': rows that know different tokens are drafted as if they knew
+    nothing: 1 pass for the batch, the uncached model's distributions given the start token."""
+    params = peaked_params(SMALL, 3)
+    tokens, known = _batch(SMALL, PROMPT)
+    _known_at(7, 3)(tokens, known)
+    ids, probs, passes = _first_distributions(SMALL, params, tokens, known, first_drafts="start")
+    assert passes == 1
+    want_ids, want_probs = _uncached_first(SMALL, params, {})
+    for row in (0, B - 1):
+        np.testing.assert_array_equal(ids[row], want_ids)
+        np.testing.assert_allclose(probs[row], want_probs, rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_rows_with_one_history_share_their_first_distributions(case):
     """B rows with one history run 1 first-draft pass, whose distributions equal the uncached
@@ -124,14 +139,19 @@ def test_rows_with_one_history_share_their_first_distributions(case):
     assert not np.array_equal(other_probs[-1], probs[-1])
 
 
-def test_engine_inserts_run_the_passes_of_a_request_with_no_known_token_once():
-    """Requests with no known token after the first take their first distributions from the
-    engine state (no pass); a request with known tokens runs its own. The kept distributions
-    are the uncached model's (test_engine checks the served tokens against the one-shot
-    sampler's, bit for bit)."""
+@pytest.mark.parametrize("first_drafts, want", [("known", [1, 0, 1, 0]),
+                                                 ("start", [1, 0, 0, 0])])
+def test_engine_inserts_run_the_passes_of_the_start_history_once(first_drafts, want):
+    """Requests drafted from the start history alone (no known token, or first_drafts='start')
+    after the first take their first distributions from the engine state (no pass); with
+    'known', a request with known tokens runs its own. The kept distributions are the uncached
+    model's (test_engine checks the served tokens against the one-shot sampler's, bit for
+    bit)."""
     params = peaked_params(SMALL, 5)
-    n, slots = SMALL.block_size - 1, 2  # an engine shape of this test alone: traced afresh
-    options = SampleOptions("burst_jacobi", order="spread", window=2, draft_support=K)
+    # an engine shape of this test alone (capacity, slots), so that its inserts trace afresh
+    n, slots = SMALL.block_size - 1, 2 if first_drafts == "known" else 3
+    options = SampleOptions("burst_jacobi", order="spread", window=2, draft_support=K,
+                            first_drafts=first_drafts)
     state = engine.init(SMALL, options, slots, n)
     nothing, some = np.zeros(n, bool), np.arange(n) % 4 == 1
     tokens = np.arange(n, dtype=np.int32) % SMALL.vocab_size
@@ -143,7 +163,7 @@ def test_engine_inserts_run_the_passes_of_a_request_with_no_known_token_once():
                                   np.int32(n), jax.random.key(i))
             jax.block_until_ready(state)
             counts.append(len(passes) - before)
-    assert counts == [1, 0, 1, 0]
+    assert counts == want
     ids, probs, ready = state.start_first
     assert bool(ready)
     want_ids, want_probs = _uncached_first(SMALL, params, {})

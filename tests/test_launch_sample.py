@@ -69,6 +69,7 @@ def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler, order):
     (["--prompt=ab<missing>300000000</missing>", "--length=16"], "more than --length 16"),
     (["--top_p=0"], "top_p"),
     (["--sampler=burst_jacobi", "--draft_support=0"], "draft_support must be an integer >= 1"),
+    (["--sampler=burst", "--first_drafts=start"], "first_drafts applies to burst_jacobi only"),
 ])
 @pytest.mark.integration
 def test_bad_input_exits_2_with_one_line(char_run, args, message):

@@ -84,6 +84,18 @@ def test_jacobi_with_truncated_first_drafts_follows_the_law(tiny_laws, draft_sup
 
 
 @pytest.mark.integration
+def test_jacobi_drafted_from_the_start_token_alone_follows_the_known_token_law(tiny_laws):
+    """first_drafts='start': every first draft is drawn as if nothing were known, yet the
+    samples with KNOWN follow the law given KNOWN (acceptance divides by what was drawn from)."""
+    params, laws = tiny_laws
+    samples, stats = _sample_tiny(params, "burst", KNOWN, 7, mode="jacobi", window=2,
+                                  first_drafts="start")
+    p_value, chi2, df = chi_square_pvalue(samples, *laws["random"])
+    assert p_value > 1e-3, (p_value, chi2, df)
+    assert bool(stats.finished.all())
+
+
+@pytest.mark.integration
 def test_random_order_ar_follows_the_same_law(tiny_laws):
     params, laws = tiny_laws
     samples, _ = _sample_tiny(params, "ar", {}, 1)

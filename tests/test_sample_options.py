@@ -24,6 +24,8 @@ BAD = [
     (dict(window=True), "window must be an integer"),
     (dict(n_orders=0), "n_orders must be an integer >= 1"),
     (dict(draft_support=0), "draft_support must be an integer >= 1"),
+    (dict(sampler="burst_jacobi", first_drafts="none"), "first_drafts must be one of"),
+    (dict(sampler="burst", first_drafts="start"), "first_drafts applies to burst_jacobi only"),
     (dict(top_k=0), "top_k must be an integer >= 1"),
     (dict(top_k=2.5), "top_k must be an integer"),
     (dict(temperature=-1.0), "temperature must be >= 0"),
@@ -57,6 +59,10 @@ def test_checks_that_need_the_model_and_the_length():
     with pytest.raises(ValueError, match="order='random'"):
         SampleOptions("burst_paper").check_for(SMALL, 10, explicit_order=True)
     SampleOptions(top_k=SMALL.vocab_size, window=10).check_for(SMALL, 10)  # the bounds pass
+    with pytest.raises(ValueError, match="first_drafts='start' needs a model with a start token"):
+        SampleOptions("burst_jacobi", first_drafts="start").check_for(
+            dataclasses.replace(SMALL, bos=False), 10)
+    SampleOptions("burst_jacobi", first_drafts="start").check_for(SMALL, 10)
 
 
 def test_numpy_integers_are_ints_and_concrete_traced_values_are_python_numbers():
@@ -79,7 +85,7 @@ def test_the_traced_fields_are_a_property_of_the_type():
     static = [f.name for f in dataclasses.fields(SampleOptions)
               if f.name not in SampleOptions.traced_fields()]
     assert static == ["sampler", "order", "window", "n_orders", "top_k", "known_order",
-                      "draft_support"]
+                      "draft_support", "first_drafts"]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

@@ -72,7 +72,8 @@ def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
                  known: jax.Array, *, mode: str = "exact", order="random", n_orders: int = 5,
                  temperature=1.0, top_k: int | None = None, top_p=None, max_iters=None,
                  window: int | None = None, known_order: str = "random", lengths=None,
-                 draft_support: int = DRAFT_SUPPORT) -> tuple[jax.Array, SampleStats]:
+                 draft_support: int = DRAFT_SUPPORT, first_drafts: str = "known"
+                 ) -> tuple[jax.Array, SampleStats]:
     """Fill every unknown position by burst rejection sampling.
 
     tokens: int32 [B, N] (values at unknown positions ignored); known: bool [B, N], any subset per
@@ -97,6 +98,9 @@ def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
     tokens of the same row alone at N = L with the same key (paper mode: with a window <= L).
     draft_support (jacobi, static): each first draft is drawn from the draft_support most
     probable tokens of its distribution, renormalized (exact for any value; see `SampleOptions`).
+    first_drafts (jacobi, static): 'known' (each row's first drafts given its known tokens) or
+    'start' (given the start token alone, drafted once for the batch; exact too; see
+    `SampleOptions`).
     Returns (tokens [B, N], SampleStats); rows stopped by max_iters keep unfilled positions at 0
     and report finished=False.
     """
@@ -104,7 +108,7 @@ def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
                              n_orders=n_orders, temperature=temperature, top_k=top_k,
                              top_p=top_p, max_iters=max_iters, window=window,
                              known_order=known_order, lengths=lengths,
-                             draft_support=draft_support)()
+                             draft_support=draft_support, first_drafts=first_drafts)()
 
 
 def sample_burst_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from sigma_jax.cache import LayerCaches
 from sigma_jax.checks import within_lengths
-from sigma_jax.config import ModelConfig
+from sigma_jax.config import START_POS, ModelConfig
 from sigma_jax.decode import burst_pass, extend_pass, pass_slots
 from sigma_jax.model import head_logits, per_layer
 from sigma_jax.sampling.draws import draw, draw_row, in_row_groups, to_probs, uniforms
@@ -203,14 +203,21 @@ def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
     (what acceptance divides by: exact for any K) with one key per row, so a row's drafts do not
     depend on how many rows share the passes. Known positions' drafts are unused.
 
+    opts.first_drafts == 'start': every row is drafted as if it knew nothing (its history the
+    start token alone), so the batch shares one set of passes; acceptance divides by what each
+    draft was drawn from, so the law is the same.
+
     first: None, or (ids, probs [N, K], use bool []): the truncated first distributions of every
-    row's history, computed before (by these passes, on the same params and sampling values);
-    when `use`, they stand in for the passes."""
+    row's drafting history, computed before (by these passes, on the same params and sampling
+    values); when `use`, they stand in for the passes."""
     b, n = state.tokens.shape
     k = min(opts.draft_support, cfg.vocab_size)
     draft_keys, loop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
-    drafted = lambda: _first_distributions(cfg, per_layer(params), state.cache, state.last_tok,
-                                           state.last_pos, n, k, temperature, top_p, opts)
+    history = (state.cache, state.last_tok, state.last_pos)
+    if opts.first_drafts == "start":
+        history = _start_history(cfg, *history)
+    drafted = lambda: _first_distributions(cfg, per_layer(params), *history, n, k, temperature,
+                                           top_p, opts)
     if first is None:
         ids, probs = drafted()
     else:
@@ -257,6 +264,13 @@ def _first_distributions(cfg: ModelConfig, layered: dict, cache: LayerCaches, la
     src_row, src_slot = (at // chunk) % b, (at // (b * chunk)) * chunk + at % chunk
     spread = lambda x: jnp.where(shared, x[src_row, src_slot][None], x[:, :n])
     return spread(ids), spread(probs)
+
+
+def _start_history(cfg: ModelConfig, cache: LayerCaches, last_tok, last_pos):
+    """(cache, last_tok, last_pos) of rows that know nothing: no valid entry, then the start
+    token at the start position (the cache's buffers are kept; only its lengths are zeroed)."""
+    empty = dataclasses.replace(cache, length=jnp.zeros_like(cache.length))
+    return (empty, jnp.full_like(last_tok, cfg.bos_id), jnp.full_like(last_pos, START_POS))
 
 
 def _one_history(cache: LayerCaches, last_tok, last_pos) -> jax.Array:

@@ -59,8 +59,9 @@ class EngineState:
     top_p: jax.Array | None  # float32 [] or None (no nucleus truncation)
     max_iters: jax.Array  # int32 []: iterations a request may run
     start_first: tuple | None  # jacobi with a start token: (ids int32 [N, K], probs float32
-    #   [N, K], ready bool []): the truncated first distributions of a request with no known
-    #   token, kept from the first such insert (ready) for every later one; None otherwise
+    #   [N, K], ready bool []): the truncated first distributions given the start token alone
+    #   (of a request with no known token, or of every request with first_drafts='start'),
+    #   kept from the first such insert (ready) for every later one; None otherwise
     opts: KernelOptions  # static: mode, window, n_orders, top_k
     order_kind: str  # static: the generation order of every request
     known_order: str  # static: how order 'random' feeds the known tokens
@@ -194,9 +195,10 @@ def _insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kn
     request's typed key (its per-row key: `sample_burst(key=key[None])` samples the same).
     The slot's previous request, if any, is dropped. Its order is drawn, its known tokens
     prefilled (only as many prefill passes as they need) and
-    (jacobi) its first drafts drawn, exactly as the one-shot sampler does; a request with no
-    known token takes its first distributions from `start_first` once an earlier one computed
-    them (the same values: they depend on the params and the sampling values only).
+    (jacobi) its first drafts drawn, exactly as the one-shot sampler does; a request drafted
+    from the start history alone (no known token, or first_drafts='start') takes its first
+    distributions from `start_first` once an earlier one computed them (the same values: they
+    depend on the params and the sampling values only).
     Compiles once per engine shape; validate the request first (`check_request`)."""
     n = state.capacity
     length = jnp.asarray(length, jnp.int32)[None]  # [1]
@@ -204,16 +206,16 @@ def _insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kn
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32)[None], 0)
     order, keys = generation_order(state.order_kind, known, key[None], state.known_order, length)
     first, start_first = None, state.start_first
-    if start_first is not None:
+    if start_first is not None:  # which requests draft from the start history alone
         ids, probs, ready = start_first
-        unconditional = ~jnp.any(known)
-        first = (ids, probs, unconditional & ready)
+        shares = jnp.asarray(state.opts.first_drafts == "start") | ~jnp.any(known)
+        first = (ids, probs, shares & ready)
     row = start_state(cfg, params, keys, tokens, known, order, length, state.temperature,
                       state.top_p, state.opts, first)
     if start_first is not None:
-        keep = unconditional & ~ready  # the first request with no known token: keep its own
+        keep = shares & ~ready  # the first such request: keep its own
         start_first = (jnp.where(keep, row.first_ids[0], ids),
-                       jnp.where(keep, row.first_probs[0], probs), ready | unconditional)
+                       jnp.where(keep, row.first_probs[0], probs), ready | shares)
     rows = jax.tree.map(_put_row(slot), state.rows, row)
     known = jax.lax.dynamic_update_slice_in_dim(state.known, known, slot, 0)
     return dataclasses.replace(state, rows=rows, known=known, start_first=start_first)

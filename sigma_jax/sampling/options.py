@@ -30,6 +30,7 @@ SAMPLERS = ("ar", "ar_nocache", "burst", "burst_jacobi", "burst_paper")
 BURST_MODES = {"burst": "exact", "burst_jacobi": "jacobi", "burst_paper": "paper"}
 MODES = tuple(BURST_MODES.values())
 DRAFT_SUPPORT = 64  # burst_jacobi's default: tokens kept of each first draft's distribution
+FIRST_DRAFTS = ("known", "start")  # burst_jacobi: what each first draft is conditioned on
 _PAPER_ORDER = ("burst_paper (mode='paper') draws its own random candidate orders: use "
                 "order='random' or another sampler")
 
@@ -44,13 +45,15 @@ class KernelOptions:
     """What one compiled sampler kernel is specialised on. mode: 'ar', 'ar_nocache', 'exact',
     'jacobi' or 'paper'; window: positions drafted or verified per iteration (1 for AR);
     n_orders: candidate orders (paper mode; 1 otherwise); top_k: None or k; draft_support:
-    tokens kept of each first jacobi draft's distribution."""
+    tokens kept of each first jacobi draft's distribution; first_drafts: what the first jacobi
+    drafts are conditioned on ('known' outside jacobi)."""
 
     mode: str
     window: int
     n_orders: int
     top_k: int | None
     draft_support: int
+    first_drafts: str = "known"
 
     def cache_capacity(self, cfg: ModelConfig, n: int) -> int:
         """KV-cache slots at length n: every token, the start token, and one block of `window`
@@ -70,7 +73,12 @@ class SampleOptions:
     (burst_jacobi, >= 1: each first draft is drawn from the draft_support most probable tokens
     of its distribution, renormalized, which is what is kept of it until the position is
     verified: the law stays exact for any value; fewer means less memory, [B, N, K], and a
-    lower first acceptance).
+    lower first acceptance); first_drafts (burst_jacobi: what the first drafts are drawn
+    from: 'known', each position's distribution given the row's known tokens, drafted per row;
+    'start', given the start token alone, drafted once for the whole batch. Acceptance divides
+    by whichever was drawn from, so the law stays exact; 'start' accepts a little less at
+    first and skips each row's drafting passes, which pays where rows know different tokens;
+    it needs a model with a start token).
     Traced: temperature (>= 0; 0 = greedy), top_p (None or in (0, 1]), max_iters (burst: None
     = N, else >= 1). Concrete traced values are checked and held as Python numbers; tracers
     (options built inside `jax.jit`) pass unchecked.
@@ -86,6 +94,7 @@ class SampleOptions:
     top_k: int | None = None
     known_order: str = "random"
     draft_support: int = DRAFT_SUPPORT
+    first_drafts: str = "known"
     temperature: float | jax.Array = _traced(1.0)
     top_p: float | jax.Array | None = _traced(None)
     max_iters: int | jax.Array | None = _traced(None)
@@ -96,6 +105,10 @@ class SampleOptions:
         if self.sampler == "burst_paper" and self.order != "random":
             raise ValueError(_PAPER_ORDER)
         check_choice("known_order", self.known_order, KNOWN_ORDERS)
+        check_choice("first_drafts", self.first_drafts, FIRST_DRAFTS)
+        if self.first_drafts != "known" and self.sampler != "burst_jacobi":
+            raise ValueError(f"first_drafts applies to burst_jacobi only; got sampler "
+                             f"{self.sampler!r} with first_drafts={self.first_drafts!r}")
         set_field = lambda name, value: object.__setattr__(self, name, value)
         set_field("window", _window(self.window))
         set_field("n_orders", check_int("n_orders", self.n_orders, 1))
@@ -132,11 +145,13 @@ class SampleOptions:
 
     @property
     def label(self) -> str:
-        """e.g. 'ar[random]', 'burst_jacobi[spread](W=all)', 'burst_paper[random](W=16,K=5)'."""
+        """e.g. 'ar[random]', 'burst_jacobi[spread](W=all)', 'burst_paper[random](W=16,K=5)',
+        'burst_jacobi[spread](W=16,first=start)'."""
         if not self.is_burst:
             return f"{self.sampler}[{self.order}]"
         k = f",K={self.n_orders}" if self.sampler == "burst_paper" else ""
-        return f"{self.sampler}[{self.order}](W={self.window or 'all'}{k})"
+        first = ",first=start" if self.first_drafts == "start" else ""
+        return f"{self.sampler}[{self.order}](W={self.window or 'all'}{k}{first})"
 
     def window_for(self, n: int) -> int:
         """Positions per iteration at sequence length n: the window (<= n), n for None; 1 for
@@ -147,7 +162,11 @@ class SampleOptions:
 
     def check_for(self, cfg: ModelConfig, n: int, explicit_order: bool = False) -> None:
         """The checks that need the model and the length n (one-line ValueErrors): top_k <= V,
-        window <= n, and no explicit order for burst_paper."""
+        window <= n, no explicit order for burst_paper, and a start token for
+        first_drafts='start'."""
+        if self.first_drafts == "start" and not cfg.bos:
+            raise ValueError("first_drafts='start' needs a model with a start token (bos); use "
+                             "first_drafts='known'")
         if self.top_k is not None:
             check_int("top_k", self.top_k, 1, cfg.vocab_size)
         self.window_for(n)
@@ -172,7 +191,8 @@ class SampleOptions:
         return KernelOptions(mode=self.mode, window=self.window_for(n),
                              n_orders=self.n_orders if self.sampler == "burst_paper" else 1,
                              top_k=self.top_k,
-                             draft_support=self.draft_support if self.mode == "jacobi" else 1)
+                             draft_support=self.draft_support if self.mode == "jacobi" else 1,
+                             first_drafts=self.first_drafts)
 
     def traced_values(self, n: int) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """(temperature float32[], top_p float32[] or None, max_iters int32[]: N for None), the
