@@ -87,12 +87,19 @@ def wait_pair(procs, tmp_path: Path, name: str, timeout: float) -> list[str]:
             p.wait(timeout=30)
             out.close()
             err.close()
-    # gloo's C++ side reports its connections on stdout, a report that other output can split
-    # across lines ("[Gloo] Rank 1 is connected to 7" ... " peer ranks. Expected ..."); everything
-    # else is ours.
+    # gloo's C++ side reports its connections on stdout ("[Gloo] Rank 1 is connected to 7 peer
+    # ranks. Expected number of connected peer ranks is : 7"), from several threads at once, so
+    # a report can hold another in its middle: whole reports go first, innermost first, then
+    # lines holding a piece of one; everything else is ours.
+    report = re.compile(r"\[Gloo\]\s+Rank\s+\d+\s+is\s+connected\s+to\s+\d+\s+peer\s+ranks\."
+                        r"\s+Expected\s+number\s+of\s+connected\s+peer\s+ranks\s+is\s*:\s*\d+\n?")
     gloo = lambda line: line.startswith("[Gloo]") or "peer ranks" in line
-    texts = ["".join(line for line in (tmp_path / f"{name}{i}.out").open() if not gloo(line))
-             for i in range(2)]
+    texts = []
+    for i in range(2):
+        text, before = (tmp_path / f"{name}{i}.out").read_text(), None
+        while text != before:
+            text, before = report.sub("", text), text
+        texts.append("".join(line for line in text.splitlines(keepends=True) if not gloo(line)))
     for i, (p, _, _) in enumerate(procs):
         errors = (tmp_path / f"{name}{i}.err").read_text()[-3000:]
         assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{errors}"
