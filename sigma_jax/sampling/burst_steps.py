@@ -211,13 +211,13 @@ def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
     row's drafting history, computed before (by these passes, on the same params and sampling
     values); when `use`, they stand in for the passes."""
     b, n = state.tokens.shape
-    k = min(opts.draft_support, cfg.vocab_size)
+    k = opts.first_support(cfg)
     draft_keys, loop_keys = jnp.moveaxis(jax.vmap(jax.random.split)(state.keys), 1, 0)
-    history = (state.cache, state.last_tok, state.last_pos)
-    if opts.first_drafts == "start":
-        history = _start_history(cfg, *history)
+    history, shared = (state.cache, state.last_tok, state.last_pos), None
+    if opts.first_drafts == "start":  # one history by construction: no need to compare rows
+        history, shared = _start_history(cfg, *history), jnp.asarray(True)
     drafted = lambda: _first_distributions(cfg, per_layer(params), *history, n, k, temperature,
-                                           top_p, opts)
+                                           top_p, opts, shared)
     if first is None:
         ids, probs = drafted()
     else:
@@ -231,7 +231,8 @@ def jacobi_init(cfg: ModelConfig, params: dict, state: BurstState, temperature, 
 
 
 def _first_distributions(cfg: ModelConfig, layered: dict, cache: LayerCaches, last_tok,
-                         last_pos, n: int, k: int, temperature, top_p, opts: KernelOptions):
+                         last_pos, n: int, k: int, temperature, top_p, opts: KernelOptions,
+                         shared=None):
     """(ids int32 [B, N, K], probs float32 [B, N, K]): the K most probable tokens of each of the
     N positions given each row's history (its cache, then last_tok/last_pos [B]), renormalized,
     from burst passes of about decode.PREFILL_TOKENS queries. layered: `per_layer` params.
@@ -239,11 +240,13 @@ def _first_distributions(cfg: ModelConfig, layered: dict, cache: LayerCaches, la
     When every row has one history (`_one_history`: an unconditional batch, or one prompt fed
     in one order), the rows' passes split the N positions between them, and each position's
     distribution, computed once, serves every row: B times fewer passes, the same values bit
-    for bit (a query's result does not depend on the queries beside it)."""
+    for bit (a query's result does not depend on the queries beside it). shared: bool [],
+    whether they have, when the caller knows; None: `_one_history` compares them."""
     b = last_tok.shape[0]
     chunk = pass_slots(b, n)
     per_row = -(-n // chunk)  # passes that cover the N positions of every row
-    shared = _one_history(cache, last_tok, last_pos)
+    if shared is None:
+        shared = _one_history(cache, last_tok, last_pos)
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]  # [B, 1]
 
     def one_pass(c, carry):  # row r: positions [s, s + chunk) clamped to N - 1, s its start

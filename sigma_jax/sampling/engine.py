@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sigma_jax.cache import init_cache, split_layers
-from sigma_jax.checks import check_int, is_concrete, token_ids
+from sigma_jax.checks import check_int, is_concrete, token_ids, within_lengths
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import extend_pass
 from sigma_jax.model import per_layer
@@ -130,7 +130,7 @@ def _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, order_kind
         **(_jacobi_rows(cfg, opts, s, n) if opts.mode == "jacobi" else {}))
     start_first = None
     if opts.mode == "jacobi" and cfg.bos:
-        k = min(opts.draft_support, cfg.vocab_size)
+        k = opts.first_support(cfg)
         start_first = (jnp.zeros((n, k), jnp.int32), jnp.zeros((n, k), jnp.float32),
                        jnp.zeros((), bool))
     return EngineState(rows=rows, known=jnp.zeros((s, n), bool), temperature=temperature,
@@ -140,7 +140,7 @@ def _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, order_kind
 
 def _jacobi_rows(cfg: ModelConfig, opts: KernelOptions, s: int, n: int) -> dict:
     """The jacobi leaves of S empty rows at capacity N (see `BurstState`)."""
-    k = min(opts.draft_support, cfg.vocab_size)
+    k = opts.first_support(cfg)
     return dict(drafts=jnp.zeros((s, n), jnp.int32),
                 window_probs=jnp.zeros((s, opts.window, cfg.vocab_size), jnp.float32),
                 first_ids=jnp.zeros((s, n, k), jnp.int32),
@@ -202,7 +202,7 @@ def _insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kn
     Compiles once per engine shape; validate the request first (`check_request`)."""
     n = state.capacity
     length = jnp.asarray(length, jnp.int32)[None]  # [1]
-    known = (jnp.asarray(known, bool) & (jnp.arange(n) < length))[None]  # [1, N]
+    known = jnp.asarray(known, bool)[None] & within_lengths(length, n)  # [1, N]
     tokens = jnp.where(known, jnp.asarray(tokens, jnp.int32)[None], 0)
     order, keys = generation_order(state.order_kind, known, key[None], state.known_order, length)
     first, start_first = None, state.start_first

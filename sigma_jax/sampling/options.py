@@ -55,6 +55,10 @@ class KernelOptions:
     draft_support: int
     first_drafts: str = "known"
 
+    def first_support(self, cfg: ModelConfig) -> int:
+        """K: the tokens kept of each first jacobi distribution, min(draft_support, V)."""
+        return min(self.draft_support, cfg.vocab_size)
+
     def cache_capacity(self, cfg: ModelConfig, n: int) -> int:
         """KV-cache slots at length n: every token, the start token, and one block of `window`
         new slots written past the last one."""
