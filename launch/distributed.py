@@ -4,11 +4,14 @@ Flags (defined by `define_flags`):
   --mesh=data:fsdp:tensor   e.g. 8:1:1 or 2:2:2; 'auto' (default) = every device on "data"
                             (one device on a single-process CPU host; see sharding.mesh_config)
   --mesh_axis_type=auto|explicit
+  --host_devices=N          (launch.sample) N CPU devices in this process (default 1): on a
+                            CPU host, N > 1 samples a batch's rows on the cores side by side
+                            (--mesh=auto then puts the N devices on "data"; one loop per device)
   --distributed=auto|on|off and --coordinator_address, --num_processes, --process_id
 
 Start-up order in a launcher's main (every process runs the same program):
-  initialize()   jax.distributed.initialize(), before any other JAX call, when asked or when
-                 a cluster is detected;
+  initialize()   the host devices, then jax.distributed.initialize() when asked or when a
+                 cluster is detected: before any other JAX call;
   build_mesh()   the mesh from --mesh / --mesh_axis_type, checked against the devices;
   then `with jax.set_mesh(mesh)` (sigma_jax.train.train does it) and log on process 0 only.
 
@@ -57,6 +60,16 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                          flag_values=flag_values)
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host).",
                          flag_values=flag_values)
+
+
+def define_host_devices_flag(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Define --host_devices (CPU devices of this process), read by `initialize`.
+
+    Sampling only: the train step already keeps both cores of a CPU host busy on one device
+    (its gradient lanes), and runs slower on two."""
+    flags.DEFINE_integer("host_devices", 1, "CPU devices of this process (jax_num_cpu_devices). "
+                         "On a CPU host, N > 1 samples a batch's rows on the cores side by side; "
+                         "--mesh=auto then puts the N devices on data.", flag_values=flag_values)
 
 
 def define_axis_type_flag(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -133,13 +146,20 @@ def distributed_args(mode: str, coordinator_address: str | None, num_processes: 
 
 
 def initialize(log: Callable[[str], None] | None = None) -> bool:
-    """`jax.distributed.initialize()` as the flags say (call it before any other JAX call).
-    Returns whether it ran. Raises a one-line ValueError for bad flag values."""
+    """--host_devices where the launcher defines it, then `jax.distributed.initialize()` as the
+    flags say (call it before any other JAX call). Returns whether the latter ran. Raises a
+    one-line ValueError for bad flag values."""
+    host_devices = FLAGS.host_devices if "host_devices" in FLAGS else 1
+    if host_devices < 1:
+        raise ValueError(f"--host_devices must be >= 1; got {host_devices}")
     args = distributed_args(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                             FLAGS.process_id)
+    import jax
+
+    if host_devices > 1:
+        jax.config.update("jax_num_cpu_devices", host_devices)
     if args is None:
         return False
-    import jax
 
     jax.distributed.initialize(**args)
     if log is not None and jax.process_index() == 0:

@@ -76,6 +76,7 @@ flags.DEFINE_integer("length", None, "Sequence length (default: the task's seque
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_boolean("animate", False, "Redraw the sequence as burst iterations fill it in.")
 distributed.define_flags()
+distributed.define_host_devices_flag()
 
 
 def load_run_config(workdir: str):

@@ -244,6 +244,11 @@ def _all_explicit(mesh) -> bool:
     return bool(mesh.axis_types) and all(t == AxisType.Explicit for t in mesh.axis_types)
 
 
+def _no_shardable_axes(mesh) -> bool:
+    """No mesh, or one whose axes are all Manual (inside `shard_map`): nothing to constrain."""
+    return mesh.empty or all(t == AxisType.Manual for t in mesh.axis_types)
+
+
 def constrain(x: jax.Array, logical_names: Sequence[str | None]) -> jax.Array:
     """Ask for x to be sharded by its logical axes under the ambient mesh (`jax.set_mesh`).
 
@@ -251,7 +256,7 @@ def constrain(x: jax.Array, logical_names: Sequence[str | None]) -> jax.Array:
     mesh: `with_sharding_constraint`. Mesh axes that do not divide a dimension are dropped.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if _no_shardable_axes(mesh):
         return x
     if len(logical_names) != x.ndim:
         raise ValueError(f"constrain got {len(logical_names)} logical axes {tuple(logical_names)} "
@@ -271,7 +276,7 @@ def explicit_spec(shape: Sequence[int], logical_names: Sequence[str | None]) -> 
     the op's default behaviour with no mesh or an Auto mesh.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not _all_explicit(mesh):
+    if _no_shardable_axes(mesh) or not _all_explicit(mesh):
         return None
     return fit_spec(logical_to_spec(logical_names), shape, mesh)
 
@@ -344,20 +349,24 @@ def check_batch(batch: int, mesh) -> None:
 
 
 def mesh_config(text: str, axis_type: str = "auto", *, devices: int | None = None,
-                platform: str | None = None, process_count: int | None = None) -> MeshConfig:
+                platform: str | None = None, process_count: int | None = None,
+                host_devices: int | None = None) -> MeshConfig:
     """The launchers' --mesh value as a MeshConfig: 'data:fsdp:tensor', or 'auto'.
 
     'auto' puts every device on "data" (pure data parallelism), except on a single-process CPU
-    host, where it is one device: several CPU devices there are fake ones sharing the same cores
-    (ask for them explicitly, e.g. --mesh=8:1:1). The keyword arguments default to the running
-    JAX (device_count, default_backend, process_count) and exist for tests.
+    host, where it is the devices the process asked for by `jax_num_cpu_devices` (one unless
+    set): any others are fake ones from XLA flags (ask for them explicitly, e.g.
+    --mesh=8:1:1). The keyword arguments default to the running JAX (device_count,
+    default_backend, process_count, the jax_num_cpu_devices setting) and exist for tests.
     """
     if str(text).strip().lower() != "auto":
         return MeshConfig.parse(text, axis_type)
     devices = jax.device_count() if devices is None else devices
     platform = jax.default_backend() if platform is None else platform
     process_count = jax.process_count() if process_count is None else process_count
-    data = 1 if platform == "cpu" and process_count == 1 else devices
+    if host_devices is None:
+        host_devices = max(1, jax.config.jax_num_cpu_devices)
+    data = min(host_devices, devices) if platform == "cpu" and process_count == 1 else devices
     return MeshConfig(data=data, axis_type=axis_type)
 
 

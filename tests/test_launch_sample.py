@@ -99,10 +99,20 @@ def test_animate_redraws_until_every_position_is_filled(char_run):
 
 
 
-@pytest.mark.integration
-def test_more_samples_than_the_batch_go_through_the_engine(char_run):
-    """--num_samples above --batch_size: every sample is the library's one-shot sample with its
-    key, printed as its engine slot completes."""
+JACOBI_CLI = ("--sampler=burst_jacobi", "--window=4", "--order=spread")
+PROMPT, LENGTH = "ROMEO<missing>6</missing>the king", 24
+
+
+def run_jacobi_cli(char_run, *args):
+    """launch.sample with burst_jacobi (spread, W = 4) on PROMPT at LENGTH, plus `args`."""
+    out = run_module("-m", "launch.sample", f"--workdir={char_run}", *JACOBI_CLI,
+                     f"--prompt={PROMPT}", f"--length={LENGTH}", *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def assert_the_librarys_samples(char_run, stdout: str, seed: int, count: int, batch: int):
+    """Every printed sample is the library's one-shot sample with its key (`sample_keys`)."""
     import jax
 
     from launch.prompt import parse_prompt as parse
@@ -110,22 +120,37 @@ def test_more_samples_than_the_batch_go_through_the_engine(char_run):
     from sigma_jax import checkpoint
     from sigma_jax.sampling import SampleOptions, sample
 
-    prompt, length = "ROMEO<missing>6</missing>the king", 24
-    out = run_module("-m", "launch.sample", f"--workdir={char_run}", "--sampler=burst_jacobi",
-                     f"--prompt={prompt}", f"--length={length}", "--num_samples=5",
-                     "--batch_size=2", "--window=4", "--order=spread", "--seed=3")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "engine, 2 slots" in out.stdout
     # A sample's text may hold newlines: it runs from its header to the next header (or the end).
-    parts = re.split(r"^--- sample (\d+):[^\n]*\n", out.stdout, flags=re.M)[1:]
+    parts = re.split(r"^--- sample (\d+):[^\n]*\n", stdout, flags=re.M)[1:]
     printed = dict(zip(parts[::2], parts[1::2], strict=True))
     cfg, params, _ = checkpoint.load(char_run)
     _, task = load_run_config(char_run)
-    tokens, known = parse(prompt, task.encode, length, cfg.block_size)
+    tokens, known = parse(PROMPT, task.encode, LENGTH, cfg.block_size)
     options = SampleOptions("burst_jacobi", order="spread", window=4)
-    keys = sample_keys(jax.random.key(3), 5, 2)
-    assert sorted(map(int, printed)) == list(range(5))
-    for i, key in enumerate(keys):
+    assert sorted(map(int, printed)) == list(range(count))
+    for i, key in enumerate(sample_keys(jax.random.key(seed), count, batch)):
         want, _ = sample(cfg, params, key[None], tokens[None], known[None], options)
         text = task.decode(np.asarray(want)[0])
         assert printed[str(i)][:len(text) + 1] == text + "\n"  # printed with its own newline
+
+
+@pytest.mark.integration
+def test_more_samples_than_the_batch_go_through_the_engine(char_run):
+    """--num_samples above --batch_size: every sample is the library's one-shot sample with its
+    key, printed as its engine slot completes."""
+    out = run_jacobi_cli(char_run, "--num_samples=5", "--batch_size=2", "--seed=3")
+    assert "engine, 2 slots" in out.stdout
+    assert_the_librarys_samples(char_run, out.stdout, seed=3, count=5, batch=2)
+
+
+@pytest.mark.integration
+def test_host_devices_run_one_loop_per_device_with_the_same_samples(char_run):
+    """--host_devices=2: the auto mesh holds 2 CPU devices on data, each sampling its own rows;
+    every sample is the library's one-shot sample with its key. A bad value fails first."""
+    out = run_jacobi_cli(char_run, "--num_samples=3", "--seed=5", "--host_devices=2")
+    assert "mesh=2:1:1" in out.stdout
+    assert_the_librarys_samples(char_run, out.stdout, seed=5, count=3, batch=3)
+
+    bad = run_module("-m", "launch.sample", f"--workdir={char_run}", "--host_devices=0")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "--host_devices" in bad.stderr

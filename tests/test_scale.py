@@ -259,6 +259,60 @@ def test_sharded_samplers_give_the_unsharded_tokens(sampler_inputs, options, sha
         assert (got[known] == tokens[known]).all() and len({tuple(r) for r in got}) > 1
 
 
+@pytest.mark.parametrize("options, shape, axis_type", [
+    (SampleOptions("ar", order="random"), "8:1:1", "auto"),
+    (SampleOptions("burst_jacobi", order="spread", window=4), "4:1:1", "explicit"),
+], ids=["ar-8-devices", "jacobi-4-devices-explicit"])
+def test_per_device_loops_give_the_unsharded_tokens(sampler_inputs, options, shape, axis_type):
+    """A data-parallel mesh runs one loop per device over its own rows, with no collective in
+    the loops: the tokens and every statistic of the unsharded call, with ragged lengths and an
+    explicit order, and with devices whose rows are all padding (6 rows on 8 devices)."""
+    cfg, params, tokens, known = sampler_inputs
+    mesh = mesh_of(shape, axis_type)
+    lengths = np.array([8, 5, 8, 3, 7, 8], np.int32)
+    known = known & (np.arange(8) < lengths[:, None])
+    rng = np.random.default_rng(1)
+    within = lambda row, mask: np.flatnonzero(mask & (np.arange(8) < lengths[row]))
+    order = np.stack([np.concatenate([within(r, k), rng.permutation(within(r, ~k)),
+                                      np.arange(lengths[r], 8)])
+                      for r, k in enumerate(known)]).astype(np.int32)
+    for seed, explicit in ((0, None), (1, order)):
+        key = jax.random.key(seed)
+        want, want_stats = sample(cfg, params, key, tokens, known, options, order=explicit,
+                                  lengths=lengths)
+        out, stats = sample_sharded(cfg, params, key, tokens, known, options, mesh=mesh,
+                                    order=explicit, lengths=lengths)
+        got, got_stats = sh.to_host((out, stats))
+        np.testing.assert_array_equal(got, want)
+        for name in ("iterations", "generated", "forward_passes", "finished"):
+            np.testing.assert_array_equal(getattr(got_stats, name), getattr(want_stats, name),
+                                          err_msg=f"{name}, seed {seed}")
+
+
+def test_per_device_loops_only_when_the_params_are_whole_on_every_device(sampler_inputs):
+    """The data-parallel program's only collective is the final most of forward_passes; a mesh
+    that splits the params keeps one loop over the mesh (a collective in every iteration)."""
+    from sigma_jax.sampling.sharded import _sampler_kernel
+
+    cfg, params, tokens, known = sampler_inputs
+    options = SampleOptions("ar", order="random")
+    traced = dict(zip(SampleOptions.traced_fields(), options.traced_values(8), strict=True))
+    traced = {k: v for k, v in traced.items() if v is not None}
+    lengths = np.full(8, 8, np.int32)
+    keys = jax.random.split(jax.random.key(0), 8)
+    rows = (np.zeros((8, 8), np.int32), np.zeros((8, 8), bool), lengths)
+
+    def all_reduces(shape):
+        mesh = mesh_of(shape)
+        kernel = _sampler_kernel(cfg, mesh, options.static_part(), False, 8, 0)
+        with jax.set_mesh(mesh):
+            text = kernel.lower(params, keys, *rows, traced).compile().as_text()
+        return text.count(" all-reduce(")
+
+    assert all_reduces("8:1:1") == 1
+    assert all_reduces("2:2:2") > 1
+
+
 # ---------------------------------------------------------------------------------- launchers
 
 
@@ -267,7 +321,10 @@ def test_mesh_flag_auto_and_explicit():
     assert cfg == sh.MeshConfig(8, 1, 1)
     assert sh.mesh_config("auto", "explicit", devices=8, platform="tpu",
                           process_count=2) == sh.MeshConfig(8, 1, 1, "explicit")
-    assert sh.mesh_config("auto", devices=8, platform="cpu", process_count=1).size == 1
+    assert sh.mesh_config("auto", devices=8, platform="cpu", process_count=1,
+                          host_devices=1).size == 1
+    assert sh.mesh_config("auto", devices=8, platform="cpu", process_count=1,
+                          host_devices=2) == sh.MeshConfig(2, 1, 1)  # --host_devices=2
     assert sh.mesh_config("auto", devices=8, platform="cpu", process_count=2).size == 8
     assert sh.mesh_config("1:2:4") == sh.MeshConfig(1, 2, 4)
 

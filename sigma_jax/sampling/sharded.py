@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType
 
 from sigma_jax.config import ModelConfig
 from sigma_jax.model import init_params, param_shardings
@@ -35,14 +37,21 @@ def sample_sharded(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known
     row [B]. tokens, known: [B, N] host arrays (the same on every process).
 
     The batch is padded to a multiple of the batch axes with copies of the last row marked fully
-    known (with keys of their own): they generate nothing, so the loop runs exactly as long as
-    the unsharded call's and every statistic equals its. Rows are placed over ("data", "fsdp"), run
-    by one jitted kernel with in/out shardings (params by their logical axes, rows over the batch
+    known (with keys of their own): they generate nothing, so no padding row extends a loop and
+    every statistic equals the unsharded call's. Rows are placed over ("data", "fsdp"), run by
+    one jitted kernel with in/out shardings (params by their logical axes, rows over the batch
     axes, the traced options replicated) that strips the padding rows and, when there are none,
     donates its token buffer to the output. Rows are independent and each row's random stream
     depends only on its key (threefry is partitionable), so the tokens equal the unsharded
-    sampler's. Under an Explicit mesh the sampler runs inside `auto_axes_call` (Auto axes
-    inside). Every process of a multi-host run must call this with the same arguments. Returns
+    sampler's.
+
+    When the mesh holds the whole params on every device (data parallelism), each device runs
+    the sampler's loop over its own rows (`jax.shard_map`): no collective per iteration, and a
+    device stops when its rows are done; `forward_passes` is the most any device made, which is
+    the unsharded call's. On a CPU host given several devices (`jax_num_cpu_devices`) the rows
+    so run on the cores side by side, where one program keeps them only partly busy. Otherwise
+    the sampler runs as one program over the mesh, under an Explicit mesh inside
+    `auto_axes_call` (Auto axes inside). Every process of a multi-host run must call this with the same arguments. Returns
     (tokens [B, N], SampleStats) as global jax arrays; read them with `to_host` (multi-host safe).
     """
     tokens, known, order, lengths = checked_inputs(cfg, tokens, known, options, order, lengths)
@@ -78,17 +87,24 @@ def _sampler_kernel(cfg, mesh, static: SampleOptions, explicit_order, batch, pad
         order, keys = generation_order(rest[0] if explicit_order else options.order, known,
                                        keys, options.known_order, lengths)
         kernel, args = kernel_call(cfg, params, keys, tokens, known, order, lengths, options)
-        out, stats = kernel(*args)
-        keep = lambda x: x[:batch] if x.ndim else x  # strip the padding rows
+        return kernel(*args)
+
+    def strip(out, stats):  # the padding rows
+        keep = lambda x: x[:batch] if x.ndim else x
         return keep(out), jax.tree.map(keep, stats)
 
-    # The samplers' loops are not Explicit-clean (per-row scatters without out_sharding): under
-    # an Explicit mesh they run with Auto axes inside, and their outputs come back explicit.
+    # The samplers' loops and the padding's removal are not Explicit-clean (per-row scatters
+    # without out_sharding, rows sliced unevenly): under an Explicit mesh they run with Auto
+    # axes inside, and their outputs come back explicit.
     out_axes = (("batch", "seq"), SampleStats(iterations=("batch",), generated=("batch",),
                                               forward_passes=(), finished=("batch",)))
-    kernel = lambda *args: auto_axes_call(run, out_axes, *args)
-
     shapes = jax.eval_shape(init_params, cfg, jax.random.key(0))
+    if _params_replicated(shapes, mesh):
+        loops = _per_device_loops(run, mesh, 6 + explicit_order)
+        kernel = lambda *args: auto_axes_call(strip, out_axes, *loops(*args))
+    else:
+        kernel = lambda *args: auto_axes_call(lambda *a: strip(*run(*a)), out_axes, *args)
+
     rows = batch_rows(mesh)  # batch + pad: a multiple
     out_rows = fitted_sharding(mesh, ("batch",), (batch,))  # may drop batch axes
     rep = replicated(mesh)
@@ -99,3 +115,33 @@ def _sampler_kernel(cfg, mesh, static: SampleOptions, explicit_order, batch, pad
     # The tokens buffer is donated to the output tokens when they have the same shape.
     return jax.jit(kernel, in_shardings=in_shardings, out_shardings=(out_rows, stats),
                    donate_argnums=() if pad else (2,))
+
+
+def _params_replicated(shapes: dict, mesh) -> bool:
+    """Whether `param_shardings` puts the whole of every param on every device of `mesh`."""
+    return all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings(shapes, mesh)))
+
+
+def _per_device_loops(run, mesh, n_args: int):
+    """`run(params, keys, tokens, known, lengths, [order,] traced)` -> (tokens, SampleStats),
+    run by every device on its own rows (`jax.shard_map`): the params and the traced options
+    (the last argument) whole on every device, the n_args - 2 others split by rows.
+    `forward_passes` is the most of any device's."""
+    row_spec = batch_rows(mesh).spec
+    batch_axes = (row_spec[0],) if isinstance(row_spec[0], str) else tuple(row_spec[0])
+
+    def local(*args):
+        out, stats = run(*args)
+        most = jax.lax.pmax(stats.forward_passes, batch_axes)
+        return out, dataclasses.replace(stats, forward_passes=most)
+
+    stats_spec = SampleStats(iterations=row_spec, generated=row_spec, forward_passes=jax.P(),
+                             finished=row_spec)
+    in_specs = (jax.P(), *[row_spec] * (n_args - 2), jax.P())
+    loops = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(row_spec, stats_spec),
+                          check_vma=False)
+    if not all(t == AxisType.Explicit for t in mesh.axis_types):
+        return loops
+    # Explicit axes: the params' types name their size-1 model axes; whole is what they are.
+    whole = lambda params: jax.tree.map(lambda p: jax.sharding.reshard(p, jax.P()), params)
+    return lambda params, *rows: loops(whole(params), *rows)
