@@ -22,8 +22,9 @@ import jax
 import numpy as np
 
 from sigma_jax.config import ModelConfig
-from sigma_jax.sampling import Request, SampleOptions, sample, serve
+from sigma_jax.sampling import Request, SampleOptions, sample, sample_sharded, serve
 from sigma_jax.sampling.options import model_calls
+from sigma_jax.sharding import MeshConfig, make_mesh, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +54,16 @@ def mixed_workload(text_ids: np.ndarray, count: int, min_length: int, max_length
 
 
 def run_engine(cfg: ModelConfig, params: dict, work: Workload, options: SampleOptions,
-               slots: int, capacity: int, steps_per_call: int = 1) -> dict:
-    """One timed pass of the workload through `serve` (after a warm-up pass)."""
+               slots: int, capacity: int, steps_per_call: int = 1, devices=None) -> dict:
+    """One timed pass of the workload through `serve` (after a warm-up pass); devices: one
+    engine per device (`serve(devices=...)`)."""
     warm = Workload(work.requests[:slots], work.lengths[:slots], work.generated[:slots])
-    list(serve(cfg, params, warm.requests, slots=slots, options=options, capacity=capacity,
-               steps_per_call=steps_per_call))
+    run = lambda requests: list(serve(cfg, params, requests, slots=slots, options=options,
+                                      capacity=capacity, steps_per_call=steps_per_call,
+                                      devices=devices))
+    run(warm.requests)
     start = time.perf_counter()
-    results = list(serve(cfg, params, work.requests, slots=slots, options=options,
-                         capacity=capacity, steps_per_call=steps_per_call))
+    results = run(work.requests)
     wall = time.perf_counter() - start
     if any(r.error for r in results):
         raise ValueError(f"a request was refused: {next(r.error for r in results if r.error)}")
@@ -74,16 +77,18 @@ def run_engine(cfg: ModelConfig, params: dict, work: Workload, options: SampleOp
 
 
 def run_static(cfg: ModelConfig, params: dict, work: Workload, options: SampleOptions,
-               slots: int, capacity: int) -> dict:
+               slots: int, capacity: int, devices=None) -> dict:
     """One timed pass of the workload as consecutive static batches of `slots` requests, each
-    padded to `capacity` with its rows' lengths (after a warm-up batch)."""
+    padded to `capacity` with its rows' lengths (after a warm-up batch); devices: each batch
+    split over them, one loop per device (`sample_sharded` on a data mesh)."""
     batches = [list(range(lo, min(lo + slots, len(work.requests))))
                for lo in range(0, len(work.requests), slots)]
-    _static_batch(cfg, params, work, options, batches[0], capacity)  # compile
+    mesh = None if devices is None else make_mesh(MeshConfig(data=len(devices)), devices)
+    _static_batch(cfg, params, work, options, batches[0], capacity, mesh)  # compile
     calls, seconds, tokens, busy, slot_iters = [], [], {}, 0, 0
     done_calls, start = 0, time.perf_counter()
     for rows in batches:
-        out, stats = _static_batch(cfg, params, work, options, rows, capacity)
+        out, stats = _static_batch(cfg, params, work, options, rows, capacity, mesh)
         done_calls += int(stats.forward_passes)
         now = time.perf_counter() - start
         iterations = np.asarray(stats.iterations)
@@ -98,7 +103,7 @@ def run_static(cfg: ModelConfig, params: dict, work: Workload, options: SampleOp
                 busy / max(slot_iters, 1), slots) | {"tokens": tokens}
 
 
-def _static_batch(cfg, params, work: Workload, options, rows, capacity):
+def _static_batch(cfg, params, work: Workload, options, rows, capacity, mesh=None):
     tokens = np.zeros((len(rows), capacity), np.int32)
     known = np.zeros((len(rows), capacity), bool)
     for j, i in enumerate(rows):
@@ -106,7 +111,12 @@ def _static_batch(cfg, params, work: Workload, options, rows, capacity):
         tokens[j, :length] = work.requests[i].tokens
         known[j, :length] = work.requests[i].known
     keys = jax.numpy.stack([work.requests[i].key for i in rows])
-    out, stats = sample(cfg, params, keys, tokens, known, options, lengths=work.lengths[rows])
+    if mesh is None:
+        out, stats = sample(cfg, params, keys, tokens, known, options,
+                            lengths=work.lengths[rows])
+    else:
+        out, stats = to_host(sample_sharded(cfg, params, keys, tokens, known, options, mesh=mesh,
+                                            lengths=work.lengths[rows]))
     return np.asarray(out), jax.device_get(stats)
 
 

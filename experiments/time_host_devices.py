@@ -1,7 +1,7 @@
 """One sampling program against one loop per host device, side by side on the shipped model.
 
     PYTHONPATH=. python experiments/time_host_devices.py [--devices=2] [--batch=16] [--length=256]
-        [--rounds=3] [--train]
+        [--rounds=3] [--train | --serve]
 
 The process asks for --devices CPU devices (`jax_num_cpu_devices`, before any JAX call). Each
 sampler (cached AR; `burst_jacobi` and exact burst, spread, W = 16) runs unconditional rows two
@@ -12,6 +12,11 @@ lanes call is checked token for token against the one-device call of the same ke
 line per run: sampler, setting, median and min ms per batch call, model calls, tokens/s
 (generated tokens over the median), compile seconds; then, per sampler, the lanes/one ratio of
 tokens/s in each round.
+
+--serve times the serving engine instead (`serve`, 16 slots, 4 iterations per call) on --calls
+x 16 unconditional requests of --length: one engine on one device against one engine per device
+with its share of the slots (`serve(devices=...)`), interleaved, tokens checked equal; one JSON
+line per run (tokens/s) and the ratio per round.
 
 --train times the reference train step (`experiments/time_train_step.py`'s configuration)
 instead, on one device and on the (devices, 1, 1) mesh, interleaved, --calls steps each per
@@ -33,10 +38,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--train", action="store_true")
+    parser.add_argument("--serve", action="store_true")
     args = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
     if args.train:
         return time_train(args.devices, args.rounds, args.calls)
+    if args.serve:
+        return time_serve(args.length, args.rounds, 16 * args.calls)
 
     import numpy as np
 
@@ -97,6 +105,43 @@ def main() -> None:
             ratios.append(rates["lanes"][1] / rates["one"][1])
             seed += args.calls
         print(json.dumps({"sampler": name, "lanes_over_one": [round(r, 2) for r in ratios],
+                          "same_tokens": True}), flush=True)
+
+
+def time_serve(length: int, rounds: int, count: int) -> None:
+    """The engine on one device and one engine per device, interleaved (see the docstring)."""
+    import numpy as np
+
+    from sigma_jax import pretrained
+    from sigma_jax.sampling import Request, SampleOptions, serve
+
+    cfg, params, _, _ = pretrained.load("shakespeare_char")
+    requests = [Request(np.zeros(length, np.int32), np.zeros(length, bool), jax.random.key(i))
+                for i in range(count)]
+    samplers = {"ar": SampleOptions("ar", order="random"),
+                "burst_jacobi W=16": SampleOptions("burst_jacobi", order="spread", window=16)}
+    for name, options in samplers.items():
+        def run(devices):
+            start = time.perf_counter()
+            results = list(serve(cfg, params, requests, slots=16, options=options,
+                                 steps_per_call=4, devices=devices))
+            return count * length / (time.perf_counter() - start), {
+                r.index: r.tokens for r in results}
+        run(None), run(jax.devices())  # compiles
+        ratios = []
+        for round_ in range(rounds):
+            rates = {}
+            for setting, devices in (("one", None), ("devices", jax.devices())):
+                rates[setting] = run(devices)
+                print(json.dumps({"serve": name, "setting": setting, "round": round_ + 1,
+                                  "devices": 1 if devices is None else len(devices),
+                                  "requests": count, "length": length,
+                                  "tokens_per_s": round(rates[setting][0])}), flush=True)
+            one, per_device = rates["one"][1], rates["devices"][1]
+            if any((one[i] != per_device[i]).any() for i in one):
+                raise SystemExit(f"{name}: the engines' tokens differ from one engine's")
+            ratios.append(rates["devices"][0] / rates["one"][0])
+        print(json.dumps({"serve": name, "devices_over_one": [round(r, 2) for r in ratios],
                           "same_tokens": True}), flush=True)
 
 

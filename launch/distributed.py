@@ -72,6 +72,17 @@ def define_host_devices_flag(flag_values: flags.FlagValues = FLAGS) -> None:
                          "--mesh=auto then puts the N devices on data.", flag_values=flag_values)
 
 
+def use_host_devices(count: int) -> None:
+    """Ask for `count` CPU devices in this process (`jax_num_cpu_devices`; before any other JAX
+    call). Raises a one-line ValueError unless count >= 1."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"--host_devices must be >= 1; got {count}")
+    if count > 1:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", count)
+
+
 def define_axis_type_flag(flag_values: flags.FlagValues = FLAGS) -> None:
     """Define --mesh_axis_type (auto or explicit)."""
     flags.DEFINE_string("mesh_axis_type", "auto", "Mesh axis type: auto (XLA propagates "
@@ -149,17 +160,13 @@ def initialize(log: Callable[[str], None] | None = None) -> bool:
     """--host_devices where the launcher defines it, then `jax.distributed.initialize()` as the
     flags say (call it before any other JAX call). Returns whether the latter ran. Raises a
     one-line ValueError for bad flag values."""
-    host_devices = FLAGS.host_devices if "host_devices" in FLAGS else 1
-    if host_devices < 1:
-        raise ValueError(f"--host_devices must be >= 1; got {host_devices}")
+    use_host_devices(FLAGS.host_devices if "host_devices" in FLAGS else 1)
     args = distributed_args(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                             FLAGS.process_id)
-    import jax
-
-    if host_devices > 1:
-        jax.config.update("jax_num_cpu_devices", host_devices)
     if args is None:
         return False
+    import jax
+
 
     jax.distributed.initialize(**args)
     if log is not None and jax.process_index() == 0:

@@ -195,9 +195,11 @@ def main(argv) -> None:
         animate(cfg, params, key, jnp.asarray(tokens)[None], jnp.asarray(known)[None], decode,
                 options)
         return
-    if (FLAGS.num_samples > batch and jax.process_count() == 1 and mesh.devices.size == 1
-            and options.sampler != "ar_nocache"):
-        serve_samples(cfg, params, key, tokens, known, batch, options, decode)
+    devices = list(mesh.devices.flat)
+    if (FLAGS.num_samples > batch and jax.process_count() == 1 and options.sampler != "ar_nocache"
+            and (len(devices) == 1 or FLAGS.host_devices > 1) and batch >= len(devices)):
+        serve_samples(cfg, params, key, tokens, known, batch, options, decode,
+                      devices if len(devices) > 1 else None)
         return
     every_key = sample_keys(key, FLAGS.num_samples, batch)
     done = 0
@@ -225,15 +227,17 @@ def sample_keys(key, count: int, batch: int) -> list:
             for k in jax.random.split(jax.random.fold_in(key, done), min(batch, count - done))]
 
 
-def serve_samples(cfg, params, key, tokens, known, slots: int, options, decode) -> None:
+def serve_samples(cfg, params, key, tokens, known, slots: int, options, decode,
+                  devices=None) -> None:
     """--num_samples above the batch size: every sample through the serving engine with
     `slots` slots (a finished sample's slot takes the next one at once), printed as it
-    completes, in completion order."""
+    completes, in completion order. devices (--host_devices > 1): one engine per device, with
+    its share of the slots."""
     from sigma_jax.sampling import Request, serve
 
     keys = sample_keys(key, FLAGS.num_samples, slots)
     requests = [Request(np.asarray(tokens), np.asarray(known), k) for k in keys]
-    for result in serve(cfg, params, requests, slots=slots, options=options):
+    for result in serve(cfg, params, requests, slots=slots, options=options, devices=devices):
         stats = result.stats
         print(f"--- sample {result.index}: {int(stats.generated[0])} tokens, "
               f"{int(stats.iterations[0])} iterations, {int(stats.forward_passes)} model calls, "

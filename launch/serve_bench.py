@@ -9,7 +9,9 @@ static batches of --slots consecutive requests, interleaved for --rounds rounds 
 engine, static, ...). Prints one line per run (requests/s, tokens/s, p50/p99 latency in model
 calls and seconds, slot occupancy) and the engine/static ratio of each round; writes
 serving.jsonl and serving.png to --out. Every engine request's tokens are checked to equal its
-static batch's. Exit 2 with one line on bad flags.
+static batch's. --host_devices=N (N > 1, dividing --slots): N CPU devices, the engine one per
+device with its share of the slots (`serve(devices=...)`), each static batch split over them
+with one loop per device (`sample_sharded`). Exit 2 with one line on bad flags.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
+from launch import distributed
 from launch.flags import die, usage_errors
 
 FLAGS = flags.FLAGS
@@ -38,6 +41,7 @@ flags.DEFINE_integer("steps_per_call", 4, "Engine iterations per call (amortizes
                      "finished mid-call idles until the call ends).")
 flags.DEFINE_boolean("infill", True, "Half the requests infill real text (else all are "
                      "unconditional: with --min_length=--max_length, the uniform workload).")
+distributed.define_host_devices_flag()
 flags.DEFINE_integer("rounds", 2, "Interleaved rounds of engine and static runs.")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_string("out", "experiments/results/serving", "Output directory ('none': nothing).")
@@ -56,11 +60,15 @@ def main(argv) -> None:
     if len(argv) > 1:
         die(f"unexpected arguments: {' '.join(argv[1:])}")
     with usage_errors():
+        distributed.use_host_devices(FLAGS.host_devices)  # first: before any other JAX call
         for name in ("requests", "slots", "min_length", "steps_per_call", "rounds"):
             if getattr(FLAGS, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(FLAGS, name)}")
         if not FLAGS.min_length <= FLAGS.max_length:
             raise ValueError("--min_length must not exceed --max_length")
+        if FLAGS.slots % FLAGS.host_devices:
+            raise ValueError(f"--slots ({FLAGS.slots}) must divide over the --host_devices "
+                             f"({FLAGS.host_devices})")
         options = [_options(name) for name in FLAGS.samplers]
         from sigma_jax import pretrained
 
@@ -69,7 +77,11 @@ def main(argv) -> None:
             raise ValueError(f"--max_length must be <= the model's block_size {cfg.block_size}")
         for o in options:
             o.check_for(cfg, FLAGS.max_length)
+    import jax
+
     from bench import serving
+
+    devices = jax.devices()[:FLAGS.host_devices] if FLAGS.host_devices > 1 else None
 
     text = Path(os.environ.get("SIGMA_JAX_DATA", "../shared/data")) / "tinyshakespeare/input.txt"
     ids = encode(text.read_text()[:200_000]) if text.is_file() else np.tile(
@@ -77,13 +89,15 @@ def main(argv) -> None:
     work = serving.mixed_workload(np.asarray(ids), FLAGS.requests, FLAGS.min_length,
                                   FLAGS.max_length, seed=FLAGS.seed, infill=FLAGS.infill)
     print(f"# {FLAGS.requests} requests, lengths {FLAGS.min_length}-{FLAGS.max_length}, "
-          f"{int(work.generated.sum())} tokens to generate, {FLAGS.slots} slots")
+          f"{int(work.generated.sum())} tokens to generate, {FLAGS.slots} slots, "
+          f"{FLAGS.host_devices} host device(s)")
     rows = []
     for o in options:
         for round_ in range(FLAGS.rounds):
             engine_row = serving.run_engine(cfg, params, work, o, FLAGS.slots, FLAGS.max_length,
-                                            FLAGS.steps_per_call)
-            static_row = serving.run_static(cfg, params, work, o, FLAGS.slots, FLAGS.max_length)
+                                            FLAGS.steps_per_call, devices)
+            static_row = serving.run_static(cfg, params, work, o, FLAGS.slots, FLAGS.max_length,
+                                            devices)
             for i, tokens in engine_row.pop("tokens").items():
                 if not np.array_equal(tokens, static_row["tokens"][i]):
                     raise AssertionError(f"request {i}: the engine's tokens differ from static")

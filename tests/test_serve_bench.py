@@ -7,15 +7,17 @@ import pytest
 from cli_helpers import run_module
 
 
+@pytest.mark.parametrize("sampler, host_devices", [("burst_jacobi", 1), ("ar", 2)])
 @pytest.mark.integration
-def test_serve_bench_runs_and_writes_rows(tmp_path):
+def test_serve_bench_runs_and_writes_rows(tmp_path, sampler, host_devices):
+    """With 2 host devices: one engine per device, each static batch split over them."""
     out = run_module("-m", "launch.serve_bench", "--requests=6", "--slots=2",
-                     "--min_length=8", "--max_length=24", "--samplers=burst_jacobi",
-                     "--window=4", "--rounds=1", f"--out={tmp_path}")
+                     "--min_length=8", "--max_length=24", f"--samplers={sampler}",
+                     "--window=4", "--rounds=1", f"--out={tmp_path}",
+                     f"--host_devices={host_devices}")
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "serving.jsonl").read_text().splitlines()]
-    assert [(r["sampler"], r["kind"]) for r in rows] == [
-        ("burst_jacobi", "engine"), ("burst_jacobi", "static")]
+    assert [(r["sampler"], r["kind"]) for r in rows] == [(sampler, "engine"), (sampler, "static")]
     for r in rows:
         assert r["requests"] == 6 and r["tokens_per_s"] > 0 and 0 < r["occupancy"] <= 1
         assert r["calls_p50"] <= r["calls_p99"] and r["seconds_p50"] <= r["seconds_p99"]
@@ -23,7 +25,12 @@ def test_serve_bench_runs_and_writes_rows(tmp_path):
     assert out.stdout.count("engine/static tokens/s") == 1
 
 
-def test_serve_bench_refuses_bad_flags():
-    out = run_module("-m", "launch.serve_bench", "--max_length=999")
-    assert out.returncode == 2 and "block_size" in out.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--max_length=999"], "block_size"),
+    (["--host_devices=0"], "--host_devices must be >= 1"),
+    (["--slots=3", "--host_devices=2"], "must divide over the --host_devices"),
+])
+def test_serve_bench_refuses_bad_flags(args, message):
+    out = run_module("-m", "launch.serve_bench", *args)
+    assert out.returncode == 2 and message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

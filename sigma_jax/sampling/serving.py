@@ -67,45 +67,82 @@ def check_request(cfg: ModelConfig, request: Request, capacity: int) -> None:
 
 def serve(cfg: ModelConfig, params: dict, requests: Iterable[Request], *, slots: int,
           options: SampleOptions, capacity: int | None = None,
-          steps_per_call: int = 1, mesh=None) -> Iterator[Result]:
+          steps_per_call: int = 1, mesh=None, devices=None) -> Iterator[Result]:
     """Complete every request through an engine of `slots` slots and `capacity` positions
     (default: the longest request, read ahead), yielding a `Result` per request as it
     completes (not in order). Each request's tokens are bitwise those of the one-shot sampler
     on it alone with its key. steps_per_call: sampler iterations per engine call (more amortize
     dispatch; a slot finished mid-call idles until the call ends). mesh: shard the slots over
-    its batch axes (`engine.init`); params should then be placed on it (`shard_params`)."""
+    its batch axes (`engine.init`); params should then be placed on it (`shard_params`).
+
+    devices: a list of devices instead of one engine: each runs an engine of its own share of
+    the slots (as even as can be; slots >= len(devices)) on its own copy of the params. Each
+    step is dispatched to every device before any result is read, so the devices run side by
+    side (on a CPU host split by `jax_num_cpu_devices`, the cores)."""
     check_int("steps_per_call", steps_per_call, 1)
     requests = list(requests)
     if capacity is None:
         capacity = max((np.asarray(r.tokens).shape[0] for r in requests), default=1)
-    state = engine.init(cfg, options, slots, capacity, mesh=mesh)
+    engines = _engines(cfg, params, options, slots, capacity, mesh, devices)
     queue = list(enumerate(requests))
-    held: list[tuple[int, int] | None] = [None] * slots  # (request index, step it entered)
     steps, start = 0, time.perf_counter()
-    while queue or any(h is not None for h in held):
-        for slot in range(slots):
-            while held[slot] is None and queue:
-                index, request = queue.pop(0)
-                try:
-                    check_request(cfg, request, capacity)
-                except ValueError as error:
-                    yield Result(index, error=str(error), seconds=time.perf_counter() - start)
-                    continue
-                state = engine.insert(cfg, params, state, jnp.int32(slot),
-                                      *_padded(request, capacity), request.key)
-                held[slot] = (index, steps)
-        if not any(h is not None for h in held):
+    busy = lambda: any(h is not None for e in engines for h in e.held)
+    while queue or busy():
+        for e in engines:
+            for slot in range(len(e.held)):
+                while e.held[slot] is None and queue:
+                    index, request = queue.pop(0)
+                    try:
+                        check_request(cfg, request, capacity)
+                    except ValueError as error:
+                        yield Result(index, error=str(error), seconds=time.perf_counter() - start)
+                        continue
+                    e.state = engine.insert(cfg, e.params, e.state, jnp.int32(slot),
+                                            *_padded(request, capacity), request.key)
+                    e.held[slot] = (index, steps)
+        if not busy():
             break
-        state, done = _advance(cfg, params, state, steps_per_call)
+        for e in engines:  # dispatched to every device before any result is read
+            e.state, e.done = _advance(cfg, e.params, e.state, steps_per_call)
         steps += steps_per_call
-        for slot in np.flatnonzero(np.asarray(done)):
-            index, entered = held[slot]
-            state, tokens, stats = _collect(state, jnp.int32(slot))
-            length = np.asarray(requests[index].tokens).shape[0]
-            yield Result(index, tokens=np.asarray(tokens)[:length], stats=jax.device_get(stats),
-                         steps=steps - entered, at_step=steps,
-                         seconds=time.perf_counter() - start)
-            held[slot] = None
+        for e in engines:
+            for slot in np.flatnonzero(np.asarray(e.done)):
+                index, entered = e.held[slot]
+                e.state, tokens, stats = _collect(e.state, jnp.int32(slot))
+                length = np.asarray(requests[index].tokens).shape[0]
+                yield Result(index, tokens=np.asarray(tokens)[:length],
+                             stats=jax.device_get(stats), steps=steps - entered, at_step=steps,
+                             seconds=time.perf_counter() - start)
+                e.held[slot] = None
+
+
+@dataclasses.dataclass
+class _Engine:
+    """One engine of the serving loop: its state, the params it reads (on its device), the
+    request each slot holds ((request index, step it entered) or None), its last `finished`."""
+
+    state: engine.EngineState
+    params: dict
+    held: list
+    done: jax.Array | None = None
+
+
+def _engines(cfg, params, options, slots, capacity, mesh, devices) -> list[_Engine]:
+    """One engine of `slots` slots (on `mesh`, or the default device), or one per device of
+    `devices` with its share of the slots. One-line ValueErrors first."""
+    if devices is None:
+        state = engine.init(cfg, options, slots, capacity, mesh=mesh)
+        return [_Engine(state, params, [None] * slots)]
+    devices = list(devices)
+    if mesh is not None:
+        raise ValueError("give serve a mesh or devices, not both")
+    if not devices or not isinstance(slots, int) or slots < len(devices):
+        raise ValueError(f"slots ({slots!r}) must be at least the number of devices "
+                         f"({len(devices)}), and devices non-empty")
+    shares = [slots // len(devices) + (i < slots % len(devices)) for i in range(len(devices))]
+    return [_Engine(jax.device_put(engine.init(cfg, options, share, capacity), device),
+                    jax.device_put(params, device), [None] * share)
+            for share, device in zip(shares, devices, strict=True)]
 
 
 @functools.partial(jax.jit, static_argnames="iterations", donate_argnames="state")
