@@ -99,7 +99,8 @@ def main() -> None:
                     "model_calls": int(stats.forward_passes),
                     "tokens_per_s": round(rates[setting][1]),
                     "compile_s": round(compile_s, 2)}), flush=True)
-            same = all((a == b).all() for a, b in zip(rates["one"][0], rates["lanes"][0]))
+            same = all((a == b).all() for a, b in zip(rates["one"][0], rates["lanes"][0],
+                                                          strict=True))
             if not same:
                 raise SystemExit(f"{name}: the lanes' tokens differ from one device's")
             ratios.append(rates["lanes"][1] / rates["one"][1])
@@ -121,7 +122,7 @@ def time_serve(length: int, rounds: int, count: int) -> None:
     samplers = {"ar": SampleOptions("ar", order="random"),
                 "burst_jacobi W=16": SampleOptions("burst_jacobi", order="spread", window=16)}
     for name, options in samplers.items():
-        def run(devices):
+        def run(devices, options=options):
             start = time.perf_counter()
             results = list(serve(cfg, params, requests, slots=16, options=options,
                                  steps_per_call=4, devices=devices))

@@ -51,8 +51,9 @@ def sample_sharded(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known
     the unsharded call's. On a CPU host given several devices (`jax_num_cpu_devices`) the rows
     so run on the cores side by side, where one program keeps them only partly busy. Otherwise
     the sampler runs as one program over the mesh, under an Explicit mesh inside
-    `auto_axes_call` (Auto axes inside). Every process of a multi-host run must call this with the same arguments. Returns
-    (tokens [B, N], SampleStats) as global jax arrays; read them with `to_host` (multi-host safe).
+    `auto_axes_call` (Auto axes inside). Every process of a multi-host run must call this with
+    the same arguments. Returns (tokens [B, N], SampleStats) as global jax arrays; read them
+    with `to_host` (multi-host safe).
     """
     tokens, known, order, lengths = checked_inputs(cfg, tokens, known, options, order, lengths)
     explicit_order = order is not None
