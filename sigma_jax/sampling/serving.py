@@ -86,34 +86,18 @@ def serve(cfg: ModelConfig, params: dict, requests: Iterable[Request], *, slots:
     engines = _engines(cfg, params, options, slots, capacity, mesh, devices)
     queue = list(enumerate(requests))
     steps, start = 0, time.perf_counter()
-    busy = lambda: any(h is not None for e in engines for h in e.held)
+    clock = lambda: time.perf_counter() - start
+    busy = lambda: any(e.busy() for e in engines)
     while queue or busy():
         for e in engines:
-            for slot in range(len(e.held)):
-                while e.held[slot] is None and queue:
-                    index, request = queue.pop(0)
-                    try:
-                        check_request(cfg, request, capacity)
-                    except ValueError as error:
-                        yield Result(index, error=str(error), seconds=time.perf_counter() - start)
-                        continue
-                    e.state = engine.insert(cfg, e.params, e.state, jnp.int32(slot),
-                                            *_padded(request, capacity), request.key)
-                    e.held[slot] = (index, steps)
+            yield from e.fill(cfg, queue, capacity, steps, clock)
         if not busy():
             break
         for e in engines:  # dispatched to every device before any result is read
-            e.state, e.done = _advance(cfg, e.params, e.state, steps_per_call)
+            e.advance(cfg, steps_per_call)
         steps += steps_per_call
         for e in engines:
-            for slot in np.flatnonzero(np.asarray(e.done)):
-                index, entered = e.held[slot]
-                e.state, tokens, stats = _collect(e.state, jnp.int32(slot))
-                length = np.asarray(requests[index].tokens).shape[0]
-                yield Result(index, tokens=np.asarray(tokens)[:length],
-                             stats=jax.device_get(stats), steps=steps - entered, at_step=steps,
-                             seconds=time.perf_counter() - start)
-                e.held[slot] = None
+            yield from e.finish(requests, steps, clock)
 
 
 @dataclasses.dataclass
@@ -125,6 +109,39 @@ class _Engine:
     params: dict
     held: list
     done: jax.Array | None = None
+
+    def busy(self) -> bool:
+        return any(h is not None for h in self.held)
+
+    def fill(self, cfg, queue: list, capacity: int, steps: int, clock) -> Iterator[Result]:
+        """Insert requests from the head of `queue` into the free slots; yield the Result of
+        each request that fails its checks (it takes no slot)."""
+        for slot in range(len(self.held)):
+            while self.held[slot] is None and queue:
+                index, request = queue.pop(0)
+                try:
+                    check_request(cfg, request, capacity)
+                except ValueError as error:
+                    yield Result(index, error=str(error), seconds=clock())
+                    continue
+                self.state = engine.insert(cfg, self.params, self.state, jnp.int32(slot),
+                                           *_padded(request, capacity), request.key)
+                self.held[slot] = (index, steps)
+
+    def advance(self, cfg, iterations: int) -> None:
+        """Dispatch `iterations` sampler iterations (asynchronously: nothing is read)."""
+        self.state, self.done = _advance(cfg, self.params, self.state, iterations)
+
+    def finish(self, requests: list, steps: int, clock) -> Iterator[Result]:
+        """Yield the Result of every request whose slot the last `advance` finished, and free
+        its slot."""
+        for slot in np.flatnonzero(np.asarray(self.done)):
+            index, entered = self.held[slot]
+            self.state, tokens, stats = _collect(self.state, jnp.int32(slot))
+            length = np.asarray(requests[index].tokens).shape[0]
+            yield Result(index, tokens=np.asarray(tokens)[:length], stats=jax.device_get(stats),
+                         steps=steps - entered, at_step=steps, seconds=clock())
+            self.held[slot] = None
 
 
 def _engines(cfg, params, options, slots, capacity, mesh, devices) -> list[_Engine]:
