@@ -87,16 +87,16 @@ def serve(cfg: ModelConfig, params: dict, requests: Iterable[Request], *, slots:
     queue = list(enumerate(requests))
     steps, start = 0, time.perf_counter()
     clock = lambda: time.perf_counter() - start
-    busy = lambda: any(e.busy() for e in engines)
-    while queue or busy():
+    while queue or any(e.busy() for e in engines):
         for e in engines:
             yield from e.fill(cfg, queue, capacity, steps, clock)
-        if not busy():
+        working = [e for e in engines if e.busy()]
+        if not working:
             break
-        for e in engines:  # dispatched to every device before any result is read
+        for e in working:  # dispatched to every device before any result is read
             e.advance(cfg, steps_per_call)
         steps += steps_per_call
-        for e in engines:
+        for e in working:
             yield from e.finish(requests, steps, clock)
 
 
