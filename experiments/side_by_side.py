@@ -18,7 +18,10 @@ round after round (A B A B), on 2 threads each (torch.set_num_threads(2); XLA on
   validation window given, batch 1 and 16. Published: cached AR (random order) and its rejection
   sampler (5 orders); ours: cached AR (`sample_ar`, random order) and exact burst
   (`sample_burst(mode="jacobi", order="spread", window=32)`). ms per call (compile excluded,
-  one warm-up call first), tokens/s = batch x (N - known) / time.
+  one warm-up call first), tokens/s = batch x (N - known) / time. With --ours_devices=D > 1,
+  ours also samples each batch of at least D rows with one loop per device on D CPU devices
+  (`jax_num_cpu_devices`, `sample_sharded` on a (D, 1, 1) mesh): rows marked devices=D, still
+  on the same 2 cores, against the same published rows.
 
 Writes DIR/results.json (every measurement, `uptime` before and after, the machine) and prints a
 table. A load average above 1.5 on 2 cores is flagged: torch slows far more than XLA under load,
@@ -55,6 +58,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--ckpt", default="", help="reuse this published checkpoint")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ours_devices", type=int, default=1,
+                   help="also sample ours with one loop per device on this many CPU devices")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "side_by_side"))
     p.add_argument("--ours", choices=("train", "sample"), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -103,9 +108,12 @@ def ours_train(args) -> dict:
 def ours_sample(args) -> list[dict]:
     import jax
 
+    jax.config.update("jax_num_cpu_devices", args.ours_devices)
     from experiments.side_by_side_torch import char_data
     from sigma_jax import sample_ar, sample_burst
+    from sigma_jax import sharding as sh
     from sigma_jax.convert import from_official
+    from sigma_jax.sampling import SampleOptions, sample_sharded
 
     cfg, params = from_official(args.ckpt)
     data, b = char_data(args.data), args.batch
@@ -113,12 +121,20 @@ def ours_sample(args) -> list[dict]:
     known = np.zeros((b, N), bool)
     known[:, :KNOWN] = True
     samplers = {
-        "ar": lambda key: sample_ar(cfg, params, key, tokens, known, order="random"),
-        "burst": lambda key: sample_burst(cfg, params, key, tokens, known, mode="jacobi",
-                                          order="spread", window=32),
+        ("ar", 1): lambda key: sample_ar(cfg, params, key, tokens, known, order="random"),
+        ("burst", 1): lambda key: sample_burst(cfg, params, key, tokens, known, mode="jacobi",
+                                               order="spread", window=32),
     }
+    if 1 < args.ours_devices <= b:
+        mesh = sh.make_mesh(sh.MeshConfig(data=args.ours_devices))
+        for name, options in (("ar", SampleOptions("ar", order="random")),
+                              ("burst", SampleOptions("burst_jacobi", order="spread",
+                                                      window=32))):
+            samplers[name, args.ours_devices] = (
+                lambda key, o=options: sample_sharded(cfg, params, key, tokens, known, o,
+                                                      mesh=mesh))
     rows = []
-    for name, run in samplers.items():
+    for (name, devices), run in samplers.items():
         jax.block_until_ready(run(jax.random.key(100)))  # compile + warm-up
         times, iters = [], []
         for r in range(args.repeats):
@@ -128,6 +144,7 @@ def ours_sample(args) -> list[dict]:
             iters.append(float(np.mean(stats.iterations)))
         median = float(np.median(times))
         rows.append(dict(side="ours", what=f"sample_{name}", n=N, batch=b, known=KNOWN,
+                         devices=devices,
                          median_ms=round(1e3 * median, 1), min_ms=round(1e3 * min(times), 1),
                          tokens_per_s=round(b * (N - KNOWN) / median, 1),
                          iterations=float(np.mean(iters))))
@@ -183,7 +200,8 @@ def run_all(args) -> dict:
             for cmd in (torch_cmd + ["sample", f"--ckpt={ckpt}", f"--batch={b}",
                                      f"--repeats={args.repeats}", f"--known={KNOWN}"],
                         ours_cmd + ["--ours=sample", f"--ckpt={ckpt}", f"--batch={b}",
-                                    f"--repeats={args.repeats}"]):
+                                    f"--repeats={args.repeats}",
+                                    f"--ours_devices={args.ours_devices}"]):
                 results["rows"] += [dict(row, round=r) for row in _json_lines(cmd)]
     results["uptime_after"] = _uptime()
     loads = [float(u.split("load average:")[1].split(",")[0])
@@ -193,23 +211,26 @@ def run_all(args) -> dict:
     return results
 
 
-def _pick(rows: list[dict], side: str, what: str, batch: int) -> list[dict]:
+def _pick(rows: list[dict], side: str, what: str, batch: int, devices: int = 1) -> list[dict]:
     return [r for r in rows if r["side"] == side and r["what"] == what
-            and r.get("batch", BATCH) == batch]
+            and r.get("batch", BATCH) == batch and r.get("devices", 1) == devices]
 
 
 def table(results: dict) -> str:
-    """One line per (measurement, batch): published and ours, median ms over rounds, ratio."""
-    lines = ["| measurement | batch | published ms | ours ms | ours/published tokens/s |",
-             "|---|---|---|---|---|"]
-    keys = sorted({(r["what"], r.get("batch", BATCH)) for r in results["rows"]})
-    for what, b in keys:
-        pub, ours = (_pick(results["rows"], side, what, b) for side in ("published", "ours"))
+    """One line per (measurement, batch, our devices): published and ours, median ms over
+    rounds, ratio (the published side always runs one process on 2 threads)."""
+    lines = ["| measurement | batch | our devices | published ms | ours ms | "
+             "ours/published tokens/s |", "|---|---|---|---|---|---|"]
+    keys = sorted({(r["what"], r.get("batch", BATCH), r.get("devices", 1))
+                   for r in results["rows"] if r["side"] == "ours"})
+    for what, b, devices in keys:
+        pub = _pick(results["rows"], "published", what, b)
+        ours = _pick(results["rows"], "ours", what, b, devices)
         if not pub or not ours:
             continue
         ms = lambda rows: [r["median_ms"] for r in rows]
         ratios = [p / o for p in ms(pub) for o in ms(ours)]
-        lines.append(f"| {what} | {b} | {' '.join(map(str, ms(pub)))} | "
+        lines.append(f"| {what} | {b} | {devices} | {' '.join(map(str, ms(pub)))} | "
                      f"{' '.join(map(str, ms(ours)))} | {np.median(ratios):.2f} "
                      f"({min(ratios):.2f}-{max(ratios):.2f}) |")
     flag = "LOADED (load > 1.5): not a fair comparison" if results["loaded"] else "idle enough"
