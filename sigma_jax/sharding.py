@@ -101,8 +101,12 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence | None = None) -> jax.shar
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if mesh_cfg.size > n or n % mesh_cfg.size:
+        hint = ""
+        if mesh_cfg.size > n and all(d.platform == "cpu" for d in devices):
+            hint = (f" (on a CPU host, ask for {mesh_cfg.size} with jax_num_cpu_devices before "
+                    "any JAX call; launch.sample: --host_devices)")
         raise ValueError(f"mesh {mesh_cfg} needs {mesh_cfg.size} devices, which must divide the "
-                         f"{n} available device{'s' if n != 1 else ''}")
+                         f"{n} available device{'s' if n != 1 else ''}{hint}")
     kind = AxisType.Explicit if mesh_cfg.axis_type == "explicit" else AxisType.Auto
     return jax.make_mesh(mesh_cfg.shape, MESH_AXES, axis_types=(kind,) * len(MESH_AXES),
                          devices=devices[: mesh_cfg.size])

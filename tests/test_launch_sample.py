@@ -70,6 +70,8 @@ def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler, order):
     (["--top_p=0"], "top_p"),
     (["--sampler=burst_jacobi", "--draft_support=0"], "draft_support must be an integer >= 1"),
     (["--sampler=burst", "--first_drafts=start"], "first_drafts applies to burst_jacobi only"),
+    (["--mesh=2:1:1"], "needs 2 devices, which must divide the 1 available device (on a CPU "
+                       "host, ask for 2 with jax_num_cpu_devices"),
 ])
 @pytest.mark.integration
 def test_bad_input_exits_2_with_one_line(char_run, args, message):
