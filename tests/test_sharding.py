@@ -88,10 +88,14 @@ def test_make_mesh(axis_type, kind):
 
 @pytest.mark.parametrize("shape", ["4:4:1", "3:1:1", "1:1:5"])
 def test_make_mesh_errors(shape):
+    """One line; a mesh larger than the CPU devices says how to ask for more of them."""
+    config = sh.MeshConfig.parse(shape)
     with pytest.raises(ValueError, match="8 available devices") as err:
-        sh.make_mesh(sh.MeshConfig.parse(shape))
+        sh.make_mesh(config)
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="1 available device$"):
+    assert ("jax_num_cpu_devices" in str(err.value)) == (config.size > 8)
+    with pytest.raises(ValueError, match=r"1 available device \(on a CPU host, ask for 2 with "
+                                         r"jax_num_cpu_devices .*--host_devices\)$"):
         sh.make_mesh(sh.MeshConfig(2, 1, 1), devices=jax.devices()[:1])
 
 
