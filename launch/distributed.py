@@ -167,7 +167,6 @@ def initialize(log: Callable[[str], None] | None = None) -> bool:
         return False
     import jax
 
-
     jax.distributed.initialize(**args)
     if log is not None and jax.process_index() == 0:
         log(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
