@@ -8,7 +8,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType
 
 from sigma_jax.config import ModelConfig
 from sigma_jax.model import init_params, param_shardings
@@ -18,6 +17,7 @@ from sigma_jax.sampling.draws import row_keys
 from sigma_jax.sampling.inputs import checked_inputs, generation_order
 from sigma_jax.sampling.options import SampleOptions
 from sigma_jax.sharding import (
+    DEFAULT_RULES,
     auto_axes_call,
     batch_multiple,
     batch_rows,
@@ -100,49 +100,39 @@ def _sampler_kernel(cfg, mesh, static: SampleOptions, explicit_order, batch, pad
     out_axes = (("batch", "seq"), SampleStats(iterations=("batch",), generated=("batch",),
                                               forward_passes=(), finished=("batch",)))
     shapes = jax.eval_shape(init_params, cfg, jax.random.key(0))
-    if _params_replicated(shapes, mesh):
-        loops = _per_device_loops(run, mesh, 6 + explicit_order)
-        kernel = lambda *args: auto_axes_call(strip, out_axes, *loops(*args))
-    else:
-        kernel = lambda *args: auto_axes_call(lambda *a: strip(*run(*a)), out_axes, *args)
+    params_sharding = param_shardings(shapes, mesh)
+    whole = all(s.is_fully_replicated for s in jax.tree.leaves(params_sharding))
+    body = _per_device_loops(run, mesh, 6 + explicit_order) if whole else run
+    kernel = lambda *args: auto_axes_call(lambda *a: strip(*body(*a)), out_axes, *args)
 
     rows = batch_rows(mesh)  # batch + pad: a multiple
     out_rows = fitted_sharding(mesh, ("batch",), (batch,))  # may drop batch axes
     rep = replicated(mesh)
     stats = SampleStats(iterations=out_rows, generated=out_rows, forward_passes=rep,
                         finished=out_rows)
-    in_shardings = (param_shardings(shapes, mesh), rows, rows, rows, rows,
+    in_shardings = (params_sharding, rows, rows, rows, rows,
                     *((rows,) if explicit_order else ()), rep)
     # The tokens buffer is donated to the output tokens when they have the same shape.
     return jax.jit(kernel, in_shardings=in_shardings, out_shardings=(out_rows, stats),
                    donate_argnums=() if pad else (2,))
 
 
-def _params_replicated(shapes: dict, mesh) -> bool:
-    """Whether `param_shardings` puts the whole of every param on every device of `mesh`."""
-    return all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings(shapes, mesh)))
-
-
 def _per_device_loops(run, mesh, n_args: int):
     """`run(params, keys, tokens, known, lengths, [order,] traced)` -> (tokens, SampleStats),
-    run by every device on its own rows (`jax.shard_map`): the params and the traced options
-    (the last argument) whole on every device, the n_args - 2 others split by rows.
-    `forward_passes` is the most of any device's."""
+    run by every device of the ambient mesh (`mesh`'s devices) on its own rows
+    (`jax.shard_map`): the params and the traced options (the last argument) whole on every
+    device, the n_args - 2 others split by rows. `forward_passes` is the most of any device's."""
     row_spec = batch_rows(mesh).spec
-    batch_axes = (row_spec[0],) if isinstance(row_spec[0], str) else tuple(row_spec[0])
 
     def local(*args):
         out, stats = run(*args)
-        most = jax.lax.pmax(stats.forward_passes, batch_axes)
+        most = jax.lax.pmax(stats.forward_passes, DEFAULT_RULES.mesh_axes("batch"))
         return out, dataclasses.replace(stats, forward_passes=most)
 
     stats_spec = SampleStats(iterations=row_spec, generated=row_spec, forward_passes=jax.P(),
                              finished=row_spec)
     in_specs = (jax.P(), *[row_spec] * (n_args - 2), jax.P())
-    loops = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(row_spec, stats_spec),
-                          check_vma=False)
-    if not all(t == AxisType.Explicit for t in mesh.axis_types):
-        return loops
-    # Explicit axes: the params' types name their size-1 model axes; whole is what they are.
-    whole = lambda params: jax.tree.map(lambda p: jax.sharding.reshard(p, jax.P()), params)
-    return lambda params, *rows: loops(whole(params), *rows)
+    # Over the ambient mesh when called (Auto axes inside `auto_axes_call`, whatever `mesh`'s).
+    return lambda *args: jax.shard_map(
+        local, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs,
+        out_specs=(row_spec, stats_spec), check_vma=False)(*args)
