@@ -197,9 +197,10 @@ def main(argv) -> None:
         return
     devices = list(mesh.devices.flat)
     if (FLAGS.num_samples > batch and jax.process_count() == 1 and options.sampler != "ar_nocache"
-            and (len(devices) == 1 or FLAGS.host_devices > 1) and batch >= len(devices)):
+            and (len(devices) == 1 or FLAGS.host_devices > 1)):
+        engines = devices[:batch]  # one engine per device, each with a slot at least
         serve_samples(cfg, params, key, tokens, known, batch, options, decode,
-                      devices if len(devices) > 1 else None)
+                      engines if len(engines) > 1 else None)
         return
     every_key = sample_keys(key, FLAGS.num_samples, batch)
     done = 0

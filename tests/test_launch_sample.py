@@ -147,13 +147,14 @@ def test_more_samples_than_the_batch_go_through_the_engine(char_run):
 
 @pytest.mark.integration
 def test_host_devices_run_one_loop_per_device_with_the_same_samples(char_run):
-    """--host_devices=2: the auto mesh holds 2 CPU devices on data, and more samples than the
-    batch go through one engine per device (a slot each); every sample is the library's one-shot
-    sample with its key. A bad value fails first. (The static batches on a data mesh, one loop
-    per device, run through this launcher in tests/test_multihost.py.)"""
+    """--host_devices=3: the auto mesh holds 3 CPU devices on data, and more samples than the
+    batch go through one engine per device that gets a slot (2 of the 3 for 2 slots); every
+    sample is the library's one-shot sample with its key. A bad value fails first. (The static
+    batches on a data mesh, one loop per device, run through this launcher in
+    tests/test_multihost.py.)"""
     out = run_jacobi_cli(char_run, "--num_samples=3", "--batch_size=2", "--seed=5",
-                         "--host_devices=2")
-    assert "mesh=2:1:1" in out.stdout and "engine, 2 slots" in out.stdout
+                         "--host_devices=3")
+    assert "mesh=3:1:1" in out.stdout and "engine, 2 slots" in out.stdout
     assert_the_librarys_samples(char_run, out.stdout, seed=5, count=3, batch=2)
 
     bad = run_module("-m", "launch.sample", f"--workdir={char_run}", "--host_devices=0")
