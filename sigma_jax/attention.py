@@ -70,6 +70,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout=None,
     for the backward pass, which recomputes each block's probabilities. `dropout`, if given, is
     applied to each block's probabilities, and the gradient is autodiff's.
     """
+    if q.shape[1] == 0:  # no slots (a model without a start token, read at N = 1)
+        return jnp.zeros(q.shape, v.dtype)
     if dropout is None:
         return _causal_recompute(q, k, v, block)
     t = q.shape[1]

@@ -23,7 +23,10 @@ def is_concrete(*xs) -> bool:
 
 
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
-    """`value` as a Python int: an int or a numpy integer (not a bool), in [minimum, maximum]."""
+    """`value` as a Python int: an int, a numpy integer or a concrete 0-d integer array (not a
+    bool), in [minimum, maximum]."""
+    if _integer_scalar_array(value):
+        value = int(value)
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer{_bounds(minimum, maximum)}; "
                          f"got {short_repr(value)}")
@@ -31,6 +34,11 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be an integer{_bounds(minimum, maximum)}; got {value}")
     return value
+
+
+def _integer_scalar_array(value) -> bool:
+    return (hasattr(value, "dtype") and np.ndim(value) == 0 and is_concrete(value)
+            and np.issubdtype(value.dtype, np.integer))
 
 
 def _bounds(minimum, maximum) -> str:
@@ -92,6 +100,38 @@ def token_ids(tokens):
     return integer_array(tokens, "tokens", "token ids")
 
 
+def bool_mask(x, name: str = "known"):
+    """`x` as a bool array, unchanged (lists and numpy arrays accepted): refuses other dtypes,
+    which would otherwise be cast to a mask silently (0.5 -> True)."""
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    if x.dtype != bool:
+        raise ValueError(f"{name} must be a bool mask; got dtype {x.dtype}")
+    return x
+
+
+def check_key(key, name: str = "key", rows: int | None = None) -> None:
+    """`key` is one typed PRNG key (jax.random.key(seed)), not a legacy uint32 key or an int;
+    with `rows`, one key per row ([rows]) is allowed too."""
+    if not hasattr(key, "dtype") or not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        raise ValueError(f"{name} must be a typed PRNG key (jax.random.key(seed)), not a legacy "
+                         f"uint32 key; got {short_repr(key)}")
+    if rows is not None and key.ndim == 1:
+        if key.shape[0] != rows:
+            raise ValueError(f"got {key.shape[0]} per-row keys for a batch of {rows}")
+    elif key.ndim != 0:
+        each = " or one key per row" if rows is not None else ""
+        raise ValueError(f"{name} must be one typed PRNG key{each}; got shape "
+                         f"{tuple(key.shape)}")
+
+
+def check_rows_shape(tokens, known) -> None:
+    """tokens and known are both [B, N]."""
+    if np.ndim(tokens) != 2 or np.shape(tokens) != np.shape(known):
+        raise ValueError(f"tokens and known must both be [B, N]; got shapes "
+                         f"{tuple(np.shape(tokens))} and {tuple(np.shape(known))}")
+
+
 def largest_divisor(n: int, at_most: int) -> int:
     """The largest divisor of n that is at most `at_most` (n, at_most >= 1)."""
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
@@ -128,9 +168,7 @@ def check_known(cfg, tokens, known, order=None, lengths=None) -> None:
     [0, V), a row with nothing known when the model has no start token, and an explicit order
     that is not a known-first permutation of every row (with the absent positions past each
     row's length, lengths int32 [B] or None, last)."""
-    if tokens.ndim != 2 or tokens.shape != known.shape:
-        raise ValueError(f"tokens and known must both be [B, N]; got {tokens.shape} and "
-                         f"{known.shape}")
+    check_rows_shape(tokens, known)
     if tokens.shape[0] == 0:
         raise ValueError("the batch is empty (B = 0): pass at least one row")
     if tokens.shape[1] == 0:
@@ -169,8 +207,9 @@ def checked_rows(cfg, tokens, known, order=None, lengths=None, *, known_only: bo
     [1, N]): (tokens int32, known bool cleared past each row's length, explicit order int32 or
     None, lengths int32 [B]). Lists, numpy and jax arrays are accepted. known_only: only the
     known tokens are checked and kept (the others set to 0), for callers that ignore them."""
-    known = jnp.asarray(known).astype(bool)
+    known = jnp.asarray(bool_mask(known))
     tokens = token_ids(tokens)
+    check_rows_shape(tokens, known)
     lengths = row_lengths(lengths, known.shape)
     known = known & within_lengths(lengths, known.shape[-1])
     order = None if order is None else integer_array(order, "order")

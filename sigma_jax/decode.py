@@ -58,7 +58,8 @@ def prefill(cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.Array,
     n_hist = n_known + int(cfg.bos)  # [B]
     b, t = inputs.shape
     chunk = pass_slots(b, t, tokens_per_pass)
-    padded = -(-t // chunk) * chunk  # whole chunks; padding slots are computed, never kept
+    padded = max(1, -(-t // chunk)) * chunk  # whole chunks, at least one (T = 0 when bos=False
+    #   and N = 1); padding slots are computed, never kept
     inputs, pos_in, pos_out = (jnp.pad(x, [(0, 0), (0, padded - t)])
                                for x in (inputs, pos_in, pos_out))
     layered = per_layer(params)

@@ -14,16 +14,21 @@ import jax
 import jax.numpy as jnp
 
 from sigma_jax import orders as orders_lib
-from sigma_jax.checks import check_int, checked_rows, within_lengths
+from sigma_jax.checks import check_int, check_key, checked_rows, within_lengths
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import burst_pass, cache_capacity, prefill
-from sigma_jax.model import forward
+from sigma_jax.model import check_params, forward
 
 
-def _checked(cfg: ModelConfig, tokens, known, order, known_order: str, lengths):
-    """`checks.checked_rows` (every token checked: unknown ones are scored) and known_order."""
-    rows = checked_rows(cfg, tokens, known, order, lengths)
+def _checked(cfg: ModelConfig, params, tokens, known, order, known_order: str, lengths, key, *,
+             known_only: bool = False):
+    """`checks.checked_rows` (known_only: only the known tokens checked, the others ignored),
+    the params against cfg, known_order, and the key (one typed key, or None)."""
+    check_params(cfg, params)
+    rows = checked_rows(cfg, tokens, known, order, lengths, known_only=known_only)
     orders_lib.check_known_order(known_order)
+    if key is not None:
+        check_key(key)
     return rows
 
 
@@ -63,7 +68,8 @@ def log_prob(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.Array
     lengths: int32 [B] (None: N): positions past a row's length are absent (last in every
     order, never scored); a row of length L scores as the same row alone at N = L.
     """
-    tokens, known, order, lengths = _checked(cfg, tokens, known, order, known_order, lengths)
+    tokens, known, order, lengths = _checked(cfg, params, tokens, known, order, known_order,
+                                             lengths, key)
     n_orders = check_int("n_orders", n_orders, 1)
     if order is not None:
         if n_orders != 1:
@@ -105,7 +111,8 @@ def conditionals(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.A
     one-hot of the known token; the values of `tokens` at unknown positions are ignored.
     lengths: int32 [B] (None: N): positions past a row's length are absent (rows of zeros).
     """
-    tokens, known, order, lengths = _checked(cfg, tokens, known, order, known_order, lengths)
+    tokens, known, order, lengths = _checked(cfg, params, tokens, known, order, known_order,
+                                             lengths, key, known_only=True)
     if order is None:
         if key is None and known_order == "random":
             raise ValueError("conditionals needs a PRNG key to draw the order of the known "

@@ -19,6 +19,7 @@ a device mesh by them (`sigma_jax.sharding`).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -260,6 +261,38 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     cache = init_cache(cfg, 1, 0)
     variables = SigmaGPT(cfg).init(key, tokens, tokens, tokens, cache.k, cache.v, cache.valid())
     return variables["params"]
+
+
+def check_params(cfg: ModelConfig, params) -> None:
+    """One-line ValueError unless `params` has the tree, shapes and a floating dtype of
+    `init_params(cfg, key)` (arrays, tracers or `jax.ShapeDtypeStruct`s): params of another
+    config would otherwise fail deep inside the model, or not at all."""
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be the nested dict of init_params(cfg, key) or "
+                         f"checkpoint.load; got {type(params).__name__}")
+    want = _leaves_by_path(jax.eval_shape(init_params, cfg, jax.random.key(0)))
+    got = _leaves_by_path(params)
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    if missing:
+        raise ValueError(f"params lack {missing[0]!r}, which this ModelConfig needs: params "
+                         f"and cfg are of different models")
+    if extra:
+        raise ValueError(f"params hold {extra[0]!r}, which this ModelConfig has no use for: "
+                         f"params and cfg are of different models")
+    for path, leaf in got.items():
+        shape = tuple(getattr(leaf, "shape", ()))
+        if shape != want[path].shape:
+            raise ValueError(f"params {path!r} has shape {shape}, but this ModelConfig needs "
+                             f"{want[path].shape}: params and cfg are of different models")
+        if not jnp.issubdtype(getattr(leaf, "dtype", np.dtype(object)), jnp.floating):
+            raise ValueError(f"params {path!r} has dtype {getattr(leaf, 'dtype', None)}; "
+                             f"parameters must be floating point")
+
+
+def _leaves_by_path(tree) -> dict:
+    """{'h/attn/c_attn/kernel': leaf, ...} of a nested dict."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
 
 
 def split_blocks(params: dict) -> tuple[dict, ...]:

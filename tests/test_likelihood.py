@@ -184,7 +184,8 @@ def test_bad_inputs_raise_one_line_errors():
         log_prob(TINY, params, ALL_SEQS[:2], known.at[:, 3].set(True),
                  order=jnp.broadcast_to(jnp.arange(4), (2, 4)))
     with pytest.raises(ValueError, match="bos=False"):
-        log_prob(TINY.replace(bos=False), params, ALL_SEQS[:2], known, jax.random.key(0))
+        log_prob(TINY.replace(bos=False), _params(TINY.replace(bos=False)), ALL_SEQS[:2], known,
+                 jax.random.key(0))
     with pytest.raises(ValueError, match="block_size"):
         conditionals(TINY, params, jnp.zeros((1, 5), jnp.int32), jnp.zeros((1, 5), bool))
     with pytest.raises(ValueError, match="needs a PRNG key"):

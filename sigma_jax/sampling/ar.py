@@ -11,13 +11,20 @@ import jax
 import jax.numpy as jnp
 
 from sigma_jax import orders as orders_lib
+from sigma_jax.checks import check_bool
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import extend_pass, prefill
-from sigma_jax.model import forward, per_layer
+from sigma_jax.model import check_params, forward, per_layer
 from sigma_jax.sampling.call import SamplerCall, SampleStats
 from sigma_jax.sampling.draws import draw, to_probs
 from sigma_jax.sampling.inputs import checked_inputs, kernel_inputs
-from sigma_jax.sampling.options import KernelOptions, SampleOptions, model_calls
+from sigma_jax.sampling.options import (
+    AR_SAMPLERS,
+    KernelOptions,
+    SampleOptions,
+    check_options,
+    model_calls,
+)
 
 
 def sample_ar(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Array,
@@ -52,6 +59,7 @@ def sample_ar_call(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.A
                    known_order: str = "random", lengths=None) -> SamplerCall:
     """`sample_ar`'s arguments checked and prepared, not yet run: a `SamplerCall` (call it to
     sample, `.lower()` to compile ahead of time). Bad input raises ValueError before any work."""
+    check_bool("use_cache", use_cache)
     kind, explicit = (order, None) if isinstance(order, str) else ("random", order)
     options = SampleOptions("ar" if use_cache else "ar_nocache", order=kind,
                             temperature=temperature, top_k=top_k, top_p=top_p,
@@ -63,6 +71,8 @@ def prepare_ar(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known,
                options: SampleOptions, order=None, lengths=None) -> SamplerCall:
     """The `SamplerCall` of an AR sampler ('ar' or 'ar_nocache') with checked `options`, along
     `options.order` or the explicit `order` [B, N], with per-row `lengths` [B] (None: N)."""
+    check_options(options, AR_SAMPLERS)
+    check_params(cfg, params)
     tokens, known, order, lengths = checked_inputs(cfg, tokens, known, options, order, lengths)
     keys, order = kernel_inputs(key, tokens, known, options, order, lengths)
     return SamplerCall(_sample_ar,

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from sigma_jax.checks import check_choice
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import prefill
-from sigma_jax.model import per_layer
+from sigma_jax.model import check_params, per_layer
 from sigma_jax.sampling.burst_steps import BurstState, burst_step, jacobi_init, jacobi_step
 from sigma_jax.sampling.call import SamplerCall, SampleStats
 from sigma_jax.sampling.inputs import checked_inputs, kernel_inputs
@@ -64,6 +64,7 @@ from sigma_jax.sampling.options import (
     MODES,
     KernelOptions,
     SampleOptions,
+    check_options,
     model_calls,
 )
 
@@ -134,6 +135,8 @@ def prepare_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known,
                   options: SampleOptions, order=None, lengths=None) -> SamplerCall:
     """The `SamplerCall` of a burst sampler with checked `options`, along `options.order` or
     the explicit `order` [B, N], with per-row `lengths` [B] (None: N)."""
+    check_options(options, tuple(BURST_MODES))
+    check_params(cfg, params)
     tokens, known, order, lengths = checked_inputs(cfg, tokens, known, options, order, lengths)
     keys, order = kernel_inputs(key, tokens, known, options, order, lengths)
     return SamplerCall(_sample_burst,
@@ -211,13 +214,21 @@ def burst_states(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
     what `sample_burst` returns for the same arguments. options: those of `sample_burst`
     (checked the same way, before any work), or `options=` one burst `SampleOptions` (then
     `order=` and `lengths=` may follow). Each iteration is one jitted call and a host sync.
+    Bad arguments raise at the call, before the first state is computed.
     """
     if "options" in options:
+        extra = sorted(set(options) - {"options", "order", "lengths"})
+        if extra:
+            raise ValueError(f"burst_states with options= takes only order= and lengths= "
+                             f"besides; got {', '.join(extra)} (set them in the options)")
         call = prepare_burst(cfg, params, key, tokens, known, options.pop("options"), **options)
     else:
         call = sample_burst_call(cfg, params, key, tokens, known, **options)
-    (cfg, params, keys, tokens, known, order, temperature, top_p, max_iters, lengths,
-     opts) = call.args
+    return _states(*call.args)
+
+
+def _states(cfg, params, keys, tokens, known, order, temperature, top_p, max_iters, lengths,
+            opts) -> Iterator[tuple[BurstState, SampleStats]]:
     state = _start_jit(cfg, params, keys, tokens, known, order, lengths, temperature, top_p, opts)
     yield state, stats_of(state, known, opts)
     while bool(jnp.any(state.unfilled())) and int(state.step) < int(max_iters):

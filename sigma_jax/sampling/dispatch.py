@@ -12,7 +12,7 @@ from sigma_jax.config import ModelConfig
 from sigma_jax.sampling.ar import _sample_ar, ar_args, prepare_ar
 from sigma_jax.sampling.burst import _sample_burst, burst_args, prepare_burst
 from sigma_jax.sampling.call import SamplerCall, SampleStats
-from sigma_jax.sampling.options import SampleOptions
+from sigma_jax.sampling.options import SampleOptions, check_options
 
 
 def prepare(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known,
@@ -22,6 +22,7 @@ def prepare(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known,
     [B, N] order listing each row's known positions first (None: `options.order`'s kind).
     key: one typed key or one per row [B]. lengths: int32 [B], each row's length (None: N).
     Bad input raises a one-line ValueError first."""
+    check_options(options)
     prepare_call = prepare_burst if options.is_burst else prepare_ar
     return prepare_call(cfg, params, key, tokens, known, options, order, lengths)
 

@@ -8,19 +8,14 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sigma_jax.checks import largest_divisor
+from sigma_jax.checks import check_key, largest_divisor
 
 
 def row_keys(key: jax.Array, batch: int) -> jax.Array:
     """One typed key per row: `key` [B] is used as is; a single key is folded with the row index."""
-    if not hasattr(key, "dtype") or jnp.issubdtype(key.dtype, jnp.integer):
-        raise ValueError("pass a typed PRNG key (jax.random.key(seed)), not a legacy uint32 key")
+    check_key(key, rows=batch)
     if key.ndim == 1:
-        if key.shape[0] != batch:
-            raise ValueError(f"got {key.shape[0]} per-row keys for a batch of {batch}")
         return key
-    if key.ndim != 0:
-        raise ValueError(f"key must be one key or one key per row; got shape {key.shape}")
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
 
 

@@ -21,16 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sigma_jax.checks import check_choice, check_int, is_concrete
+from sigma_jax.checks import check_choice, check_int, is_concrete, short_repr
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import cache_capacity
 from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
 
 SAMPLERS = ("ar", "ar_nocache", "burst", "burst_jacobi", "burst_paper")
+AR_SAMPLERS = ("ar", "ar_nocache")
 BURST_MODES = {"burst": "exact", "burst_jacobi": "jacobi", "burst_paper": "paper"}
 MODES = tuple(BURST_MODES.values())
 DRAFT_SUPPORT = 64  # burst_jacobi's default: tokens kept of each first draft's distribution
 FIRST_DRAFTS = ("known", "start")  # burst_jacobi: what each first draft is conditioned on
+INT32_MAX = 2**31 - 1  # traced integer options are int32 arrays
 _PAPER_ORDER = ("burst_paper (mode='paper') draws its own random candidate orders: use "
                 "order='random' or another sampler")
 
@@ -207,6 +209,16 @@ class SampleOptions:
                 jnp.asarray(max_iters, jnp.int32))
 
 
+def check_options(options, samplers=SAMPLERS) -> None:
+    """`options` is a SampleOptions whose sampler is one of `samplers`."""
+    if not isinstance(options, SampleOptions):
+        raise ValueError(f"options must be a sigma_jax.SampleOptions, e.g. "
+                         f"SampleOptions('burst_jacobi'); got {short_repr(options)}")
+    if options.sampler not in samplers:
+        raise ValueError(f"sampler {options.sampler!r} does not run here: pass options with "
+                         f"one of {', '.join(map(repr, samplers))}")
+
+
 def model_calls(mode: str, iterations):
     """Sequential model calls of one kernel run (ints or arrays): AR 1 + steps (prefill + one per
     token; `iterations` = steps), ar_nocache one full pass per token, exact and paper burst
@@ -238,12 +250,13 @@ def _traced_number(name: str, value, kind: type):
     if not is_concrete(value):
         return value
     if kind is int:
-        return check_int(name, value.item() if hasattr(value, "item") else value, 1)
+        return check_int(name, value.item() if hasattr(value, "item") else value, 1, INT32_MAX)
     if isinstance(value, bool) or not np.issubdtype(np.asarray(value).dtype, np.number):
         raise ValueError(f"{name} must be a number; got {value!r}")
     number = float(value)
-    if name == "temperature" and not number >= 0.0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {number:g}")
+    if name == "temperature" and not 0.0 <= number < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got "
+                         f"{number:g}")
     if name == "top_p" and not 0.0 < number <= 1.0:
         raise ValueError(f"top_p must be None or in (0, 1]; got {number:g}")
     return number

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sigma_jax.config import ModelConfig
-from sigma_jax.model import init_params, param_shardings
+from sigma_jax.model import check_params, init_params, param_shardings
 from sigma_jax.sampling.call import SampleStats
 from sigma_jax.sampling.dispatch import kernel_call
 from sigma_jax.sampling.draws import row_keys
 from sigma_jax.sampling.inputs import checked_inputs, generation_order
-from sigma_jax.sampling.options import SampleOptions
+from sigma_jax.sampling.options import SampleOptions, check_options
 from sigma_jax.sharding import (
     DEFAULT_RULES,
     auto_axes_call,
@@ -55,6 +55,8 @@ def sample_sharded(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known
     the same arguments. Returns (tokens [B, N], SampleStats) as global jax arrays; read them
     with `to_host` (multi-host safe).
     """
+    check_options(options)
+    check_params(cfg, params)
     tokens, known, order, lengths = checked_inputs(cfg, tokens, known, options, order, lengths)
     explicit_order = order is not None
     rows_in = [np.asarray(x) for x in (tokens, known, lengths,
