@@ -1,6 +1,7 @@
 """The one-line checks shared by the configs, the sampling options, the samplers and the density
-functions: typed field values (`check_int`, `check_float`, `check_choice`, `check_bool`) and the
-[B, N] inputs of a model call (`token_ids`, `check_known`).
+functions: typed field values (`check_int`, `check_float`, `check_choice`, `check_bool`), scalar
+array arguments (`check_scalar_int`) and the [B, N] inputs of a model call (`token_ids`,
+`check_known`).
 
 Every check raises `ValueError` with one line naming the value, what is allowed and what was
 given. Values that are tracers (inside `jax.jit`) are unknown until the call runs: their
@@ -39,6 +40,16 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
 def _integer_scalar_array(value) -> bool:
     return (hasattr(value, "dtype") and np.ndim(value) == 0 and is_concrete(value)
             and np.issubdtype(value.dtype, np.integer))
+
+
+def check_scalar_int(name: str, value, minimum: int | None = None,
+                     maximum: int | None = None) -> None:
+    """`value` is one integer (a Python or numpy integer, or a 0-d integer array) in [minimum,
+    maximum]: any other shape is refused; a tracer's value is not checked."""
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar integer; got shape {np.shape(value)}")
+    if is_concrete(value):
+        check_int(name, np.asarray(value).item(), minimum, maximum)
 
 
 def _bounds(minimum, maximum) -> str:

@@ -2,6 +2,8 @@
 alone with the same key and options, whatever slot it lands in, whenever it is inserted and
 whoever shares the batch; steady state never recompiles; bad requests are refused alone."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,20 +121,35 @@ def test_steady_state_never_recompiles_and_max_iters_caps_each_request(params):
         np.testing.assert_array_equal(r.stats.finished, stats.finished)
 
 
+def _exact(message):
+    """pytest.raises' match for exactly `message`, one line."""
+    return f"^{re.escape(message)}$"
+
+
 def test_bad_requests_are_refused_alone(params):
+    """Served with the default capacity (the longest request the model can serve: N here), so
+    a request longer than block_size, or whose tokens are not [L], is refused alone."""
     good = _requests(2, seed=5)
+    good[1] = Request(*_pad(good[1])[:2], good[1].key)  # length N
     bad = [Request(np.zeros(N + 1, np.int32), np.zeros(N + 1, bool), jax.random.key(0)),
            Request(np.full(3, 99, np.int32), np.ones(3, bool), jax.random.key(0)),
            Request(np.zeros(3, np.float32), np.zeros(3, bool), jax.random.key(0)),
-           Request(np.zeros(3, np.int32), np.zeros(3, bool), 7)]
+           Request(np.zeros(3, np.int32), np.zeros(3, bool), 7),
+           Request(None, np.zeros(3, bool), jax.random.key(0)),
+           Request(np.int32(3), np.bool_(False), jax.random.key(0))]
     results = {r.index: r for r in serve(SMALL, params, [good[0], *bad, good[1]], slots=2,
-                                          options=SampleOptions("ar"), capacity=N)}
-    assert len(results) == 6 and results[0].error is None and results[5].error is None
-    for index, match in zip(range(1, 5), ["request length 11", "token ids", "integer ids",
-                                          "typed PRNG key"], strict=True):
+                                          options=SampleOptions("ar"))}
+    assert len(results) == 8 and results[0].error is None and results[7].error is None
+    assert len(results[7].tokens) == N
+    for index, match in zip(range(1, 7), ["request length 11 exceeds the model's block_size 10",
+                                          "token ids", "integer ids", "typed PRNG key",
+                                          "tokens and known must both be [L]; got () and (3,)",
+                                          "tokens and known must both be [L]; got () and ()"],
+                            strict=True):
         assert match in results[index].error and "\n" not in results[index].error
         assert results[index].tokens is None
-    state = engine.init(SMALL, SampleOptions("burst"), 2, N)
+    state = engine.init(SMALL, SampleOptions("burst"), np.int64(2), np.int64(N))
+    assert (state.slots, state.capacity) == (2, N)
     tokens, known, length = _pad(good[0])
     for args, message in [((jnp.int32(2), tokens, known, length, good[0].key), "slot"),
                           ((-1, tokens, known, length, good[0].key), "slot"),
@@ -140,9 +157,17 @@ def test_bad_requests_are_refused_alone(params):
                           ((0, tokens, known, 0, good[0].key), "length"),
                           ((0, tokens, known, N + 1, good[0].key), "length"),
                           ((0, tokens + 99, np.ones(N, bool), length, good[0].key), "token ids"),
-                          ((0, tokens, known, length, 3), "typed PRNG key")]:
+                          ((0, tokens, known, length, 3), "typed PRNG key"),
+                          ((0, tokens, known, np.array([length]), good[0].key),
+                           _exact("length must be a scalar integer; got shape (1,)")),
+                          ((np.array([0]), tokens, known, length, good[0].key),
+                           _exact("slot must be a scalar integer; got shape (1,)"))]:
         with pytest.raises(ValueError, match=message):
             engine.insert(SMALL, params, state, *args)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=_exact(f"iterations must be an integer >= 1; got "
+                                                    f"{bad}")):
+            engine.step(SMALL, params, state, bad)
     for bad in (2, -1):
         with pytest.raises(ValueError, match="slot"):
             engine.result(state, bad)
@@ -150,10 +175,19 @@ def test_bad_requests_are_refused_alone(params):
             engine.release(state, bad)
     with pytest.raises(ValueError, match="steps_per_call"):
         next(serve(SMALL, params, good, slots=2, options=SampleOptions("ar"), steps_per_call=0))
+    with pytest.raises(ValueError, match=_exact("options must be a sigma_jax.SampleOptions, "
+                                                "e.g. SampleOptions('burst_jacobi'); got None")):
+        next(serve(SMALL, params, good, slots=2, options=None))
     for bad_init, message in [(dict(options=SampleOptions("ar_nocache")), "ar_nocache"),
                               (dict(slots=0), "slots"), (dict(capacity=SMALL.block_size + 1),
                                                          "capacity"),
-                              (dict(options=SampleOptions(window=N + 1)), "window")]:
+                              (dict(options=SampleOptions(window=N + 1)), "window"),
+                              (dict(options="burst"), _exact(
+                                  "options must be a sigma_jax.SampleOptions, e.g. "
+                                  "SampleOptions('burst_jacobi'); got 'burst'")),
+                              (dict(slots=True), _exact("slots must be an integer >= 1; got True")),
+                              (dict(capacity=True), _exact(
+                                  f"capacity must be an integer in [1, {N}]; got True"))]:
         kwargs = dict(options=SampleOptions("burst"), slots=2, capacity=N) | bad_init
         with pytest.raises(ValueError, match=message):
             engine.init(SMALL, kwargs["options"], kwargs["slots"], kwargs["capacity"])

@@ -1,12 +1,15 @@
 """Portable engine artifacts: written by `sampling.export.export`, run in a subprocess that
 imports only jax and numpy, they serve requests with bitwise the tokens of the library; the
-same functions export for cuda and tpu from this CPU-only machine."""
+same functions export for cuda and tpu from this CPU-only machine; bad arguments fail with one
+line before anything is written."""
 
 import json
+import re
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli_helpers import subprocess_env
@@ -84,11 +87,45 @@ def test_the_engine_exports_for_accelerators_from_a_cpu_host(tmp_path):
     shapes = jax.eval_shape(lambda: peaked_params(SMALL, 0))
     for options in (SampleOptions("ar"), SampleOptions("burst", window=4),
                     SampleOptions("burst_jacobi", order="spread")):
-        manifest = export(SMALL, shapes, options, 4, N, tmp_path / options.sampler,
+        manifest = export(SMALL, shapes, options, np.int64(4), N, tmp_path / options.sampler,
                           platforms=("cuda", "tpu"))
-        assert manifest["platforms"] == ["cuda", "tpu"]
+        assert manifest["platforms"] == ["cuda", "tpu"] and manifest["slots"] == 4
         for name in FUNCTIONS:
             exported = jax.export.deserialize(bytearray(
                 (tmp_path / options.sampler / f"{name}.bin").read_bytes()))
             assert exported.platforms == ("cuda", "tpu")
         assert not (tmp_path / options.sampler / "params.npz").exists()
+
+
+def test_bad_arguments_fail_with_one_line_before_anything_is_written(tmp_path):
+    shapes = jax.eval_shape(lambda: peaked_params(SMALL, 0))
+    vector = lambda n: jax.ShapeDtypeStruct((n,), jnp.float32)
+    wrong_tree = dict(shapes, wte=jax.ShapeDtypeStruct((12, 16), jnp.float32))
+    wrong_shape = dict(shapes, ln_f=dict(shapes["ln_f"], scale=vector(8)))
+    extra = dict(shapes, extra=vector(3))
+    hint = "platforms must be a non-empty tuple of platform names such as ('cpu',) or ('cuda', " \
+           "'tpu'); got "
+    for bad, message in [
+            (dict(platforms="cpu"), hint + "'cpu'"),
+            (dict(platforms=()), hint + "()"),
+            (dict(platforms=("gpu",)), "platforms[0] must name the GPU platform, 'cuda' "
+                                       "(NVIDIA) or 'rocm' (AMD), not 'gpu'"),
+            (dict(platforms=("cpu", "metal")), "platforms[1] must be one of 'cpu', 'cuda', "
+                                               "'rocm', 'tpu'; got 'metal'"),
+            (dict(platforms=("cpu", "cpu")), "platforms must name each platform once; got "
+                                             "('cpu', 'cpu')"),
+            (dict(iterations=0), "iterations must be an integer >= 1; got 0"),
+            (dict(slots=0), "slots must be an integer >= 1; got 0"),
+            (dict(capacity=SMALL.block_size + 1), "capacity must be an integer in [1, 10]; got 11"),
+            (dict(options=None), "options must be a sigma_jax.SampleOptions, e.g. "
+                                 "SampleOptions('burst_jacobi'); got None"),
+            (dict(params=wrong_tree), "params lack 'wte/embedding', which this ModelConfig "
+                                      "needs: params and cfg are of different models"),
+            (dict(params=wrong_shape), "params 'ln_f/scale' has shape (8,), but this ModelConfig "
+                                       "needs (16,): params and cfg are of different models"),
+            (dict(params=extra), "params hold 'extra', which this ModelConfig has no use for: "
+                                 "params and cfg are of different models")]:
+        kwargs = dict(params=shapes, options=SampleOptions("burst"), slots=2, capacity=N) | bad
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            export(SMALL, directory=tmp_path / "art", **kwargs)
+        assert not (tmp_path / "art").exists()

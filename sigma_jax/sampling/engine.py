@@ -30,16 +30,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from sigma_jax.cache import init_cache, split_layers
-from sigma_jax.checks import check_int, is_concrete, token_ids, within_lengths
+from sigma_jax.checks import (
+    bool_mask,
+    check_int,
+    check_key,
+    check_scalar_int,
+    is_concrete,
+    token_ids,
+    within_lengths,
+)
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import extend_pass
-from sigma_jax.model import per_layer
+from sigma_jax.model import check_params, per_layer
 from sigma_jax.sampling.burst import advance, start_state
 from sigma_jax.sampling.burst_steps import BurstState
 from sigma_jax.sampling.call import SampleStats
 from sigma_jax.sampling.draws import draw, to_probs
 from sigma_jax.sampling.inputs import generation_order
-from sigma_jax.sampling.options import KernelOptions, SampleOptions, model_calls
+from sigma_jax.sampling.options import KernelOptions, SampleOptions, check_options, model_calls
 from sigma_jax.sharding import check_batch, fitted_sharding, replicated
 
 
@@ -81,16 +89,8 @@ def init(cfg: ModelConfig, options: SampleOptions, slots: int, capacity: int, *,
     the model and `capacity`: window <= capacity, top_k <= V); slots >= 1; capacity in
     [1, block_size]. mesh: a `jax.sharding.Mesh` whose batch axes ("data", "fsdp") shard the
     slots (slots must divide over them; every other function then runs sharded, following its
-    inputs); None: one device. One-line ValueErrors before any work."""
-    if options.sampler == "ar_nocache":
-        raise ValueError("the engine runs ar, burst, burst_jacobi or burst_paper; ar_nocache is "
-                         "the uncached oracle: use sample_ar(use_cache=False)")
-    if not isinstance(slots, int) or slots < 1:
-        raise ValueError(f"slots must be a positive integer; got {slots!r}")
-    if not isinstance(capacity, int) or not 1 <= capacity <= cfg.block_size:
-        raise ValueError(f"capacity must be an integer in [1, {cfg.block_size}] (block_size); "
-                         f"got {capacity!r}")
-    options.check_for(cfg, capacity)
+    inputs); None: one device. One-line ValueErrors before any work (`check_init`)."""
+    slots, capacity = check_init(cfg, options, slots, capacity)
     if mesh is not None:
         check_batch(slots, mesh)
     opts = options.kernel_options(capacity)
@@ -98,6 +98,21 @@ def init(cfg: ModelConfig, options: SampleOptions, slots: int, capacity: int, *,
     state = _empty(cfg, opts, slots, capacity, temperature, top_p, max_iters, options.order,
                    options.known_order)
     return state if mesh is None else jax.device_put(state, state_shardings(state, mesh))
+
+
+def check_init(cfg: ModelConfig, options: SampleOptions, slots, capacity) -> tuple[int, int]:
+    """(slots, capacity) as Python ints after `init`'s one-line ValueErrors: options a
+    SampleOptions of any sampler but 'ar_nocache', fit for the model at `capacity`; slots and
+    capacity integers (numpy integers accepted, bools not), slots >= 1, capacity in
+    [1, block_size]."""
+    check_options(options)
+    if options.sampler == "ar_nocache":
+        raise ValueError("the engine runs ar, burst, burst_jacobi or burst_paper; ar_nocache is "
+                         "the uncached oracle: use sample_ar(use_cache=False)")
+    slots = check_int("slots", slots, 1)
+    capacity = check_int("capacity", capacity, 1, cfg.block_size)
+    options.check_for(cfg, capacity)
+    return slots, capacity
 
 
 def state_shardings(state: EngineState, mesh):
@@ -150,7 +165,9 @@ def _jacobi_rows(cfg: ModelConfig, opts: KernelOptions, s: int, n: int) -> dict:
 def insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, known, length,
            key) -> EngineState:
     """`_insert` after the one-line checks of the request (`check_request`) and of the slot
-    (a concrete slot outside [0, S) is a ValueError; a traced one would be clamped)."""
+    (not a scalar, or a concrete slot outside [0, S), is a ValueError; a traced one would be
+    clamped)."""
+    check_params(cfg, params)
     check_request(cfg, state.capacity, tokens, known, length, key)
     _check_slot(state, slot)
     return _insert(cfg, params, state, slot, token_ids(tokens), jnp.asarray(known), length, key)
@@ -158,19 +175,16 @@ def insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kno
 
 def check_request(cfg: ModelConfig, capacity: int, tokens, known, length, key) -> None:
     """One-line ValueErrors for a request padded to an engine's capacity N: tokens and known
-    not [N], non-integer ids, a length outside [1, N], known token ids outside [0, V), no known
-    token without a start token, or a key that is not one typed PRNG key (values are checked
-    when concrete; under tracing only shapes are)."""
+    not [N], non-integer ids, a length not a scalar or outside [1, N], known token ids outside
+    [0, V), no known token without a start token, or a key that is not one typed PRNG key
+    (values are checked when concrete; under tracing only shapes are)."""
     n = capacity
-    tokens, known = token_ids(tokens), jnp.asarray(known)
+    tokens, known = token_ids(tokens), bool_mask(known)
     if tokens.shape != (n,) or known.shape != (n,):
         raise ValueError(f"tokens and known must both be [N] = [{n}] (the engine's capacity); "
                          f"got {tuple(tokens.shape)} and {tuple(known.shape)}")
-    if is_concrete(length):
-        check_int("length", np.asarray(length).item(), 1, n)
-    if not hasattr(key, "dtype") or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) \
-            or key.shape != ():
-        raise ValueError("key must be one typed PRNG key (jax.random.key(seed))")
+    check_scalar_int("length", length, 1, n)
+    check_key(key)
     if is_concrete(tokens, known, length):
         present = np.asarray(known, bool) & (np.arange(n) < int(np.asarray(length)))
         ids = np.asarray(tokens)[present]
@@ -182,9 +196,9 @@ def check_request(cfg: ModelConfig, capacity: int, tokens, known, length, key) -
 
 
 def _check_slot(state: EngineState, slot) -> None:
-    """One-line ValueError for a concrete slot outside [0, S) (a traced slot would be clamped)."""
-    if is_concrete(slot):
-        check_int("slot", np.asarray(slot).item(), 0, state.slots - 1)
+    """One-line ValueError for a slot that is not a scalar, or a concrete one outside [0, S) (a
+    traced slot would be clamped)."""
+    check_scalar_int("slot", slot, 0, state.slots - 1)
 
 
 @functools.partial(jax.jit, donate_argnames="state")
@@ -232,12 +246,18 @@ def _put_row(slot):
     return put
 
 
-@functools.partial(jax.jit, static_argnames="iterations", donate_argnames="state")
 def step(cfg: ModelConfig, params: dict, state: EngineState, iterations: int = 1
          ) -> EngineState:
     """`iterations` sampler iterations for every slot still generating (a no-op for the others):
-    AR one token per slot, burst one draft-and-verify round (or one jacobi verify)."""
+    AR one token per slot, burst one draft-and-verify round (or one jacobi verify). iterations:
+    a Python or numpy integer >= 1 (static: each value compiles once; anything else is a
+    one-line ValueError). The state is donated."""
+    return _step(cfg, params, state, check_int("iterations", iterations, 1))
 
+
+@functools.partial(jax.jit, static_argnames="iterations", donate_argnames="state")
+def _step(cfg: ModelConfig, params: dict, state: EngineState, iterations: int) -> EngineState:
+    """`step` for a checked `iterations` (a Python int >= 1)."""
     layered = per_layer(params)  # the weights one buffer per layer, as the one-shot kernels
 
     def one(i, rows):

@@ -28,20 +28,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sigma_jax.checks import check_int
+from sigma_jax.checks import check_choice, check_int, short_repr
 from sigma_jax.config import ModelConfig
+from sigma_jax.model import check_params
 from sigma_jax.sampling import engine
 from sigma_jax.sampling.options import SampleOptions
 
 FUNCTIONS = ("init", "insert", "step", "finished", "result")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's platform names
 
 
 def export(cfg: ModelConfig, params, options: SampleOptions, slots: int, capacity: int,
            directory, *, platforms=("cpu",), iterations: int = 1) -> dict:
-    """Write the engine's artifacts for `platforms` (e.g. ('cpu',), ('cuda', 'tpu'): lowering for
-    a platform needs no device of it) to `directory`; returns the manifest. params: the params
-    dict, or a tree of `jax.ShapeDtypeStruct` (then no params.npz is written)."""
-    check_int("iterations", iterations, 1)
+    """Write the engine's artifacts for `platforms` (a non-empty tuple or list of distinct names
+    of PLATFORMS, e.g. ('cpu',), ('cuda', 'tpu'): lowering for a platform needs no device of it)
+    to `directory`; returns the manifest. params: the params dict of `cfg`, or a tree of
+    `jax.ShapeDtypeStruct` (then no params.npz is written). iterations >= 1: sampler iterations
+    per step. Bad arguments (those of `engine.init`, params whose tree or shapes are not
+    `cfg`'s, platforms, iterations) are one-line ValueErrors raised before the directory is
+    created; every function is exported before any file is written."""
+    iterations = check_int("iterations", iterations, 1)
+    platforms = _check_platforms(platforms)
+    slots, capacity = engine.check_init(cfg, options, slots, capacity)
+    check_params(cfg, params)
     state_shape = jax.eval_shape(lambda: engine.init(cfg, options, slots, capacity))
     state_leaves, state_tree = jax.tree.flatten(state_shape)
     param_leaves, param_tree = jax.tree.flatten(params)
@@ -81,12 +90,12 @@ def export(cfg: ModelConfig, params, options: SampleOptions, slots: int, capacit
         "finished": (flat_state,),
         "result": (flat_state, scalar),
     }
+    serialized = {name: jax.export.export(jax.jit(functions[name]), platforms=platforms)(
+        *arguments[name]).serialize() for name in FUNCTIONS}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name in FUNCTIONS:
-        exported = jax.export.export(jax.jit(functions[name]), platforms=tuple(platforms))(
-            *arguments[name])
-        (directory / f"{name}.bin").write_bytes(exported.serialize())
+    for name, data in serialized.items():
+        (directory / f"{name}.bin").write_bytes(data)
     if all(isinstance(x, jax.Array | np.ndarray) for x in param_leaves):
         np.savez(directory / "params.npz", **{f"p{i}": np.asarray(x)
                                              for i, x in enumerate(param_leaves)})
@@ -94,6 +103,22 @@ def export(cfg: ModelConfig, params, options: SampleOptions, slots: int, capacit
                          flat_state, key_data)
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _check_platforms(platforms) -> tuple[str, ...]:
+    """`platforms` as a tuple after one-line ValueErrors: a non-empty tuple or list of distinct
+    names of PLATFORMS."""
+    if not isinstance(platforms, tuple | list) or not platforms:
+        raise ValueError("platforms must be a non-empty tuple of platform names such as "
+                         f"('cpu',) or ('cuda', 'tpu'); got {short_repr(platforms)}")
+    for i, name in enumerate(platforms):
+        if name == "gpu":
+            raise ValueError(f"platforms[{i}] must name the GPU platform, 'cuda' (NVIDIA) or "
+                             "'rocm' (AMD), not 'gpu'")
+        check_choice(f"platforms[{i}]", name, PLATFORMS)
+    if len(set(platforms)) != len(platforms):
+        raise ValueError(f"platforms must name each platform once; got {short_repr(platforms)}")
+    return tuple(platforms)
 
 
 def _result_arrays(state, slot):

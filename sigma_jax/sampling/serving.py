@@ -17,6 +17,7 @@ import numpy as np
 
 from sigma_jax.checks import check_int
 from sigma_jax.config import ModelConfig
+from sigma_jax.model import check_params
 from sigma_jax.sampling import engine
 from sigma_jax.sampling.call import SampleStats
 from sigma_jax.sampling.options import SampleOptions
@@ -50,12 +51,16 @@ class Result:
 
 def check_request(cfg: ModelConfig, request: Request, capacity: int) -> None:
     """One-line ValueError unless the request fits an engine of `capacity` positions: 1-D integer
-    tokens and boolean known of one length L in [1, capacity], then `engine.check_request` on
-    it padded (ids in [0, V), a typed key, a known token without a start token)."""
+    tokens and boolean known of one length L in [1, capacity] and <= block_size, then
+    `engine.check_request` on it padded (ids in [0, V), a typed key, a known token without a
+    start token)."""
     tokens, known = np.asarray(request.tokens), np.asarray(request.known)
     if tokens.ndim != 1 or known.shape != tokens.shape:
         raise ValueError(f"tokens and known must both be [L]; got {tokens.shape} and "
                          f"{known.shape}")
+    if tokens.shape[0] > cfg.block_size:
+        raise ValueError(f"request length {tokens.shape[0]} exceeds the model's block_size "
+                         f"{cfg.block_size}")
     if not 1 <= tokens.shape[0] <= capacity:
         raise ValueError(f"request length {tokens.shape[0]} must lie in [1, {capacity}] "
                          "(the engine's capacity)")
@@ -69,20 +74,26 @@ def serve(cfg: ModelConfig, params: dict, requests: Iterable[Request], *, slots:
           options: SampleOptions, capacity: int | None = None,
           steps_per_call: int = 1, mesh=None, devices=None) -> Iterator[Result]:
     """Complete every request through an engine of `slots` slots and `capacity` positions
-    (default: the longest request, read ahead), yielding a `Result` per request as it
-    completes (not in order). Each request's tokens are bitwise those of the one-shot sampler
-    on it alone with its key. steps_per_call: sampler iterations per engine call (more amortize
-    dispatch; a slot finished mid-call idles until the call ends). mesh: shard the slots over
-    its batch axes (`engine.init`); params should then be placed on it (`shard_params`).
+    (default: the longest request the model can serve, read ahead; block_size when none
+    can), yielding a `Result` per request as it completes (not in order); a request that
+    fails `check_request` gets its one-line error in its Result.
+    Bad arguments (slots, options, capacity, steps_per_call, mesh, devices) are one-line
+    ValueErrors before any request runs. Each request's tokens are bitwise those of the
+    one-shot sampler on it alone with its key. steps_per_call: sampler iterations per engine
+    call (more amortize dispatch; a slot finished mid-call idles until the call ends). mesh:
+    shard the slots over its batch axes (`engine.init`); params should then be placed on it
+    (`shard_params`).
 
     devices: a list of devices instead of one engine: each runs an engine of its own share of
     the slots (as even as can be; slots >= len(devices)) on its own copy of the params. Each
     step is dispatched to every device before any result is read, so the devices run side by
     side (on a CPU host split by `jax_num_cpu_devices`, the cores)."""
     check_int("steps_per_call", steps_per_call, 1)
+    check_params(cfg, params)
     requests = list(requests)
     if capacity is None:
-        capacity = max((np.asarray(r.tokens).shape[0] for r in requests), default=1)
+        capacity = max(filter(None, (_servable_length(cfg, r) for r in requests)),
+                       default=cfg.block_size)
     engines = _engines(cfg, params, options, slots, capacity, mesh, devices)
     queue = list(enumerate(requests))
     steps, start = 0, time.perf_counter()
@@ -174,6 +185,15 @@ def _collect(state, slot):
     """`engine.result` of the slot, and the state with the slot released, in one call."""
     tokens, stats = engine._result(state, slot)
     return engine._release(state, slot), tokens, stats
+
+
+def _servable_length(cfg: ModelConfig, request: Request) -> int | None:
+    """The request's length if it passes `check_request` at capacity block_size, else None."""
+    try:
+        check_request(cfg, request, cfg.block_size)
+    except ValueError:
+        return None
+    return np.asarray(request.tokens).shape[0]
 
 
 def _padded(request: Request, capacity: int):
