@@ -1,7 +1,7 @@
 """The one-line checks shared by the configs, the sampling options, the samplers and the density
 functions: typed field values (`check_int`, `check_float`, `check_choice`, `check_bool`), scalar
-array arguments (`check_scalar_int`) and the [B, N] inputs of a model call (`token_ids`,
-`check_known`).
+array arguments (`check_scalar_int`), the [B, N] inputs of a model call (`token_ids`,
+`check_known`) and generation orders (`permutation_rows`).
 
 Every check raises `ValueError` with one line naming the value, what is allowed and what was
 given. Values that are tracers (inside `jax.jit`) are unknown until the call runs: their
@@ -136,6 +136,25 @@ def check_key(key, name: str = "key", rows: int | None = None) -> None:
                          f"{tuple(key.shape)}")
 
 
+def permutation_rows(order, name: str = "order"):
+    """`order` as an integer [B, N] array, unchanged in dtype (lists accepted), whose rows are
+    permutations of range(N) (checked when concrete)."""
+    order = integer_array(order, name)
+    if order.ndim != 2:
+        raise ValueError(f"{name} must be [B, N]; got shape {tuple(order.shape)}")
+    if is_concrete(order):
+        _check_permutations(np.asarray(order), name)
+    return order
+
+
+def _check_permutations(order: np.ndarray, name: str = "order") -> None:
+    bad = ~(np.sort(order, axis=1) == np.arange(order.shape[1])).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"{name} rows must be permutations of range(N) (N = {order.shape[1]}); "
+                         f"row {row} is {short_repr(order[row].tolist())}")
+
+
 def check_rows_shape(tokens, known) -> None:
     """tokens and known are both [B, N]."""
     if np.ndim(tokens) != 2 or np.shape(tokens) != np.shape(known):
@@ -202,8 +221,7 @@ def check_known(cfg, tokens, known, order=None, lengths=None) -> None:
 
 
 def _check_known_first(order: np.ndarray, known: np.ndarray, lengths) -> None:
-    if not (np.sort(order, axis=1) == np.arange(order.shape[1])).all():
-        raise ValueError("order rows must be permutations of range(N)")
+    _check_permutations(order)
     n_known = known.sum(axis=1, keepdims=True)
     steps = np.arange(order.shape[1])[None]
     if not (np.take_along_axis(known, order, 1) == (steps < n_known)).all():

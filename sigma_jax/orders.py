@@ -25,6 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sigma_jax.checks import (
+    bool_mask,
+    check_bool,
+    check_int,
+    check_key,
+    check_scalar_int,
+    permutation_rows,
+    row_lengths,
+    token_ids,
+)
 from sigma_jax.config import START_POS, parse_order_policy
 from sigma_jax.sharding import constrain
 
@@ -41,9 +51,9 @@ def fractal_order(n: int, *, last_first: bool = False) -> np.ndarray:
     Pop [a, b) from a FIFO queue, emit h = (a + b) // 2, then enqueue the two halves: right then
     left after an even number of emitted nodes, left then right after an odd number.
     `last_first=True` is the published non-text variant: n - 1 first, then bisect [0, n - 1).
+    n: an integer >= 0.
     """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    n = check_int("n", n, 0)
     if last_first and n > 0:
         return np.concatenate([[n - 1], fractal_order(n - 1)]).astype(np.int32)
     out, queue = [], [(0, n)]
@@ -67,10 +77,15 @@ def _fractal_rank_table(n: int) -> np.ndarray:
     return table
 
 
-@functools.lru_cache(maxsize=16)
 def bit_reversed_rank(n: int) -> np.ndarray:
     """int32 [n]: the rank of each position i in range(n) sorted by its bit-reversed index
-    (the van der Corput radical inverse of i), e.g. n = 8: 0, 4, 2, 6, 1, 5, 3, 7 first."""
+    (the van der Corput radical inverse of i), e.g. n = 8: 0, 4, 2, 6, 1, 5, 3, 7 first.
+    n: an integer >= 0."""
+    return _bit_reversed_rank(check_int("n", n, 0))
+
+
+@functools.lru_cache(maxsize=16)
+def _bit_reversed_rank(n: int) -> np.ndarray:
     bits = max(1, (n - 1).bit_length())
     reversed_index = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)]
     return np.argsort(np.argsort(reversed_index)).astype(np.int32)
@@ -81,7 +96,7 @@ def _bit_reversed_rank_table(n: int) -> np.ndarray:
     """int32 [n + 1, n]: row l = `bit_reversed_rank(l)` (0 past l)."""
     table = np.zeros((n + 1, n), np.int32)
     for length in range(1, n + 1):
-        table[length, :length] = bit_reversed_rank(length)
+        table[length, :length] = _bit_reversed_rank(length)
     return table
 
 
@@ -134,7 +149,8 @@ def _absent(known: jax.Array, lengths: jax.Array | None) -> jax.Array:
 
 
 def left_to_right(batch: int, n: int) -> jax.Array:
-    """arange(n) for every row: int32 [batch, n]."""
+    """arange(n) for every row: int32 [batch, n] (batch >= 0 and n >= 1 integers)."""
+    batch, n = check_int("batch", batch, 0), check_int("n", n, 1)
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
 
 
@@ -142,7 +158,16 @@ def _order_from_keys(keys: jax.Array) -> jax.Array:
     return jnp.argsort(keys, axis=-1, stable=True).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames="known_order")
+def _checked_mask(known, lengths) -> tuple:
+    """(known as a bool [B, N] array with N >= 1, lists accepted; lengths None or int32 [B] in
+    [1, N], checked when concrete: `checks.row_lengths`)."""
+    known = bool_mask(known)
+    if known.ndim != 2 or known.shape[1] < 1:
+        raise ValueError(f"known must be a bool [B, N] mask with N >= 1; got shape "
+                         f"{tuple(known.shape)}")
+    return known, None if lengths is None else row_lengths(lengths, known.shape)
+
+
 def random_order(key: jax.Array, known: jax.Array, *, known_order: str = "random",
                  lengths: jax.Array | None = None) -> jax.Array:
     """The known-first order of the convention (module docstring): int32 [B, N].
@@ -150,14 +175,23 @@ def random_order(key: jax.Array, known: jax.Array, *, known_order: str = "random
     The known positions of each row come first, in a uniformly random order (known_order='random')
     or ascending (known_order='ascending'); then its unknown positions in a uniformly random order.
     key: one typed key for the batch, or one per row ([B]; row b then depends only on key[b]).
-    known: bool [B, N]. lengths: int32 [B] (None: N); positions >= a row's length are absent and
-    come last, ascending. With one key per row (or B = 1), a row's first L steps are its order at
-    N = L: the uniforms of threefry's partitionable mode do not depend on the trailing length.
+    known: bool [B, N], N >= 1. lengths: integer [B] in [1, N] (None: N); positions >= a row's
+    length are absent and come last, ascending. With one key per row (or B = 1), a row's first L
+    steps are its order at N = L: the uniforms of threefry's partitionable mode do not depend on
+    the trailing length. Shapes, dtypes and the key are checked always, lengths' values when
+    concrete.
     """
     check_known_order(known_order)
+    known, lengths = _checked_mask(known, lengths)
+    check_key(key, rows=known.shape[0])
+    return _random_order(key, known, known_order=known_order, lengths=lengths)
+
+
+@functools.partial(jax.jit, static_argnames="known_order")
+def _random_order(key, known, *, known_order, lengths):
     if key.ndim == 1:  # one key per row
-        one_row = lambda k, kn, ln: random_order(k, kn[None], known_order=known_order,
-                                                 lengths=ln[None])[0]
+        one_row = lambda k, kn, ln: _random_order(k, kn[None], known_order=known_order,
+                                                  lengths=ln[None])[0]
         rows = _full_lengths(known) if lengths is None else lengths
         return jax.vmap(one_row)(key, known, rows)
     u = jax.random.uniform(key, known.shape)  # [B, N]
@@ -210,10 +244,14 @@ def order_from_mask(kind: str, known: jax.Array, key: jax.Array | None = None, *
     kind: 'left_to_right' (both groups ascending), 'random' (`random_order`: the known group as
     `known_order` says, the unknown one shuffled; needs a key, one or one per row) or 'fractal'
     (known ascending, unknown in bisection order) or 'spread' (known ascending, unknown
-    farthest-first: `spread_known_first`). lengths: int32 [B] (None: every row has length N):
-    the positions at or past a row's length are absent (known must be False there); they come
-    last, ascending, and the first L steps of a row are its order at N = L.
+    farthest-first: `spread_known_first`). known: bool [B, N], N >= 1. lengths: integer [B] in
+    [1, N] (None: every row has length N): the positions at or past a row's length are absent
+    (known must be False there); they come last, ascending, and the first L steps of a row are its
+    order at N = L.
     """
+    if kind not in ORDER_KINDS:
+        raise ValueError(f"order must be one of {', '.join(ORDER_KINDS)}; got {kind!r}")
+    known, lengths = _checked_mask(known, lengths)
     if kind == "random":
         if key is None:
             raise ValueError("order 'random' needs a PRNG key")
@@ -222,51 +260,86 @@ def order_from_mask(kind: str, known: jax.Array, key: jax.Array | None = None, *
         return ordered_known_first(known, lengths)
     if kind == "fractal":
         return fractal_known_first(known, lengths)
-    if kind == "spread":
-        return spread_known_first(known, lengths)
-    raise ValueError(f"order must be one of {', '.join(ORDER_KINDS)}; got {kind!r}")
+    return spread_known_first(known, lengths)
 
 
 # ---------------------------------------------------------------- permutations
 
 
+def _rows_like(x, name: str, order) -> jax.Array:
+    """x as an array of shape [B, N, ...], with [B, N] the shape of `order` (lists accepted)."""
+    x = x if hasattr(x, "shape") else np.asarray(x)
+    if x.ndim < 2 or x.shape[:2] != order.shape:
+        raise ValueError(f"{name} must be [B, N, ...] with [B, N] = {list(order.shape)}, the "
+                         f"shape of order; got shape {tuple(x.shape)}")
+    return x
+
+
 def permute(x: jax.Array, order: jax.Array) -> jax.Array:
-    """Gather along axis 1: out[b, t, ...] = x[b, order[b, t], ...]. x [B, N, ...]."""
+    """Gather along axis 1: out[b, t, ...] = x[b, order[b, t], ...]. x [B, N, ...]; order integer
+    [B, N], each row a permutation of range(N) (checked when concrete)."""
+    order = permutation_rows(order)
+    return _permute(_rows_like(x, "x", order), order)
+
+
+def _permute(x, order):
     idx = order.reshape(order.shape + (1,) * (x.ndim - 2))
     return jnp.take_along_axis(x, idx, axis=1)
 
 
 def inverse(order: jax.Array) -> jax.Array:
-    """The inverse permutation per row: inverse(order)[b, order[b, t]] = t."""
+    """The inverse permutation per row: inverse(order)[b, order[b, t]] = t. order: integer
+    [B, N], each row a permutation of range(N) (checked when concrete)."""
+    return _inverse(permutation_rows(order))
+
+
+def _inverse(order):
     b, n = order.shape
     steps = jnp.broadcast_to(jnp.arange(n, dtype=order.dtype), (b, n))
     return jnp.zeros_like(order).at[jnp.arange(b)[:, None], order].set(steps)
 
 
 def unpermute(xs: jax.Array, order: jax.Array) -> jax.Array:
-    """Scatter along axis 1: out[b, order[b, t], ...] = xs[b, t, ...] (the inverse of permute)."""
-    return permute(xs, inverse(order))
+    """Scatter along axis 1: out[b, order[b, t], ...] = xs[b, t, ...] (the inverse of permute).
+    xs [B, N, ...]; order integer [B, N], each row a permutation of range(N) (checked when
+    concrete)."""
+    order = permutation_rows(order)
+    return _permute(_rows_like(xs, "xs", order), _inverse(order))
 
 
 # ---------------------------------------------------------------- teacher-forced batches
 
 
-@functools.partial(jax.jit, static_argnames=("bos", "bos_id"))
 def make_batch(tokens: jax.Array, order: jax.Array, *, bos: bool, bos_id: int | None = None):
     """Training inputs for a batch of sequences read in the given order.
 
-    tokens, order: int32 [B, N]. Returns (inputs, pos_in, pos_out, targets), each int32 [B, T]:
+    tokens, order: integer [B, N], N >= 1, each row of order a permutation of range(N) (checked
+    when concrete); bos: True or False; bos_id: an integer >= 0 that fits tokens' dtype (needed
+    with bos=True, ignored without). Returns (inputs, pos_in, pos_out, targets), each int32 [B, T]:
       bos=True:  T = N, inputs = [BOS, s_0..s_{N-2}], pos_in = [start, o_0..o_{N-2}],
                  pos_out = o, targets = s (every token is predicted);
       bos=False: T = N - 1, inputs = s[:-1], pos_in = o[:-1], pos_out = o[1:], targets = s[1:]
                  (the published text convention: the first token is never predicted).
     where s = permute(tokens, order). Slot t predicts the token at position pos_out[t].
     """
-    s = permute(tokens, order)
+    check_bool("bos", bos)
+    tokens, order = token_ids(tokens), permutation_rows(order)
+    if tokens.shape != order.shape or order.shape[1] < 1:
+        raise ValueError(f"tokens and order must both be [B, N] with N >= 1; got shapes "
+                         f"{tuple(tokens.shape)} and {tuple(order.shape)}")
     if not bos:
-        return s[:, :-1], order[:, :-1], order[:, 1:], s[:, 1:]
+        return _make_batch(tokens, order, bos=False, bos_id=None)
     if bos_id is None:
         raise ValueError("make_batch with bos=True needs bos_id")
+    bos_id = check_int("bos_id", bos_id, 0, int(np.iinfo(tokens.dtype).max))
+    return _make_batch(tokens, order, bos=True, bos_id=bos_id)
+
+
+@functools.partial(jax.jit, static_argnames=("bos", "bos_id"))
+def _make_batch(tokens, order, *, bos, bos_id):
+    s = _permute(tokens, order)
+    if not bos:
+        return s[:, :-1], order[:, :-1], order[:, 1:], s[:, 1:]
     b = tokens.shape[0]
     # Constrained like the batch, so the concatenation also works under an Explicit mesh.
     start_tok = constrain(jnp.full((b, 1), bos_id, tokens.dtype), ("batch", "seq"))
@@ -281,13 +354,17 @@ def make_batch(tokens: jax.Array, order: jax.Array, *, bos: bool, bos_id: int | 
 
 def random_order_probability(policy: str, step, max_steps: int) -> jax.Array:
     """P(a batch is trained in random order) at `step`: 0 or 1 for the fixed policies;
-    step / max_steps for 'curriculum'; P + (1 - P) step / max_steps for 'randcur:P'."""
+    step / max_steps for 'curriculum'; P + (1 - P) step / max_steps for 'randcur:P' (step /
+    max_steps capped at 1). step: a scalar integer >= 0 (its value checked when concrete);
+    max_steps: an integer >= 1."""
     kind, start = parse_order_policy(policy)
+    check_scalar_int("step", step, 0)
+    max_steps = check_int("max_steps", max_steps, 1)
     if kind == "left_to_right" or kind == "fractal":
         return jnp.float32(0.0)
     if kind == "random":
         return jnp.float32(1.0)
-    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(max_steps, 1), 0.0, 1.0)
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max_steps, 0.0, 1.0)
     return start + (1.0 - start) * frac
 
 
@@ -299,10 +376,18 @@ def training_orders(key: jax.Array, policy: str, step, max_steps: int, batch: in
     coins=1 is one coin per batch (as published), coins=batch one per row, coins=grad_accum one
     per micro-batch. With prompt_len > 0 the first prompt_len positions stay first, in index
     order (the "keep the prompt first" flag); the rest follow the policy.
+    key: one typed key; step: a scalar integer >= 0 (its value checked when concrete); max_steps,
+    batch, n, coins: integers >= 1, coins dividing batch; prompt_len: an integer in [0, n].
     """
+    check_key(key)
+    kind, _ = parse_order_policy(policy)
+    check_scalar_int("step", step, 0)
+    max_steps = check_int("max_steps", max_steps, 1)
+    batch, n = check_int("batch", batch, 1), check_int("n", n, 1)
+    coins = check_int("coins", coins, 1)
     if batch % coins:
         raise ValueError(f"coins ({coins}) must divide the batch ({batch})")
-    kind, _ = parse_order_policy(policy)
+    prompt_len = check_int("prompt_len", prompt_len, 0, n)
     known = jnp.broadcast_to(jnp.arange(n) < prompt_len, (batch, n))
     if kind == "fractal":
         return fractal_known_first(known)

@@ -133,3 +133,22 @@ def test_missing_flights_file(tmp_path, monkeypatch):
         load_task("flights", data_path=str(bad))
     with pytest.raises(DataError, match="prompt_len"):
         load_task("flights", data_path=str(bad), prompt_len=300)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"seq_len": True}, "seq_len must be an integer >= 2; got True"),
+    ({"prompt_len": np.int64(8)}, "prompt_len must be an integer in [0, 7]; got 8"),
+    ({"prompt_len": 2.0}, "prompt_len must be an integer in [0, 7]; got 2.0"),
+    ({"val_fraction": "0.1"}, "val_fraction must be a finite number in (0, 1); got '0.1'"),
+])
+def test_bad_options_raise_one_line_before_reading(tmp_path, options, message):
+    with pytest.raises(DataError) as e:  # the file is never opened
+        load_task("flights", data_path=str(tmp_path / "missing.json.gz"),
+                  **{"seq_len": 8, **options})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_decode_takes_integer_ids():
+    assert fl.decode(np.array([350, 351], np.int64)) == "35000 35100"
+    with pytest.raises(DataError, match=r"^tokens must hold integer token ids; got dtype float64$"):
+        fl.decode([350.0])

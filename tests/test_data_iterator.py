@@ -126,6 +126,18 @@ def test_errors():
     assert issubclass(DataError, ValueError)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda task: make_iterator(task, "train", 4, -1), "seed must be an integer >= 0; got -1"),
+    (lambda task: make_iterator(task, "train", 4, 0.5), "seed must be an integer >= 0; got 0.5"),
+    (lambda task: make_iterator(task, "train", "4", 0), "batch_size must be an integer; got '4'"),
+    (lambda task: load_task(["maze"]), "unknown task ['maze']; valid tasks: shakespeare_char"),
+])
+def test_bad_arguments_raise_one_line(call, message):
+    with pytest.raises(DataError) as e:
+        call(load_task("product", n_val=3))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_grain_is_imported_lazily():
     code = ("import sys; import sigma_jax.data as d; "
             "import sigma_jax.data.text_char, sigma_jax.data.text_bpe, sigma_jax.data.maze, "

@@ -171,3 +171,25 @@ def test_maze_options_and_errors():
         load_task("maze", height=12)
     with pytest.raises(DataError, match="dist_min"):
         load_task("maze", height=5, width=5, n_walls=0, dist_min=9)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"height": "13"}, "height must be an integer; got '13'"),
+    ({"width": 21.0}, "width must be an integer; got 21.0"),
+    ({"n_walls": -1}, "n_walls must be an integer >= 0; got -1"),
+    ({"dist_min": "3"}, "dist_min must be an integer; got '3'"),
+    ({"n_train": 0}, "n_train must be an integer >= 1; got 0"),
+    ({"data_seed": -1}, "data_seed must be an integer >= 0; got -1"),
+    ({"seq_len": True}, "seq_len must be an integer; got True"),
+])
+def test_maze_bad_options_raise_one_line(options, message):
+    with pytest.raises(DataError) as e:
+        load_task("maze", **options)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_maze_decode_takes_integer_ids():
+    task = load_task("maze", height=np.int64(5), width=5, n_walls=0, dist_min=1)
+    assert type(task.seq_len) is int and task.seq_len == 50
+    with pytest.raises(DataError, match=r"^tokens must hold integer token ids; got dtype float64$"):
+        task.decode(np.zeros(50))

@@ -110,3 +110,27 @@ def test_synthetic_errors():
         load_task("product", n_walls=3)
     with pytest.raises(DataError, match="data_path"):
         load_task("step", data_path="x.txt")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"n_train": -1}, "n_train must be an integer >= 1; got -1"),
+    ({"n_train": 2.7}, "n_train must be an integer >= 1; got 2.7"),
+    ({"n_val": "5"}, "n_val must be an integer >= 1; got '5'"),
+    ({"data_seed": -1}, "data_seed must be an integer >= 0; got -1"),
+    ({"seq_len": True}, "seq_len must be an integer >= 2; got True"),
+    ({"seq_len": 1}, "seq_len must be an integer >= 2; got 1"),
+])
+def test_synthetic_bad_options_raise_one_line(options, message):
+    with pytest.raises(DataError) as e:
+        load_task("product", **options)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_synthetic_numpy_int_options_and_integer_decode():
+    task = load_task("permutation", seq_len=np.int64(4), n_train=np.int64(3))
+    assert type(task.seq_len) is int and task.seq_len == 4 and len(task.train) == 3
+    assert task.decode([3, 1]) == "3 1" and load_task("step").decode([]) == ""
+    for name in ("product", "permutation"):
+        with pytest.raises(DataError, match=r"^tokens must hold integer token ids; got dtype "
+                                            r"float64$"):
+            load_task(name).decode([0.0, 1.0])

@@ -113,3 +113,33 @@ def test_download_is_verified(tmp_path, monkeypatch):
     monkeypatch.setattr(text_char, "TINY_SHAKESPEARE_URL", good.as_uri())
     assert load_task("shakespeare_char").vocab_size == 65
     assert fetch.sha256_file(cached) == text_char.TINY_SHAKESPEARE_SHA256
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"val_fraction": "0.1"}, "val_fraction must be a finite number in (0, 1); got '0.1'"),
+    ({"val_fraction": 1.0}, "val_fraction must be a finite number in (0, 1); got 1.0"),
+    ({"seq_len": True}, "seq_len must be an integer >= 1; got True"),
+    ({"seq_len": 2.0}, "seq_len must be an integer >= 1; got 2.0"),
+])
+def test_char_task_bad_options_raise_one_line(tmp_path, options, message):
+    path = tmp_path / "t.txt"
+    path.write_text("abcabcabcabcabcabcabcabcabcabcxyz", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_task("shakespeare_char", data_path=str(path), **options)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    if "val_fraction" in options:  # checked before any file is read
+        with pytest.raises(DataError, match="val_fraction"):
+            load_task("text_bpe", data_path=str(tmp_path / "missing.txt"), **options)
+
+
+def test_char_encode_and_decode_check_their_argument(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abcabcabcabcabcabcabcabcabcabcxyz", encoding="utf-8")
+    task = load_task("shakespeare_char", data_path=str(path), seq_len=np.int64(3))
+    assert task.seq_len == 3 and task.decode([]) == "" and task.decode([0, 5]) == "az"
+    with pytest.raises(DataError, match=r"^text must be a string; got 5$"):
+        task.encode(5)
+    with pytest.raises(DataError, match=r"^tokens must hold integer token ids; got dtype float64$"):
+        task.decode(np.array([1.0, 2.0]))
+    with pytest.raises(DataError, match=r"^tokens must be one sequence \[N\]; got shape \(2, 3\)$"):
+        task.decode(np.zeros((2, 3), np.int32))

@@ -192,3 +192,114 @@ def test_training_orders_keep_the_prompt_first_and_fractal_flows_through():
     assert len({tuple(r) for r in o}) > 1
     f = np.asarray(orders.training_orders(jax.random.key(0), "fractal", 0, 10, 2, 10))
     np.testing.assert_array_equal(f, np.broadcast_to(orders.fractal_order(10), (2, 10)))
+
+
+_KEY = jax.random.key(0)
+_MASK = jnp.zeros((2, 5), bool)
+_PERM = jnp.array([[0, 2, 1]])
+_TOKENS = jnp.array([[5, 6, 7]])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: orders.random_order(jax.random.PRNGKey(0), _MASK),
+     "key must be a typed PRNG key (jax.random.key(seed)), not a legacy uint32 key; got ArrayImpl"),
+    (lambda: orders.random_order(jax.random.PRNGKey(0), jnp.zeros((3, 5), bool)),
+     "key must be a typed PRNG key"),
+    (lambda: orders.order_from_mask("random", _MASK, 0), "key must be a typed PRNG key"),
+    (lambda: orders.training_orders(0, "random", 0, 10, 2, 5), "key must be a typed PRNG key"),
+    (lambda: orders.random_order(jax.random.split(_KEY, 3), _MASK),
+     "got 3 per-row keys for a batch of 2"),
+    (lambda: orders.order_from_mask("spread", jnp.zeros(5, bool)),
+     "known must be a bool [B, N] mask with N >= 1; got shape (5,)"),
+    (lambda: orders.random_order(_KEY, jnp.zeros((1, 2, 5), bool)),
+     "known must be a bool [B, N] mask with N >= 1; got shape (1, 2, 5)"),
+    (lambda: orders.order_from_mask("fractal", jnp.zeros((2, 0), bool)),
+     "known must be a bool [B, N] mask with N >= 1; got shape (2, 0)"),
+    (lambda: orders.order_from_mask("left_to_right", [[0, 1]]),
+     "known must be a bool mask; got dtype int64"),
+    (lambda: orders.order_from_mask("zigzag", _MASK),
+     "order must be one of left_to_right, random, fractal, spread; got 'zigzag'"),
+    (lambda: orders.random_order(_KEY, _MASK, lengths=jnp.array([5])),
+     "lengths must be [B] = [2], one length per row; got shape (1,)"),
+    (lambda: orders.order_from_mask("spread", _MASK, lengths=[5.0, 5.0]),
+     "lengths must hold integer positions; got dtype float64"),
+    (lambda: orders.order_from_mask("fractal", _MASK, lengths=[0, 5]),
+     "lengths must lie in [1, 5] (N = 5); got values in [0, 5]"),
+    (lambda: orders.order_from_mask("random", _MASK, _KEY, lengths=[6, 5]),
+     "lengths must lie in [1, 5] (N = 5); got values in [5, 6]"),
+    (lambda: orders.permute(jnp.zeros((1, 3)), jnp.array([[0, 0, 1]])),
+     "order rows must be permutations of range(N) (N = 3); row 0 is [0, 0, 1]"),
+    (lambda: orders.unpermute(jnp.zeros((1, 3)), jnp.array([[0, 5, 1]])),
+     "order rows must be permutations of range(N) (N = 3); row 0 is [0, 5, 1]"),
+    (lambda: orders.inverse(jnp.array([[1, 0], [1, 1]])),
+     "order rows must be permutations of range(N) (N = 2); row 1 is [1, 1]"),
+    (lambda: orders.permute(jnp.zeros((1, 4)), _PERM),
+     "x must be [B, N, ...] with [B, N] = [1, 3], the shape of order; got shape (1, 4)"),
+    (lambda: orders.unpermute(jnp.zeros((2, 3)), _PERM),
+     "xs must be [B, N, ...] with [B, N] = [1, 3], the shape of order; got shape (2, 3)"),
+    (lambda: orders.inverse(jnp.array([0, 2, 1])), "order must be [B, N]; got shape (3,)"),
+    (lambda: orders.permute(jnp.zeros((1, 3)), jnp.array([[0.0, 2.0, 1.0]])),
+     "order must hold integer positions; got dtype float32"),
+    (lambda: orders.make_batch(jnp.zeros((1, 4), int), _PERM, bos=False),
+     "tokens and order must both be [B, N] with N >= 1; got shapes (1, 4) and (1, 3)"),
+    (lambda: orders.make_batch(_TOKENS, _PERM, bos=True, bos_id=1.5),
+     "bos_id must be an integer in [0, 2147483647]; got 1.5"),
+    (lambda: orders.make_batch(_TOKENS, _PERM, bos=True, bos_id="x"),
+     "bos_id must be an integer in [0, 2147483647]; got 'x'"),
+    (lambda: orders.make_batch(_TOKENS, _PERM, bos=True), "make_batch with bos=True needs bos_id"),
+    (lambda: orders.make_batch(_TOKENS, _PERM, bos=None), "bos must be True or False; got None"),
+    (lambda: orders.make_batch(_TOKENS, jnp.array([[0, 0, 1]]), bos=False),
+     "order rows must be permutations of range(N)"),
+    (lambda: orders.make_batch(jnp.zeros((1, 3)), _PERM, bos=False),
+     "tokens must hold integer token ids; got dtype float32"),
+    (lambda: orders.training_orders(_KEY, "random", 0, 10, 4, 5, coins=0),
+     "coins must be an integer >= 1; got 0"),
+    (lambda: orders.training_orders(_KEY, "random", 0, 10, 4, 5, coins=-1),
+     "coins must be an integer >= 1; got -1"),
+    (lambda: orders.training_orders(_KEY, "random", 0, 10, 4, 5, coins=3),
+     "coins (3) must divide the batch (4)"),
+    (lambda: orders.training_orders(_KEY, "random", 0, 10, -1, 5),
+     "batch must be an integer >= 1; got -1"),
+    (lambda: orders.training_orders(_KEY, "random", 0, 10, 4, 5, prompt_len=6),
+     "prompt_len must be an integer in [0, 5]; got 6"),
+    (lambda: orders.training_orders(_KEY, "random", 0, 10, 4, 5, prompt_len=-1),
+     "prompt_len must be an integer in [0, 5]; got -1"),
+    (lambda: orders.training_orders(_KEY, "fractal", "3", 10, 4, 5),
+     "step must be an integer >= 0; got '3'"),
+    (lambda: orders.fractal_order(2.5), "n must be an integer >= 0; got 2.5"),
+    (lambda: orders.fractal_order("3"), "n must be an integer >= 0; got '3'"),
+    (lambda: orders.bit_reversed_rank(-3), "n must be an integer >= 0; got -3"),
+    (lambda: orders.bit_reversed_rank(2.0), "n must be an integer >= 0; got 2.0"),
+    (lambda: orders.left_to_right(-1, 3), "batch must be an integer >= 0; got -1"),
+    (lambda: orders.left_to_right(2, 0), "n must be an integer >= 1; got 0"),
+    (lambda: orders.random_order_probability("curriculum", "5", 10),
+     "step must be an integer >= 0; got '5'"),
+    (lambda: orders.random_order_probability("curriculum", -1, 10),
+     "step must be an integer >= 0; got -1"),
+    (lambda: orders.random_order_probability("curriculum", 5, 0),
+     "max_steps must be an integer >= 1; got 0"),
+])
+def test_bad_order_inputs_raise_one_line(call, message):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_order_inputs_as_lists_numpy_ints_and_under_jit():
+    """Lists and numpy integers are accepted; under jit only shapes are checked (values are
+    unknown), and the checked functions trace unchanged."""
+    np.testing.assert_array_equal(orders.order_from_mask("fractal", [[True, False, False]]),
+                                  [[0, 2, 1]])
+    assert orders.random_order(_KEY, [[False, True]], lengths=[2]).shape == (1, 2)
+    np.testing.assert_array_equal(orders.bit_reversed_rank(np.int64(4)), [0, 2, 1, 3])
+    np.testing.assert_array_equal(orders.fractal_order(np.int32(3)), FRACTAL[3])
+    assert orders.left_to_right(0, 3).shape == (0, 3)
+    np.testing.assert_array_equal(orders.permute([[7, 8, 9]], [[2, 0, 1]]), [[9, 7, 8]])
+    inp, *_ = orders.make_batch([[5, 6, 7]], [[2, 0, 1]], bos=True, bos_id=np.int64(9))
+    np.testing.assert_array_equal(inp, [[9, 7, 5]])
+    traced = jax.jit(lambda x, o: orders.permute(x, o))(_TOKENS, jnp.array([[0, 0, 1]]))
+    np.testing.assert_array_equal(traced, [[5, 5, 6]])  # not a permutation: unchecked in jit
+    with pytest.raises(ValueError, match="x must be"):
+        jax.jit(orders.permute)(jnp.zeros((1, 4)), _PERM)
+    step = jax.jit(lambda s: orders.random_order_probability("curriculum", s, 10))
+    assert float(step(jnp.int32(5))) == 0.5

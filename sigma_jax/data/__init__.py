@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import importlib
 
+from sigma_jax.checks import check_int, short_repr
 from sigma_jax.data.fetch import cache_dir, data_dir
-from sigma_jax.data.task import DataError, Source, Task
+from sigma_jax.data.task import DataError, Source, Task, data_check
 
 __all__ = ["TASK_NAMES", "DataError", "Source", "Task", "cache_dir", "data_dir", "load_task",
            "make_iterator"]
@@ -38,8 +39,8 @@ def load_task(name: str, *, seq_len: int | None = None, data_path=None, **option
     Raises:
       DataError: unknown task or option, a missing file, or an invalid value.
     """
-    if name not in _MODULES:
-        raise DataError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}")
+    if not isinstance(name, str) or name not in _MODULES:
+        raise DataError(f"unknown task {short_repr(name)}; valid tasks: {', '.join(TASK_NAMES)}")
     module = importlib.import_module(f"sigma_jax.data.{_MODULES[name]}")
     if module.__name__.endswith(".synthetic"):
         return module.build(name, seq_len=seq_len, data_path=data_path, **options)
@@ -61,16 +62,24 @@ def make_iterator(task: Task, split: str, batch_size: int, seed: int, *,
     reading (0 threads reads in the calling thread).
 
     Raises:
-      DataError: batch_size not divisible by process_count, bad process_index, unknown split, or
-        a shard with fewer examples than one local batch when `repeat` is False.
+      DataError: a seed, batch_size, process_index, process_count, num_threads or
+        prefetch_batches that is not an integer (seed, num_threads and prefetch_batches >= 0),
+        batch_size not divisible by process_count, bad process_index, unknown split, or a shard
+        with fewer examples than one local batch when `repeat` is False.
     """
     import grain  # lazily: grain is not installed on every machine
 
+    seed = data_check(check_int, "seed", seed, 0)
+    batch_size = data_check(check_int, "batch_size", batch_size)
+    num_threads = data_check(check_int, "num_threads", num_threads, 0)
+    prefetch_batches = data_check(check_int, "prefetch_batches", prefetch_batches, 0)
     if process_index is None or process_count is None:
         import jax
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
+    process_index = data_check(check_int, "process_index", process_index)
+    process_count = data_check(check_int, "process_count", process_count)
     if process_count < 1 or not 0 <= process_index < process_count:
         raise DataError(f"process_index={process_index} must lie in [0, process_count="
                         f"{process_count})")

@@ -35,9 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
+from sigma_jax.checks import check_int
 from sigma_jax.data import fetch
 from sigma_jax.data.sources import ArraySource
-from sigma_jax.data.task import DataError, Task, check_options
+from sigma_jax.data.task import (
+    DataError,
+    Task,
+    check_fraction,
+    check_options,
+    data_check,
+    token_row,
+)
 
 QUICKSTART = "flights/quickstart.json.gz"
 QUICKSTART_SHA256 = (  # of the traffic==2.13 copy, for users checking theirs
@@ -153,9 +161,9 @@ def load_segments(path: str) -> dict[tuple[str, str], list[tuple]]:
 
 
 def split_keys(keys, val_fraction: float) -> tuple[set, set]:
-    """(train keys, val keys): keys sorted by sha256 of 'icao24/callsign'; first ones to val."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
+    """(train keys, val keys): keys sorted by sha256 of 'icao24/callsign'; first ones to val.
+    val_fraction is a number in (0, 1), else DataError."""
+    val_fraction = check_fraction("val_fraction", val_fraction)
     ordered = sorted(keys, key=lambda k: hashlib.sha256(f"{k[0]}/{k[1]}".encode()).hexdigest())
     n_val = max(1, round(val_fraction * len(ordered)))
     return set(ordered[n_val:]), set(ordered[:n_val])
@@ -189,8 +197,8 @@ def altitude_metrics(samples: np.ndarray, references: np.ndarray, prompt_len: in
 
 
 def decode(tokens) -> str:
-    """Altitudes in feet, space separated (token * 100)."""
-    return " ".join(str(int(t) * 100) for t in np.asarray(tokens).tolist())
+    """Integer ids [N] -> altitudes in feet, space separated (token * 100)."""
+    return " ".join(str(int(t) * 100) for t in token_row(tokens).tolist())
 
 
 def examples(segments: dict, keys: set, seq_len: int) -> np.ndarray:
@@ -201,12 +209,10 @@ def examples(segments: dict, keys: set, seq_len: int) -> np.ndarray:
 
 def build(seq_len=None, data_path=None, **options) -> Task:
     opts = check_options("flights", options, OPTIONS)
-    n = DEFAULT_SEQ_LEN if seq_len is None else seq_len
-    if not isinstance(n, int) or n < 2:
-        raise DataError(f"seq_len={n!r} must be an integer >= 2")
+    n = data_check(check_int, "seq_len", DEFAULT_SEQ_LEN if seq_len is None else seq_len, 2)
     prompt_len = n // 4 if opts["prompt_len"] is None else opts["prompt_len"]
-    if not isinstance(prompt_len, int) or not 0 <= prompt_len < n:
-        raise DataError(f"prompt_len={prompt_len!r} must be an integer in [0, seq_len={n})")
+    prompt_len = data_check(check_int, "prompt_len", prompt_len, 0, n - 1)
+    check_fraction("val_fraction", opts["val_fraction"])
     path = fetch.locate(QUICKSTART, explicit=data_path)
     segments = load_segments(str(Path(path).resolve()))
     train_keys, val_keys = split_keys(segments, opts["val_fraction"])

@@ -28,8 +28,9 @@ from collections import deque
 
 import numpy as np
 
-from sigma_jax.data.sources import GeneratedSource
-from sigma_jax.data.task import DataError, Task, check_options
+from sigma_jax.checks import check_int
+from sigma_jax.data.sources import GeneratedSource, generated_options
+from sigma_jax.data.task import DataError, Task, check_options, data_check, token_row
 
 EMPTY, WALL, START, GOAL, PATH = 0, 1, 2, 3, 4
 VOCAB_SIZE = 5
@@ -227,8 +228,9 @@ def maze_metrics(samples: np.ndarray, references: np.ndarray, height: int = 13,
 
 
 def decode(tokens, height: int = 13, width: int = 21) -> str:
-    """The maze and path maps side by side: ' ' empty, '#' wall, 'S' start, 'G' goal, '*' path."""
-    t = np.asarray(tokens).tolist()
+    """The maze and path maps of integer ids [2 * H * W] side by side: ' ' empty, '#' wall,
+    'S' start, 'G' goal, '*' path."""
+    t = token_row(tokens).tolist()
     hw = height * width
 
     def row(part, i):
@@ -239,7 +241,9 @@ def decode(tokens, height: int = 13, width: int = 21) -> str:
 
 
 def build(seq_len=None, data_path=None, **options) -> Task:
-    opts = check_options("maze", options, OPTIONS)
+    opts = generated_options(check_options("maze", options, OPTIONS))
+    for name, minimum in (("height", None), ("width", None), ("n_walls", 0), ("dist_min", None)):
+        opts[name] = data_check(check_int, name, opts[name], minimum)
     h, w = opts["height"], opts["width"]
     if data_path is not None:
         raise DataError("task 'maze' is generated and reads no file; drop data_path")
@@ -248,7 +252,7 @@ def build(seq_len=None, data_path=None, **options) -> Task:
     if not 0 <= opts["dist_min"] <= (h - 2) * (w - 2) - 1:
         raise DataError(f"dist_min={opts['dist_min']} must lie in [0, {(h - 2) * (w - 2) - 1}], "
                         f"the longest possible path inside a {h}x{w} maze")
-    if seq_len is not None and seq_len != 2 * h * w:
+    if seq_len is not None and data_check(check_int, "seq_len", seq_len) != 2 * h * w:
         raise DataError(f"maze seq_len is 2*height*width = {2 * h * w}; got seq_len={seq_len}, "
                         "change height/width instead")
     make = functools.partial(generate, height=h, width=w, n_walls=opts["n_walls"],

@@ -13,6 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from sigma_jax.checks import check_int
+from sigma_jax.data.task import data_check
+
 SPLIT_IDS = {"train": 0, "val": 1}
 
 
@@ -69,6 +72,14 @@ def example_rng(data_seed: int, split: str, index: int) -> random.Random:
     """
     state = np.random.SeedSequence([int(data_seed), SPLIT_IDS[split], int(index)]).generate_state(4)
     return random.Random(int.from_bytes(state.tobytes(), "little"))
+
+
+def generated_options(opts: dict) -> dict:
+    """The options of a generated task with n_train and n_val (integers >= 1) and data_seed (an
+    integer >= 0) checked and made Python ints; a bad value raises DataError."""
+    minimum = {"n_train": 1, "n_val": 1, "data_seed": 0}
+    return {**opts, **{name: data_check(check_int, name, opts[name], low)
+                       for name, low in minimum.items()}}
 
 
 class GeneratedSource:

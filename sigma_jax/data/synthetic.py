@@ -19,8 +19,9 @@ import random
 
 import numpy as np
 
-from sigma_jax.data.sources import GeneratedSource
-from sigma_jax.data.task import DataError, Task, check_options
+from sigma_jax.checks import check_int
+from sigma_jax.data.sources import GeneratedSource, generated_options
+from sigma_jax.data.task import DataError, Task, check_options, data_check, token_row
 
 TASKS = ("product", "step", "permutation")
 OPTIONS = {"n_train": 250_000, "n_val": 10_000, "data_seed": 0}
@@ -121,11 +122,13 @@ def _step_check(sample, ref):
 
 
 def decode_bits(tokens) -> str:
-    return "".join("01"[t] if t in (0, 1) else "?" for t in np.asarray(tokens).tolist())
+    """Integer ids [N] -> '0' / '1' per id ('?' for other ids)."""
+    return "".join("01"[t] if t in (0, 1) else "?" for t in token_row(tokens).tolist())
 
 
 def decode_ints(tokens) -> str:
-    return " ".join(str(t) for t in np.asarray(tokens).tolist())
+    """Integer ids [N] -> the ids, space separated."""
+    return " ".join(str(t) for t in token_row(tokens).tolist())
 
 
 _SPECS = {  # name -> (make, check(sample, ref), decode)
@@ -136,12 +139,10 @@ _SPECS = {  # name -> (make, check(sample, ref), decode)
 
 
 def build(name: str, seq_len=None, data_path=None, **options) -> Task:
-    opts = check_options(name, options, OPTIONS)
+    opts = generated_options(check_options(name, options, OPTIONS))
     if data_path is not None:
         raise DataError(f"task {name!r} is generated and reads no file; drop data_path")
-    n = DEFAULT_SEQ_LEN if seq_len is None else seq_len
-    if not isinstance(n, int) or n < 2:
-        raise DataError(f"seq_len={n!r} must be an integer >= 2")
+    n = data_check(check_int, "seq_len", DEFAULT_SEQ_LEN if seq_len is None else seq_len, 2)
     make, check, decode = _SPECS[name]
     make = functools.partial(make, seq_len=n)
     return Task(

@@ -3,8 +3,9 @@
 A task bundles what training, sampling and evaluation need to know about one data set: the
 vocabulary size, the sequence length N, the prompt length used at evaluation time, two random-access
 sources (train and val) of `np.int32[N]` examples, and the functions that print, encode and score
-sequences.
-This module imports neither grain nor jax.
+sequences. The options and arguments of the tasks are checked by `sigma_jax.checks`, their
+one-line errors raised as `DataError` (`data_check`).
+This module does not import grain.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from sigma_jax.checks import check_float, short_repr, token_ids
 
 
 class DataError(ValueError):
@@ -62,6 +65,42 @@ class Task:
         if split == "val":
             return self.val
         raise DataError(f"unknown split {split!r} for task {self.name!r}; use 'train' or 'val'")
+
+
+def data_check(check: Callable, *args, **kwargs):
+    """`check(*args, **kwargs)`, a one-line check of `sigma_jax.checks` (its result returned),
+    with its ValueError raised as DataError."""
+    try:
+        return check(*args, **kwargs)
+    except DataError:
+        raise
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def check_fraction(name: str, value) -> float:
+    """`value` as a float in the open interval (0, 1), else DataError."""
+    return data_check(check_float, name, value, 0.0, 1.0, low_open=True, high_open=True)
+
+
+def check_text(text) -> str:
+    """`text` for a task's `encode`: a string, else DataError."""
+    if not isinstance(text, str):
+        raise DataError(f"text must be a string; got {short_repr(text)}")
+    return text
+
+
+def token_row(tokens) -> np.ndarray:
+    """`tokens` for a task's `decode`: one sequence of integer ids `[N]` (a list, a numpy or a
+    jax array; `checks.token_ids`) as a numpy array, else DataError."""
+    if not hasattr(tokens, "dtype"):
+        tokens = np.asarray(tokens)
+        if tokens.size == 0:
+            tokens = tokens.astype(np.int32)  # an empty list reads as float64
+    tokens = np.asarray(data_check(token_ids, tokens))
+    if tokens.ndim != 1:
+        raise DataError(f"tokens must be one sequence [N]; got shape {tokens.shape}")
+    return tokens
 
 
 def check_options(task_name: str, given: dict, allowed: dict) -> dict:

@@ -18,9 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
+from sigma_jax.checks import check_int
 from sigma_jax.data import fetch, text_char
 from sigma_jax.data.sources import WindowSource
-from sigma_jax.data.task import DataError, Task, check_options
+from sigma_jax.data.task import (
+    DataError,
+    Task,
+    check_fraction,
+    check_options,
+    check_text,
+    data_check,
+    token_row,
+)
 
 GPT2_RANKS = "gpt2/gpt2.tiktoken"
 # tiktoken's public copy of the same ranks (its "r50k_base"; same sha256 as gpt2.tiktoken).
@@ -92,23 +101,26 @@ class BpeCodec:
         self.ranks_path = ranks_path
 
     def encode(self, text: str) -> np.ndarray:
-        """String -> `np.int32[n]` (special tokens are encoded as plain text)."""
+        """String -> `np.int32[n]` (special tokens are encoded as plain text); a text that is not
+        a string raises DataError."""
+        text = check_text(text)
         return np.asarray(gpt2_encoding(self.ranks_path).encode_ordinary(text), dtype=np.int32)
 
     def decode(self, tokens) -> str:
-        """Ids -> string; invalid UTF-8 byte sequences print as U+FFFD."""
-        ids = [t for t in np.asarray(tokens).tolist() if 0 <= t < VOCAB_SIZE]
+        """Integer ids [N] -> string; ids outside [0, V) are dropped, invalid UTF-8 byte
+        sequences print as U+FFFD."""
+        ids = [t for t in token_row(tokens).tolist() if 0 <= t < VOCAB_SIZE]
         return gpt2_encoding(self.ranks_path).decode(ids, errors="replace")
 
 
 def build(seq_len=None, data_path=None, **options) -> Task:
     opts = check_options("text_bpe", options, OPTIONS)
+    check_fraction("val_fraction", opts["val_fraction"])
+    n = data_check(check_int, "seq_len", DEFAULT_SEQ_LEN if seq_len is None else seq_len, 1)
     text_path = text_char.locate_text(data_path)
-    text_char.split_point(1, opts["val_fraction"])  # validates val_fraction
     ranks_path = fetch.locate(GPT2_RANKS, explicit=opts["bpe_path"], url=GPT2_RANKS_URL,
                               sha256=GPT2_RANKS_SHA256, option="bpe_path")
     tokens = cached_tokens(text_path, ranks_path, opts["val_fraction"])
-    n = DEFAULT_SEQ_LEN if seq_len is None else seq_len
     n = text_char.check_seq_len(n, len(tokens["train"]), len(tokens["val"]))
     codec = BpeCodec(str(ranks_path))
     return Task(

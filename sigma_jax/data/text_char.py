@@ -13,9 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
+from sigma_jax.checks import check_int
 from sigma_jax.data import fetch
 from sigma_jax.data.sources import WindowSource
-from sigma_jax.data.task import DataError, Task, check_options
+from sigma_jax.data.task import (
+    DataError,
+    Task,
+    check_fraction,
+    check_options,
+    check_text,
+    data_check,
+    token_row,
+)
 
 TINY_SHAKESPEARE = "tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_URL = (
@@ -40,16 +49,16 @@ def read_text(path: Path) -> str:
 
 
 def split_point(n: int, val_fraction: float) -> int:
-    """Index where val starts: int(n * (1 - val_fraction)), nanoGPT's rule."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
+    """Index where val starts: int(n * (1 - val_fraction)), nanoGPT's rule; val_fraction is a
+    number in (0, 1), else DataError."""
+    val_fraction = check_fraction("val_fraction", val_fraction)
     return int(n * (1.0 - val_fraction))
 
 
 def check_seq_len(seq_len, n_train: int, n_val: int) -> int:
-    """A positive seq_len that fits at least one window in each split, else DataError."""
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise DataError(f"seq_len={seq_len!r} must be a positive integer")
+    """A positive integer seq_len (as a Python int) that fits at least one window in each split,
+    else DataError."""
+    seq_len = data_check(check_int, "seq_len", seq_len, 1)
     if seq_len > min(n_train, n_val):
         raise DataError(
             f"seq_len={seq_len} exceeds the split sizes (train {n_train}, val {n_val} tokens); "
@@ -70,8 +79,9 @@ class CharVocab:
         self._codes = _codepoints("".join(self.chars))  # sorted, [V]
 
     def encode(self, text: str) -> np.ndarray:
-        """String -> `np.int32[len(text)]`; a character outside the vocabulary raises DataError."""
-        codes = _codepoints(text)
+        """String -> `np.int32[len(text)]`; a character outside the vocabulary, or a text that is
+        not a string, raises DataError."""
+        codes = _codepoints(check_text(text))
         ids = np.searchsorted(self._codes, codes)
         ids_clipped = np.minimum(ids, len(self._codes) - 1)
         bad = self._codes[ids_clipped] != codes
@@ -82,9 +92,9 @@ class CharVocab:
         return ids.astype(np.int32)
 
     def decode(self, tokens) -> str:
-        """Ids -> string; an id outside [0, V) prints as U+FFFD."""
+        """Integer ids [N] -> string; an id outside [0, V) prints as U+FFFD."""
         v = len(self.chars)
-        ids = np.asarray(tokens).tolist()
+        ids = token_row(tokens).tolist()
         return "".join(self.chars[t] if 0 <= t < v else "\ufffd" for t in ids)
 
 
@@ -99,11 +109,13 @@ def _load(path: str) -> tuple[CharVocab, np.ndarray]:
 
 def build(seq_len=None, data_path=None, **options) -> Task:
     opts = check_options("shakespeare_char", options, OPTIONS)
+    check_fraction("val_fraction", opts["val_fraction"])
+    n = data_check(check_int, "seq_len", DEFAULT_SEQ_LEN if seq_len is None else seq_len, 1)
     path = locate_text(data_path)
     vocab, tokens = _load(str(path))  # tokens [T]
     cut = split_point(len(tokens), opts["val_fraction"])
     train, val = tokens[:cut], tokens[cut:]
-    n = check_seq_len(DEFAULT_SEQ_LEN if seq_len is None else seq_len, len(train), len(val))
+    n = check_seq_len(n, len(train), len(val))
     return Task(
         name="shakespeare_char",
         vocab_size=len(vocab.chars),
