@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from sigma_jax.config import ModelConfig
 from sigma_jax.data import flights, maze, text_bpe
 from sigma_jax.model import count_params
-from sigma_jax.presets import PRESETS, build_model_config
+from sigma_jax.presets import build_model_config, get_preset
 
 # Vocabulary sizes of the tasks, known without their data files (a benchmark machine may not
 # have them): the library's constants, the binary alphabet of the synthetic tasks, and the
@@ -50,10 +50,9 @@ def preset_model_config(name: str, min_block: int = 0) -> ModelConfig:
     """The preset's ModelConfig for random weights: the task's vocabulary (`task_vocab_size` at
     the preset's block_size) unless the preset sets one, and block_size raised to `min_block`
     (harmless for random weights). Raises ValueError (one line) for an unknown preset."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    fields = dict(PRESETS[name].model)
-    vocab = task_vocab_size(PRESETS[name].train.task, fields["block_size"])
+    preset = get_preset(name)
+    fields = dict(preset.model)
+    vocab = task_vocab_size(preset.train.task, fields["block_size"])
     fields["block_size"] = max(fields["block_size"], min_block)
     return build_model_config(fields, vocab)
 

@@ -164,10 +164,10 @@ def train_run(label: str, preset: str, workdir, task, *, model: dict | None = No
     keeps its original cost."""
     from sigma_jax import checkpoint
     from sigma_jax.metrics_log import read_metrics
-    from sigma_jax.presets import PRESETS, build_model_config
+    from sigma_jax.presets import build_model_config, get_preset
     from sigma_jax.train import train as train_loop
 
-    preset_obj = PRESETS[preset]
+    preset_obj = get_preset(preset)
     model_cfg = build_model_config({**preset_obj.model, **(model or {})}, task.vocab_size)
     train = {"task": task.name, "seq_len": task.seq_len, **(train or {})}
     if max_steps is not None:

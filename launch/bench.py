@@ -109,15 +109,15 @@ def _window(name: str, text: str) -> int | None:
 def build_config(on_gpu: bool):
     """BenchConfig from the flags and the platform defaults. Raises ValueError (one line)."""
     from bench.config import BenchConfig
-    from sigma_jax.presets import PRESETS
+    from sigma_jax.presets import get_preset
 
     memory = tuple(s.strip() for s in FLAGS.suite) == ("memory",)
     shipped = tuple(s.strip() for s in FLAGS.suite) == ("shipped",)
     big = on_gpu or memory  # GPT-2-small defaults
     preset = FLAGS.preset or (None if FLAGS.workdir else
                               ("gpt2_small" if big else "shakespeare_char_cpu"))
-    if preset and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if preset:
+        get_preset(preset)  # ValueError listing the presets
     if FLAGS.workdir:
         if not os.path.isdir(FLAGS.workdir):
             raise FileNotFoundError(f"no workdir {FLAGS.workdir}")

@@ -57,14 +57,12 @@ def build(preset_name: str | None, sets):
     """(model_cfg, train_cfg, task) for a preset with --set overrides. Raises ValueError,
     DataError or FileNotFoundError with a one-line message."""
     from sigma_jax.config import ModelConfig
-    from sigma_jax.presets import PRESETS, build_model_config
+    from sigma_jax.presets import PRESETS, build_model_config, get_preset
     from sigma_jax.train import TrainConfig, check_task
 
     if not preset_name:
         raise ValueError(f"--config is required; presets: {', '.join(PRESETS)}")
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; presets: {', '.join(PRESETS)}")
-    preset = PRESETS[preset_name]
+    preset = get_preset(preset_name)
     model_fields = {"vocab_size": None, **preset.model}
     groups = {"model": (ModelConfig, model_fields),
               "train": (TrainConfig, dataclasses.asdict(preset.train))}

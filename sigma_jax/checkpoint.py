@@ -28,8 +28,10 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from sigma_jax.checks import check_int
 from sigma_jax.config import ModelConfig
 from sigma_jax.model import init_params, param_shardings
+from sigma_jax.sharding import check_mesh
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -188,12 +190,17 @@ def load(workdir, step: int | None = None, *, mesh=None) -> tuple[ModelConfig, d
     """The model of a training run, for samplers: (model_cfg, params, step).
 
     params is the plain nested dict of arrays (no optimizer state is read), placed on this
-    process's first device, or, with `mesh`, restored directly onto the mesh by
-    `model.param_shardings`, whatever mesh the checkpoint was saved from; every process of a
-    multi-host run must call it. step=None takes the latest checkpoint that restores (skipping
-    unusable ones with a warning). Missing workdir or checkpoint: FileNotFoundError; unknown
-    step: ValueError.
+    process's first device, or, with `mesh` (a jax.sharding.Mesh), restored directly onto the
+    mesh by `model.param_shardings`, whatever mesh the checkpoint was saved from; every process
+    of a multi-host run must call it. step: None takes the latest checkpoint that restores
+    (skipping unusable ones with a warning), else an integer >= 0. Missing workdir or
+    checkpoint: FileNotFoundError; a bad step or mesh, an unknown step, or an explicit step
+    saved without a model config: one-line ValueError.
     """
+    if step is not None:
+        step = check_int("step", step, 0)
+    if mesh is not None:
+        check_mesh(mesh, allowed="a jax.sharding.Mesh or None")
     workdir = Path(workdir)
     hint = f"train first: python -m launch.train --config=<preset> --workdir={workdir}"
     if not workdir.is_dir():
@@ -218,8 +225,7 @@ def load(workdir, step: int | None = None, *, mesh=None) -> tuple[ModelConfig, d
         last_error = None
         for s in candidates:
             try:
-                config = mngr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-                model_cfg = ModelConfig(**config["config"]["model"])
+                model_cfg = _saved_model_config(mngr, directory, s)
                 shapes = jax.eval_shape(init_params, model_cfg, jax.random.key(0))
                 shardings = (jax.tree.map(lambda _: device, shapes) if mesh is None else
                              param_shardings(shapes, mesh))
@@ -238,3 +244,15 @@ def load(workdir, step: int | None = None, *, mesh=None) -> tuple[ModelConfig, d
                 last_error = error
         raise RuntimeError(f"no checkpoint in {directory} can be loaded (latest error: "
                            f"{_first_line(last_error)})") from last_error
+
+
+def _saved_model_config(mngr, directory: Path, step: int) -> ModelConfig:
+    """The ModelConfig saved with checkpoint `step` (its config item's "model"); one-line
+    ValueError when the checkpoint has none."""
+    if (directory / str(step) / "config").exists():
+        config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        model = config["config"].get("model") if isinstance(config["config"], dict) else None
+        if isinstance(model, dict):
+            return ModelConfig(**model)
+    raise ValueError(f"checkpoint {step} in {directory} holds no model config (saved without "
+                     f"configs={{'model': ...}}), so load cannot rebuild its model")

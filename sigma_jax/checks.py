@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+INT32_MAX = 2**31 - 1  # the largest token id, position or traced integer option (int32 arrays)
+
 
 def is_concrete(*xs) -> bool:
     """True unless one of xs is a tracer (its value unknown until the traced call runs)."""

@@ -13,11 +13,23 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sigma_jax.checks import check_bool, check_choice, check_float, check_int
+from sigma_jax.checks import (
+    INT32_MAX,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    short_repr,
+)
 
 POS_ENCODINGS = ("learned", "sinusoidal")
 DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("auto", "blocked", "fused")
+# vocab_size and block_size: the start-token id (vocab_size) and the rows of a learned position
+# table (block_size + 1) fit int32.
+MAX_SIZE = INT32_MAX - 1
+# TrainConfig.seed: the largest seed `jax.random.key` accepts (an int64).
+MAX_SEED = 2**63 - 1
 
 # Position id of the start slot (the "previous position" of the first generated token). Learned
 # tables map it to their extra last row; the sinusoidal encoding evaluates PE(-1).
@@ -30,8 +42,10 @@ class ModelConfig:
     """The σ-GPT architecture.
 
     vocab_size: number of real token ids; logits have this width. With `bos`, one more embedding
-      row holds the start token, whose id is `vocab_size` (see `bos_id`).
-    block_size: the longest sequence N the model handles; positions are 0..block_size-1.
+      row holds the start token, whose id is `vocab_size` (see `bos_id`). At most MAX_SIZE
+      (2^31 - 2): every id fits int32.
+    block_size: the longest sequence N the model handles; positions are 0..block_size-1. At most
+      MAX_SIZE (2^31 - 2): every position fits int32.
     d_ff: MLP hidden width; None means 4 * n_embd.
     pos_encoding: 'learned' (one table of width n_embd/2 used for both positions, as the published
       text code) or 'sinusoidal' (the published non-text formula with len_max 1e5).
@@ -50,6 +64,9 @@ class ModelConfig:
       default backend is gpu or tpu, blocked on CPU; resolved when the model is traced). Passes
       with dropout active use the blocked kernel whatever the setting. Cached passes always use
       the cached kernels.
+
+    Every field is checked on construction (one-line ValueError naming it); numeric fields are
+    stored as Python ints and floats (numpy scalars are accepted and converted).
     """
 
     vocab_size: int
@@ -69,7 +86,9 @@ class ModelConfig:
     attention: str = "auto"
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "block_size"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1, MAX_SIZE))
+        for name in ("n_layer", "n_head", "n_embd"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
         if self.d_ff is not None:
             object.__setattr__(self, "d_ff", check_int("d_ff", self.d_ff, 1))
@@ -80,11 +99,13 @@ class ModelConfig:
             raise ValueError(
                 f"n_embd must be a multiple of 4 (two position halves of even width), "
                 f"got {self.n_embd}")
-        check_float("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        object.__setattr__(self, "dropout",
+                           check_float("dropout", self.dropout, 0.0, 1.0, high_open=True))
         for name in ("bias", "bos", "tie_embeddings"):
             check_bool(name, getattr(self, name))
         check_choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
         scale = check_float("sinusoidal_scale", self.sinusoidal_scale, 0.0, low_open=True)
+        object.__setattr__(self, "sinusoidal_scale", scale)
         if scale != 1.0 and self.pos_encoding != "sinusoidal":
             raise ValueError("sinusoidal_scale only applies to pos_encoding='sinusoidal'; "
                              f"got sinusoidal_scale={scale!r} with {self.pos_encoding!r}")
@@ -126,7 +147,10 @@ def parse_order_policy(policy: str) -> tuple[str, float]:
     """'left_to_right' | 'random' | 'fractal' | 'curriculum' | 'randcur:P' -> (kind, start).
 
     kind is the policy name ('randcur' for randcur:P); start is the probability of a random-order
-    batch at step 0 (P/100 for randcur, 0 for curriculum)."""
+    batch at step 0 (P/100 for randcur, 0 for curriculum). Anything else, a non-string included:
+    one-line ValueError naming order_policy."""
+    if not isinstance(policy, str):
+        raise ValueError(_bad_policy(policy))
     if policy in ("left_to_right", "random", "fractal", "curriculum"):
         return policy, 0.0
     if policy.startswith("randcur:"):
@@ -136,9 +160,12 @@ def parse_order_policy(policy: str) -> tuple[str, float]:
             percent = -1.0
         if 0.0 <= percent <= 100.0:
             return "randcur", percent / 100.0
-    raise ValueError(
-        "order_policy must be 'left_to_right', 'random', 'fractal', 'curriculum' or "
-        f"'randcur:P' with 0 <= P <= 100; got {policy!r}")
+    raise ValueError(_bad_policy(policy))
+
+
+def _bad_policy(policy) -> str:
+    return ("order_policy must be 'left_to_right', 'random', 'fractal', 'curriculum' or "
+            f"'randcur:P' with 0 <= P <= 100; got {short_repr(policy)}")
 
 
 @jax.tree_util.register_static
@@ -161,6 +188,10 @@ class TrainConfig:
     eval_batches: validation batches (of batch_size sequences) per evaluation.
     keep_checkpoints: how many of the latest checkpoints to keep.
     log_every: steps between metric rows (the only per-step host syncs).
+    seed: in [0, MAX_SEED] (2^63 - 1, the largest seed `jax.random.key` takes).
+
+    Numeric fields are stored as Python ints and floats (numpy scalars are accepted and
+    converted).
     """
 
     task: str = "product"
@@ -196,22 +227,23 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints",
                      "log_every"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 0))
-        check_float("learning_rate", self.learning_rate, 0.0, low_open=True)
-        check_float("min_lr", self.min_lr, 0.0, self.learning_rate)
-        check_float("weight_decay", self.weight_decay, 0.0)
-        check_float("beta1", self.beta1, 0.0, 1.0, high_open=True)
-        check_float("beta2", self.beta2, 0.0, 1.0, high_open=True)
-        check_float("grad_clip", self.grad_clip, 0.0)
+        object.__setattr__(self, "seed", check_int("seed", self.seed, 0, MAX_SEED))
+        set_float = lambda name, *bounds, **kw: object.__setattr__(
+            self, name, check_float(name, getattr(self, name), *bounds, **kw))
+        set_float("learning_rate", 0.0, low_open=True)
+        set_float("min_lr", 0.0, self.learning_rate)
+        set_float("weight_decay", 0.0)
+        set_float("beta1", 0.0, 1.0, high_open=True)
+        set_float("beta2", 0.0, 1.0, high_open=True)
+        set_float("grad_clip", 0.0)
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps "
                              f"({self.max_steps})")
         parse_order_policy(self.order_policy)  # ValueError naming order_policy
         for name in ("per_row_curriculum", "keep_prompt_first"):
             check_bool(name, getattr(self, name))
-        for name in ("learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
-            object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def global_batch(self) -> int:

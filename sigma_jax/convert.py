@@ -109,26 +109,57 @@ class _Leaf:
     stacked: bool
 
 
-def _layout(cfg: ModelConfig, entries: int) -> tuple[list[_Leaf], object]:
+def _layout(cfg: ModelConfig, weights: Mapping | None = None) -> tuple[list[_Leaf], object]:
     """The leaves of `init_params(cfg)` in tree order, and its treedef. Shapes come from a
     one-layer model (the layer leaves are stacked on axis 0), so this costs nothing per layer
-    until the names are listed, which happens only if the state dict's `entries` could hold
-    them all (CheckpointError otherwise)."""
+    until the names are listed. With `weights`, the names are first checked against its keys
+    (`_check_names`, CheckpointError naming the first missing and first unexpected one), so
+    they are listed only when the state dict holds them all."""
     one = jax.eval_shape(init_params, dataclasses.replace(cfg, n_layer=1), jax.random.key(0))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(one)
-    per_layer = sum(path[0].key == "h" for path, _ in leaves)
-    if per_layer * cfg.n_layer + len(leaves) - per_layer > entries:
-        raise CheckpointError(f"model_args n_layer={cfg.n_layer} needs {per_layer} entries per "
-                              f"layer, but the state dict holds only {entries} entries")
+    torch_names = [_torch_name(tuple(k.key for k in path)) for path, _ in leaves]
+    if weights is not None:
+        _check_names([name for name, _ in torch_names], cfg, weights)
     layout = []
-    for path, spec in leaves:
-        keys = tuple(k.key for k in path)
-        name, transpose = _torch_name(keys)
-        stacked = keys[0] == "h"
+    for (path, spec), (name, transpose) in zip(leaves, torch_names, strict=True):
+        stacked = path[0].key == "h"
         shape = tuple(spec.shape[1:] if stacked else spec.shape)
         names = tuple(name.format(i=i) for i in range(cfg.n_layer)) if stacked else (name,)
         layout.append(_Leaf(names, transpose, shape[::-1] if transpose else shape, stacked))
     return layout, treedef
+
+
+_LAYER_NAME = re.compile(r"transformer\.h\.(0|[1-9][0-9]{0,18})\.(.+)")
+
+
+def _check_names(templates: list[str], cfg: ModelConfig, weights: Mapping) -> None:
+    """CheckpointError naming the first state-dict name the model needs that `weights` lacks (in
+    tree order) and the first key of `weights` the model has no place for (sorted), if any.
+    templates: the leaves' names, layer ones with a `{i}` placeholder. The cost is bounded by
+    the size of `weights`, whatever n_layer says: names are listed lazily and the search for a
+    missing one stops at the first (there is one among any len(weights) + 1 distinct names)."""
+    fixed = {t for t in templates if "{i}" not in t}
+    per_layer = {t for t in templates if "{i}" in t}
+    needed = itertools.chain.from_iterable(
+        (t.format(i=i) for i in range(cfg.n_layer)) if "{i}" in t else (t,) for t in templates)
+    missing = next((name for name in needed if name not in weights), None)
+
+    def expected(key: str) -> bool:
+        layer = _LAYER_NAME.fullmatch(key)
+        if layer is not None and int(layer[1]) < cfg.n_layer:
+            return f"transformer.h.{{i}}.{layer[2]}" in per_layer
+        return key in fixed
+
+    extra = next((key for key in sorted(weights) if not expected(key)), None)
+    args = (f"(model_args: bias={cfg.bias}, n_layer={cfg.n_layer}: {len(per_layer)} entries "
+            "per layer)")
+    if missing is not None:
+        also = "" if extra is None else (f", and has {short_repr(extra)}, which the model has no "
+                                         "place for")
+        raise CheckpointError(f"the state dict lacks {missing}{also} {args}")
+    if extra is not None:
+        raise CheckpointError(f"cannot express this architecture: the state dict has "
+                              f"{short_repr(extra)}, which the model has no place for {args}")
 
 
 def _check_entry(weights: Mapping, name: str, want: tuple[int, ...], cfg: ModelConfig) -> None:
@@ -223,8 +254,16 @@ def convert_state_dict(model_args: Mapping, state_dict: Mapping) -> tuple[ModelC
     """
     if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
         raise CheckpointError("the model state dict is not a dict of named tensors")
-    weights = {k.removeprefix(COMPILED_PREFIX): v for k, v in state_dict.items()
-               if not _MASK_BUFFER.fullmatch(k.removeprefix(COMPILED_PREFIX))}
+    weights = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix(COMPILED_PREFIX)
+        if _MASK_BUFFER.fullmatch(name):
+            continue
+        if name in weights:
+            raise CheckpointError(f"the state dict holds {short_repr(name)} both with and "
+                                  f"without the {COMPILED_PREFIX} prefix of torch.compile: "
+                                  "which one to load is ambiguous")
+        weights[name] = value
     if _WTE not in weights:
         raise CheckpointError(f"the state dict has no {_WTE}: not the published σ-GPT text "
                               "model")
@@ -235,20 +274,15 @@ def convert_state_dict(model_args: Mapping, state_dict: Mapping) -> tuple[ModelC
     if head is None or same_view:
         weights.pop(_HEAD, None)
     cfg = dataclasses.replace(cfg, tie_embeddings=_HEAD not in weights)
-    layout, treedef = _layout(cfg, len(weights))
+    layout, treedef = _layout(cfg, weights)  # every name present, none unexpected
     for leaf in layout:
         for name in leaf.names:
             _check_entry(weights, name, leaf.shape, cfg)
-    extra = sorted(set(weights) - {name for leaf in layout for name in leaf.names})
-    if extra:
-        raise CheckpointError(f"cannot express this architecture: the state dict has "
-                              f"{len(extra)} entries the model has no place for, e.g. "
-                              f"{short_repr(extra[0])}")
     values = _fill(layout, weights)
     if _stored_twice(layout, weights, values):  # tied, but stored twice: drop the head
         by_names = {leaf.names: value for leaf, value in zip(layout, values, strict=True)}
         cfg = dataclasses.replace(cfg, tie_embeddings=True)
-        layout, treedef = _layout(cfg, len(weights))
+        layout, treedef = _layout(cfg)
         values = [by_names.pop(leaf.names) for leaf in layout]
         del by_names  # now only the head: freed
     return cfg, jax.tree_util.tree_unflatten(treedef, _to_jax(values))

@@ -19,6 +19,7 @@ a device mesh by them (`sigma_jax.sharding`).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -35,11 +36,12 @@ from sigma_jax.attention import (
 )
 from sigma_jax.cache import NEW_KV_AXES, KVCache, LayerCaches, init_cache
 from sigma_jax.cache_attention import cached_attention
-from sigma_jax.checks import is_concrete
+from sigma_jax.checks import is_concrete, short_repr
 from sigma_jax.config import START_POS, ModelConfig
 from sigma_jax.layers import Linear, gelu
 from sigma_jax.sharding import (
     auto_axes_call,
+    check_mesh,
     constrain,
     fitted_sharding,
     is_logical_axes,
@@ -311,8 +313,18 @@ def per_layer(params: dict) -> dict:
 
 def count_params(params: dict) -> int:
     """Number of parameters (array elements) in a params tree; works on arrays and on
-    jax.ShapeDtypeStruct leaves alike."""
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+    jax.ShapeDtypeStruct leaves alike, and counts a scalar leaf (a number) as one. Any other
+    leaf is a one-line ValueError."""
+    total = 0
+    for x in jax.tree.leaves(params):
+        if hasattr(x, "shape"):
+            total += math.prod(x.shape)
+        elif isinstance(x, numbers.Number):
+            total += 1
+        else:
+            raise ValueError(f"params must hold arrays, ShapeDtypeStructs or numbers; got a leaf "
+                             f"{short_repr(x)}")
+    return int(total)
 
 
 def forward_masked(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: jax.Array,
@@ -434,11 +446,14 @@ def param_specs(params) -> dict:
 
 
 def param_shardings(params, mesh) -> dict:
-    """NamedShardings for `params` (arrays or ShapeDtypeStructs) on `mesh`, fitted to the shapes."""
+    """NamedShardings for `params` (arrays or ShapeDtypeStructs) on `mesh` (a jax.sharding.Mesh:
+    one-line ValueError otherwise), fitted to the shapes."""
+    check_mesh(mesh)
     return jax.tree.map(lambda p, axes: fitted_sharding(mesh, axes, p.shape), params,
                         param_logical_axes(params), is_leaf=is_logical_axes)
 
 
 def shard_params(params, mesh) -> dict:
-    """Place `params` on `mesh` by `param_shardings` (a copy; the input is left as it is)."""
+    """Place `params` on `mesh` (a jax.sharding.Mesh) by `param_shardings` (a copy; the input is
+    left as it is)."""
     return jax.device_put(params, param_shardings(params, mesh))

@@ -1,4 +1,5 @@
-"""Named training presets: `PRESETS[name] -> Preset(model fields, TrainConfig, description)`.
+"""Named training presets: `get_preset(name)` (or `PRESETS[name]`) -> Preset(model fields,
+TrainConfig, description).
 
 The model's vocabulary comes from the task: a preset leaves `vocab_size` out (the launcher takes
 `task.vocab_size`) or sets a padded size >= the task's (GPT-2: 50304 for the 50257-token BPE).
@@ -20,7 +21,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from sigma_jax.config import ModelConfig, TrainConfig
+from sigma_jax.checks import check_int, short_repr
+from sigma_jax.config import MAX_SIZE, ModelConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +36,13 @@ class Preset:
 
 def build_model_config(model_fields: Mapping[str, Any], task_vocab_size: int) -> ModelConfig:
     """ModelConfig from preset fields: vocab_size None/absent -> the task's; a set vocab_size must
-    be >= the task's (padding). Raises ValueError (one line) otherwise or for invalid fields."""
+    be >= the task's (padding); numpy integers are accepted. Raises ValueError (one line)
+    otherwise or for invalid fields."""
     fields = dict(model_fields)
     vocab = fields.pop("vocab_size", None)
     if vocab is None:
         vocab = task_vocab_size
-    elif isinstance(vocab, int) and vocab < task_vocab_size:
+    elif check_int("vocab_size", vocab, 1, MAX_SIZE) < task_vocab_size:
         raise ValueError(f"vocab_size {vocab} is smaller than the task's vocabulary "
                          f"{task_vocab_size}; leave it unset to use the task's")
     return ModelConfig(vocab_size=vocab, **fields)
@@ -147,3 +150,11 @@ PRESETS: dict[str, Preset] = {
         description="GPT-2 small (124M) on GPT-2 BPE text, nanoGPT's OpenWebText settings",
     ),
 }
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`. Raises ValueError (one line, listing the presets) for any other
+    name."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"unknown preset {short_repr(name)}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -43,7 +43,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 
-from sigma_jax.checks import is_concrete
+from sigma_jax.checks import check_int, is_concrete, short_repr
 
 MESH_AXES = ("data", "fsdp", "tensor")
 AXIS_TYPES = ("auto", "explicit")
@@ -54,7 +54,8 @@ AXIS_TYPES = ("auto", "explicit")
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the ("data", "fsdp", "tensor") mesh axes, and their type: 'auto' or 'explicit'."""
+    """Sizes of the ("data", "fsdp", "tensor") mesh axes (integers >= 1, numpy integers accepted
+    and stored as ints), and their type: 'auto' or 'explicit'."""
 
     data: int = 1
     fsdp: int = 1
@@ -63,9 +64,7 @@ class MeshConfig:
 
     def __post_init__(self):
         for name in MESH_AXES:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"mesh axis {name} must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, name, check_int(f"mesh axis {name}", getattr(self, name), 1))
         if self.axis_type not in AXIS_TYPES:
             raise ValueError(f"axis_type (--mesh_axis_type) must be auto or explicit, got "
                              f"{self.axis_type!r}")
@@ -96,8 +95,12 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence | None = None) -> jax.shar
     """A ("data", "fsdp", "tensor") mesh over the first `mesh_cfg.size` of `devices` (default: all).
 
     The mesh size must divide the number of devices (a smaller mesh is allowed for tests and
-    experiments; it uses a leading subset of the devices).
+    experiments; it uses a leading subset of the devices). mesh_cfg must be a MeshConfig (e.g.
+    `MeshConfig.parse('2:2:2')`): anything else is a one-line ValueError.
     """
+    if not isinstance(mesh_cfg, MeshConfig):
+        raise ValueError(f"mesh_cfg must be a MeshConfig, e.g. MeshConfig.parse('1:1:1'); got "
+                         f"{short_repr(mesh_cfg)}")
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if mesh_cfg.size > n or n % mesh_cfg.size:
@@ -118,10 +121,24 @@ def local_mesh() -> jax.sharding.Mesh:
 
 
 def as_mesh(mesh: jax.sharding.Mesh | MeshConfig | None) -> jax.sharding.Mesh:
-    """A Mesh from a Mesh (itself), a MeshConfig (`make_mesh`) or None (`local_mesh`)."""
+    """A Mesh from a Mesh (itself), a MeshConfig (`make_mesh`) or None (`local_mesh`); anything
+    else is a one-line ValueError (`check_mesh`)."""
     if isinstance(mesh, MeshConfig):
         return make_mesh(mesh)
-    return local_mesh() if mesh is None else mesh
+    if mesh is None:
+        return local_mesh()
+    check_mesh(mesh, allowed="a jax.sharding.Mesh, a MeshConfig or None")
+    return mesh
+
+
+def check_mesh(mesh, allowed: str = "a jax.sharding.Mesh") -> None:
+    """One-line ValueError naming `mesh` unless it is a `jax.sharding.Mesh`, saying what to pass.
+    allowed: how the message names what the caller takes (e.g. 'a jax.sharding.Mesh or None',
+    where the caller handles None itself)."""
+    if not isinstance(mesh, jax.sharding.Mesh):
+        got = f"MeshConfig '{mesh}'" if isinstance(mesh, MeshConfig) else short_repr(mesh)
+        raise ValueError(f"mesh must be {allowed}, e.g. make_mesh(MeshConfig.parse('1:1:1')); "
+                         f"got {got}")
 
 
 def mesh_text(mesh) -> str:

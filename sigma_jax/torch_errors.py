@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
+
 MAX_MESSAGE = 400
 _ELLIPSIS = "..."
 
@@ -60,6 +62,8 @@ def _leaf(value, limit: int) -> str:
         return repr(value) if value.bit_length() <= 64 else f"<int of {value.bit_length()} bits>"
     if isinstance(value, str | bytes):
         return repr(value[:limit]) + (_ELLIPSIS if len(value) > limit else "")
+    if isinstance(value, np.number | np.bool_):  # a numpy scalar: its value, not a tensor
+        return repr(value)[:limit]
     shape = getattr(value, "shape", None)
     if isinstance(shape, tuple) and all(type(n) is int for n in shape[:8]):
         return f"<tensor {list(shape[:8])}>"
@@ -95,8 +99,9 @@ def _children(value) -> Iterator | None:
 def short_repr(value, limit: int = 60) -> str:
     """A printable repr of `value`, cut after about `limit` characters ('...' marks the cut).
     Containers (list, tuple, dict) are walked with an explicit stack, one piece at a time, so
-    the cost is O(limit) for any size, depth, sharing or cycle; ints over 64 bits, long strings,
-    tensors and other objects are summarised."""
+    the cost is O(limit) for any size, depth, sharing or cycle; numpy number scalars print
+    their value (np.int64(5)); ints over 64 bits, long strings, tensors and other objects are
+    summarised."""
     parts: list[str] = []
     size = 0
     stack = [iter((value,))]

@@ -105,6 +105,18 @@ def test_every_checkpoint_unusable_is_an_error_and_moves_nothing(tiny, tmp_path)
     assert (tmp_path / checkpoint.CHECKPOINT_DIR / "3").is_dir()
 
 
+def test_load_checks_the_step_first_and_names_a_missing_model_config(tiny, tmp_path):
+    for step, given in [(2.0, "2.0"), ("2", "'2'"), (-1, "-1"), (True, "True")]:
+        with pytest.raises(ValueError, match=f"^step must be an integer >= 0; got {given}$"):
+            checkpoint.load(tmp_path / "nowhere", step=step)  # before the workdir is looked at
+    model_cfg, train_cfg, _ = tiny
+    with checkpoint.CheckpointManager(tmp_path, every=1) as manager:
+        manager.save(3, init_state(model_cfg, train_cfg))  # no configs
+    with pytest.raises(ValueError, match="^checkpoint 3 in .* holds no model config .*, so load "
+                                         "cannot rebuild its model$"):
+        checkpoint.load(tmp_path, step=3)
+
+
 def test_manager_round_trip_restores_state_key_and_data_position(tiny, tmp_path):
     model_cfg, train_cfg, task = tiny
     it = make_iterator(task, "train", train_cfg.global_batch, seed=4, num_threads=0)

@@ -1,16 +1,25 @@
 """The configs and the shared checks: each invalid field has its one-line message naming it, numpy
 integers are accepted and stored as ints, and the check helpers agree with their contracts."""
 
+import dataclasses
+import json
+
+import jax
 import numpy as np
 import pytest
 
 from sigma_jax.checks import check_bool, check_choice, check_float, check_int, short_repr
-from sigma_jax.config import ModelConfig, TrainConfig
+from sigma_jax.config import MAX_SEED, MAX_SIZE, ModelConfig, TrainConfig
+from sigma_jax.model import init_params
 
 MODEL = dict(vocab_size=11, block_size=8)
 
 BAD_MODEL = [
-    (dict(vocab_size=0), "vocab_size must be an integer >= 1; got 0"),
+    (dict(vocab_size=0), "vocab_size must be an integer in \\[1, 2147483646\\]; got 0"),
+    (dict(vocab_size=2**31 - 1),
+     "vocab_size must be an integer in \\[1, 2147483646\\]; got 2147483647$"),
+    (dict(block_size=2**40),
+     "block_size must be an integer in \\[1, 2147483646\\]; got 1099511627776$"),
     (dict(block_size=2.0), "block_size must be an integer"),
     (dict(n_layer=True), "n_layer must be an integer"),
     (dict(d_ff=-1), "d_ff must be an integer >= 1"),
@@ -34,6 +43,10 @@ BAD_TRAIN = [
     (dict(beta2=1.0), "beta2 must be a finite number in \\[0, 1\\)"),
     (dict(grad_clip=float("inf")), "grad_clip must be a finite number"),
     (dict(order_policy="spiral"), "order_policy"),
+    (dict(order_policy=None), "order_policy must be 'left_to_right', .*'randcur:P' .*; got None$"),
+    (dict(order_policy=3), "order_policy must be 'left_to_right', .*; got 3$"),
+    (dict(seed=2**64),
+     "seed must be an integer in \\[0, 9223372036854775807\\]; got 18446744073709551616$"),
     (dict(keep_prompt_first="yes"), "keep_prompt_first must be True or False"),
     (dict(warmup_steps=20, max_steps=10), "must not exceed max_steps"),
 ]
@@ -60,6 +73,30 @@ def test_numpy_integers_are_stored_as_ints():
                                                                             "n_layer": 1}))
     train = TrainConfig(max_steps=np.int64(50), warmup_steps=np.int32(5))
     assert (train.max_steps, train.warmup_steps) == (50, 5) and type(train.max_steps) is int
+
+
+def test_numpy_floats_are_stored_as_python_floats():
+    """What train() and pretrained.save write as JSON: plain Python numbers."""
+    cfg = ModelConfig(**MODEL, dropout=np.float32(0.5), pos_encoding="sinusoidal",
+                      sinusoidal_scale=np.float64(0.25))
+    train = TrainConfig(learning_rate=np.float32(0.5), min_lr=np.float16(0.25),
+                        beta1=np.float64(0.5), seed=np.uint64(MAX_SEED))
+    assert (cfg.dropout, cfg.sinusoidal_scale, train.learning_rate, train.min_lr) == (
+        0.5, 0.25, 0.5, 0.25)
+    for config in (cfg, train):
+        values = dataclasses.asdict(config).values()
+        assert all(type(v) in (int, float, str, bool, type(None)) for v in values)
+        json.dumps(dataclasses.asdict(config))
+
+
+def test_size_and_seed_bounds_are_what_jax_takes():
+    """The largest vocabulary and block build their params (the start-token id and the learned
+    table's start row fit int32); the largest seed is the largest jax.random.key takes."""
+    cfg = ModelConfig(vocab_size=MAX_SIZE, block_size=MAX_SIZE, n_layer=1, n_head=1, n_embd=4)
+    jax.eval_shape(init_params, cfg, jax.random.key(0))
+    jax.random.key(TrainConfig(seed=MAX_SEED).seed)
+    with pytest.raises(OverflowError):
+        jax.random.key(MAX_SEED + 1)
 
 
 def test_check_helpers():

@@ -101,6 +101,27 @@ def test_with_and_without_the_compiled_prefix_the_params_are_the_same():
                  from_official(FIXTURES / "bias.pt")[1])
 
 
+def test_a_missing_unexpected_or_doubled_entry_and_a_numpy_arg_are_named():
+    ckpt = load_torch_file(FIXTURES / "bias.pt")  # keys with the _orig_mod. prefix
+    args, weights = ckpt["model_args"], ckpt["model"]
+    lost = "transformer.h.1.mlp.c_fc.bias"
+    dropped = {k: v for k, v in weights.items() if k != COMPILED_PREFIX + lost}
+    per_layer = "(model_args: bias=True, n_layer=2: 12 entries per layer)"
+    with pytest.raises(CheckpointError, match=f"^the state dict lacks {re.escape(lost)} "
+                                              f"{re.escape(per_layer)}$"):
+        convert_state_dict(args, dropped)
+    stray = "transformer.h.9.mlp.c_fc.bias"
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"lacks {lost}, and has {stray!r}, which the model has no place for")):
+        convert_state_dict(args, {**dropped, stray: weights[COMPILED_PREFIX + lost]})
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"the state dict holds {lost!r} both with and without the _orig_mod. prefix")):
+        convert_state_dict(args, {**weights, lost: weights[COMPILED_PREFIX + lost]})
+    with pytest.raises(CheckpointError, match=r"^model_args n_layer is np\.int64\(2\), not an "
+                                              r"integer in \[1, 2\^31\)$"):
+        convert_state_dict({**args, "n_layer": np.int64(2)}, weights)
+
+
 def test_reader_keeps_the_rest_of_the_checkpoint_plain():
     ckpt = load_torch_file(FIXTURES / "nobias.pt")
     assert ckpt["iter_num"] == read_official(FIXTURES / "nobias.pt").iter_num > 0

@@ -219,3 +219,17 @@ def test_every_preset_builds_and_takes_its_vocabulary_from_the_task():
             assert model_cfg.vocab_size == vocab[preset.train.task], name
     with pytest.raises(ValueError, match="smaller than the task"):
         build_model_config(PRESETS["gpt2_small"].model, 60000)
+
+
+def test_preset_lookup_lists_the_presets_and_a_numpy_vocabulary_is_checked():
+    from sigma_jax.presets import PRESETS, build_model_config, get_preset
+
+    assert get_preset("tiny") is PRESETS["tiny"]
+    with pytest.raises(ValueError, match="^unknown preset 'nope'; presets: tiny, .*, "
+                                         "gpt2_small$"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match="^vocab_size 5 is smaller than the task's vocabulary "
+                                         "11; leave it unset"):
+        build_model_config({"vocab_size": np.int64(5), "block_size": 4}, 11)
+    model_cfg = build_model_config({"vocab_size": np.int64(12), "block_size": 4}, 11)
+    assert model_cfg.vocab_size == 12 and type(model_cfg.vocab_size) is int

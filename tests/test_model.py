@@ -103,6 +103,13 @@ def test_count_params_matches_the_gpt_formula():
     assert count_params(jax.eval_shape(init_params, cfg, jax.random.key(0))) == want
 
 
+def test_count_params_counts_a_scalar_as_one_and_names_other_leaves():
+    assert count_params({"a": 3, "b": np.zeros((2, 3))}) == 7
+    with pytest.raises(ValueError, match="^params must hold arrays, ShapeDtypeStructs or "
+                                         "numbers; got a leaf 'x'$"):
+        count_params({"a": "x"})
+
+
 def test_sinusoidal_encoding_matches_published_worked_example():
     # Method reference §2.2, D = 8 (half width 4): PE(-1), PE(0), PE(1), PE(3).
     got = np.asarray(sinusoidal_encoding(jnp.array([-1, 0, 1, 3]), 4, 8))

@@ -166,10 +166,16 @@ def test_random_order_probability(policy, expected):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", ["curriculumrandom", "randcur:150", "randcur:x", "shuffle"])
+@pytest.mark.parametrize("bad", ["curriculumrandom", "randcur:150", "randcur:x", "shuffle",
+                                 None, 3])
 def test_bad_policy_raises(bad):
-    with pytest.raises(ValueError, match="order_policy"):
+    with pytest.raises(ValueError, match=f"^order_policy must be .*; got {bad!r}$"):
         config.parse_order_policy(bad)
+
+
+def test_random_order_probability_names_a_bad_policy():
+    with pytest.raises(ValueError, match="^order_policy must be .*; got None$"):
+        orders.random_order_probability(None, 5, 10)
 
 
 @pytest.mark.parametrize("per_row", [False, True])

@@ -3,17 +3,21 @@
 Needs 8 devices: tests/conftest.py forces 8 fake CPU devices before JAX starts.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 
-from sigma_jax import decode, orders
+from sigma_jax import checkpoint, decode, orders
 from sigma_jax import sharding as sh
 from sigma_jax.cache import CACHE_KV_AXES, NEW_KV_AXES, KVCache, cache_sharding, init_cache, write
-from sigma_jax.config import ModelConfig
+from sigma_jax.config import ModelConfig, TrainConfig
 from sigma_jax.model import forward, init_params, param_shardings, param_specs, shard_params
+from sigma_jax.sampling import SampleOptions, engine, sample_sharded
+from sigma_jax.train import init_state
 
 P = jax.P
 
@@ -73,6 +77,40 @@ def test_mesh_config_parse_bad(text):
 def test_mesh_config_validates(kwargs):
     with pytest.raises(ValueError):
         sh.MeshConfig(**kwargs)
+
+
+def test_mesh_config_takes_numpy_integers():
+    config = sh.MeshConfig(data=np.int64(2), fsdp=np.int32(1))
+    assert config == sh.MeshConfig(2, 1, 1) and type(config.data) is int
+    with pytest.raises(ValueError, match="^mesh axis tensor must be an integer >= 1; got 0$"):
+        sh.MeshConfig(tensor=np.int64(0))
+
+
+def test_mesh_arguments_must_be_meshes_and_say_what_to_pass(params, tmp_path):
+    """Checked at each entry point, before any work: a mesh text, None or a MeshConfig where a
+    Mesh is needed is one line, not an AttributeError (nor a checkpoint blamed for it)."""
+    hint = "e.g. make_mesh(MeshConfig.parse('1:1:1')); got "
+    mesh_or_none = "mesh must be a jax.sharding.Mesh or None, " + hint
+    train_cfg = TrainConfig(max_steps=2, warmup_steps=0)
+    cases = [
+        (lambda: sh.as_mesh("1:1:1"),
+         "mesh must be a jax.sharding.Mesh, a MeshConfig or None, " + hint + "'1:1:1'"),
+        (lambda: init_state(CFG, train_cfg, mesh="1:1:1"),
+         "mesh must be a jax.sharding.Mesh, a MeshConfig or None, " + hint + "'1:1:1'"),
+        (lambda: shard_params(params, None), "mesh must be a jax.sharding.Mesh, " + hint + "None"),
+        (lambda: shard_params(params, sh.MeshConfig()),
+         "mesh must be a jax.sharding.Mesh, " + hint + "MeshConfig '1:1:1'"),
+        (lambda: checkpoint.load(tmp_path, mesh="1:1:1"), mesh_or_none + "'1:1:1'"),
+        (lambda: engine.init(CFG, SampleOptions(sampler="ar"), 2, 8, mesh="1:1:1"),
+         mesh_or_none + "'1:1:1'"),
+        (lambda: sample_sharded(CFG, params, None, None, None, SampleOptions(), mesh="2:2:2"),
+         "mesh must be a jax.sharding.Mesh, " + hint + "'2:2:2'"),
+        (lambda: sh.make_mesh("1:1:1"),
+         "mesh_cfg must be a MeshConfig, e.g. MeshConfig.parse('1:1:1'); got '1:1:1'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            call()
 
 
 @pytest.mark.parametrize("axis_type, kind", [("auto", AxisType.Auto),

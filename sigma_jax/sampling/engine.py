@@ -48,7 +48,7 @@ from sigma_jax.sampling.call import SampleStats
 from sigma_jax.sampling.draws import draw, to_probs
 from sigma_jax.sampling.inputs import generation_order
 from sigma_jax.sampling.options import KernelOptions, SampleOptions, check_options, model_calls
-from sigma_jax.sharding import check_batch, fitted_sharding, replicated
+from sigma_jax.sharding import check_batch, check_mesh, fitted_sharding, replicated
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -92,6 +92,7 @@ def init(cfg: ModelConfig, options: SampleOptions, slots: int, capacity: int, *,
     inputs); None: one device. One-line ValueErrors before any work (`check_init`)."""
     slots, capacity = check_init(cfg, options, slots, capacity)
     if mesh is not None:
+        check_mesh(mesh, allowed="a jax.sharding.Mesh or None")
         check_batch(slots, mesh)
     opts = options.kernel_options(capacity)
     temperature, top_p, max_iters = options.traced_values(capacity)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sigma_jax.checks import check_choice, check_int, is_concrete, short_repr
+from sigma_jax.checks import INT32_MAX, check_choice, check_int, is_concrete, short_repr
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import cache_capacity
 from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
@@ -32,7 +32,6 @@ BURST_MODES = {"burst": "exact", "burst_jacobi": "jacobi", "burst_paper": "paper
 MODES = tuple(BURST_MODES.values())
 DRAFT_SUPPORT = 64  # burst_jacobi's default: tokens kept of each first draft's distribution
 FIRST_DRAFTS = ("known", "start")  # burst_jacobi: what each first draft is conditioned on
-INT32_MAX = 2**31 - 1  # traced integer options are int32 arrays
 _PAPER_ORDER = ("burst_paper (mode='paper') draws its own random candidate orders: use "
                 "order='random' or another sampler")
 

@@ -21,6 +21,7 @@ from sigma_jax.sharding import (
     auto_axes_call,
     batch_multiple,
     batch_rows,
+    check_mesh,
     fitted_sharding,
     place_global,
     replicated,
@@ -29,8 +30,8 @@ from sigma_jax.sharding import (
 
 def sample_sharded(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known,
                    options: SampleOptions, *, mesh, order=None, lengths=None):
-    """The sampler of `options` run sharded on `mesh`, along `options.order` or the explicit
-    `order` [B, N], with per-row `lengths` [B] (None: N).
+    """The sampler of `options` run sharded on `mesh` (a jax.sharding.Mesh), along
+    `options.order` or the explicit `order` [B, N], with per-row `lengths` [B] (None: N).
 
     params: a params dict, already placed (e.g. by `shard_params` or `checkpoint.load(...,
     mesh=mesh)`) or on host; it is placed by `param_shardings`. key: one typed key, or one per
@@ -55,6 +56,7 @@ def sample_sharded(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known
     the same arguments. Returns (tokens [B, N], SampleStats) as global jax arrays; read them
     with `to_host` (multi-host safe).
     """
+    check_mesh(mesh)
     check_options(options)
     check_params(cfg, params)
     tokens, known, order, lengths = checked_inputs(cfg, tokens, known, options, order, lengths)

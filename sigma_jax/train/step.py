@@ -125,7 +125,8 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, *, mesh=None) -> 
     """Fresh parameters and optimizer state; everything derives from train_cfg.seed.
 
     The state is created by one jitted call whose outputs are already sharded by
-    `state_shardings` on `mesh` (default: `sharding.local_mesh()`, one device): each device
+    `state_shardings` on `mesh` (a jax.sharding.Mesh or a `sharding.MeshConfig`; default:
+    `sharding.local_mesh()`, one device; anything else: one-line ValueError): each device
     computes only its own shards, no host ever holds the whole model, and every process of a
     multi-host run gets the same global state.
     """
