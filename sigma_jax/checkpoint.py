@@ -63,15 +63,15 @@ def _checksums(tree):
             words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
         words = words.reshape(-1)
         index = jnp.arange(1, words.shape[0] + 1, dtype=jnp.uint32)
-        return jnp.stack([jnp.sum(words, dtype=jnp.uint32),
-                          jnp.sum(words * index, dtype=jnp.uint32)])
-    return jax.tree.map(sums, tree)
+        return jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * index, dtype=jnp.uint32)
+    return [sums(x) for x in jax.tree.leaves(tree)]
 
 
 def digest(tree) -> list[list[int]]:
-    """`_checksums` of every leaf of `tree`, in leaf order, as JSON-ready ints."""
-    return [np.asarray(x.addressable_data(0)).tolist()
-            for x in jax.tree.leaves(_checksums(tree))]
+    """`_checksums` of every leaf of `tree`, in leaf order, as JSON-ready ints (0-d results,
+    whole on every device, so each process reads its own copy)."""
+    return [[int(np.asarray(s.addressable_data(0))) for s in pair]
+            for pair in _checksums(tree)]
 
 
 def _verify(stored: dict, restored: dict, step: int) -> None:
