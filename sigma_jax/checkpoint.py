@@ -4,7 +4,12 @@ Layout: <workdir>/checkpoints/<step>/ with four items:
   params       the parameter dict (StandardSave), restorable on its own by `load`;
   train_state  {"step", "opt_state", "key"} (the key as `jax.random.key_data`);
   data         the grain iterator state (one JSON file per process), when an iterator is given;
-  config       the run's configs as JSON ({"model": ..., "train": ..., "task": ...}).
+  config       the run's configs as JSON ({"model": ..., "train": ..., "task": ...});
+  digest       checksums of params and train_state, taken when they were saved (JSON).
+
+A restore recomputes the checksums of what it read and refuses a checkpoint whose files changed
+after they were written (a flipped bit in the array data would otherwise load as a silently
+different weight). Checkpoints without a digest restore unchecked.
 
 Orbax writes a step into a temporary directory and renames it when complete, so a kill during a
 save leaves the previous checkpoints untouched and the half-written one invisible. A finalised
@@ -26,6 +31,8 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sigma_jax.checks import check_int
@@ -40,6 +47,41 @@ CORRUPT_DIR = "corrupt_checkpoints"
 def _abstract(tree):
     """ShapeDtypeStructs (with shardings) for a tree of arrays: the restore target."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+DIGEST_ITEM = "digest"
+
+
+@jax.jit
+def _checksums(tree):
+    """Two uint32 checksums per leaf, over the leaf's bits as uint32 words w_i (bools as 0/1):
+    sum(w_i) and sum((i + 1) w_i), both mod 2^32. Any single changed bit changes the first;
+    moved words change the second. Computed where the arrays lie (sharded arrays included)."""
+    def sums(x):
+        if x.dtype == jnp.bool_:
+            words = x.astype(jnp.uint32)
+        else:
+            unsigned = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
+            words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+        words = words.reshape(-1)
+        index = jnp.arange(1, words.shape[0] + 1, dtype=jnp.uint32)
+        return jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * index, dtype=jnp.uint32)
+    return [sums(x) for x in jax.tree.leaves(tree)]
+
+
+def digest(tree) -> list[list[int]]:
+    """`_checksums` of every leaf of `tree`, in leaf order, as JSON-ready ints (0-d results,
+    whole on every device, so each process reads its own copy)."""
+    return [[int(np.asarray(s.addressable_data(0))) for s in pair]
+            for pair in _checksums(tree)]
+
+
+def _verify(stored: dict, restored: dict, step: int) -> None:
+    """RuntimeError unless every restored item's digest equals the stored one."""
+    for name, tree in restored.items():
+        if stored.get(name) is not None and digest(tree) != stored[name]:
+            raise RuntimeError(f"checkpoint {step} fails its {name} checksum: its files "
+                               f"changed after they were written")
 
 
 def _first_line(error: BaseException) -> str:
@@ -103,6 +145,8 @@ class CheckpointManager:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if configs is not None:
             items["config"] = ocp.args.JsonSave(configs)
+        items[DIGEST_ITEM] = ocp.args.JsonSave({"params": digest(state.params),
+                                                "train_state": digest(self._rest(state))})
         return bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=True))
 
     @staticmethod
@@ -123,7 +167,11 @@ class CheckpointManager:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        if _has_digest(self.directory, step):
+            items[DIGEST_ITEM] = ocp.args.JsonRestore()
         out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        _verify(out.get(DIGEST_ITEM) or {}, {"params": out["params"],
+                                             "train_state": out["train_state"]}, step)
         rest = out["train_state"]
         key = jax.random.wrap_key_data(rest["key"], impl=jax.random.key_impl(target.key))
         return dataclasses.replace(target, step=rest["step"], params=out["params"],
@@ -186,6 +234,10 @@ class CheckpointManager:
         self.close()
 
 
+def _has_digest(directory: Path, step: int) -> bool:
+    return (directory / str(step) / DIGEST_ITEM).exists()
+
+
 def load(workdir, step: int | None = None, *, mesh=None) -> tuple[ModelConfig, dict, int]:
     """The model of a training run, for samplers: (model_cfg, params, step).
 
@@ -232,8 +284,11 @@ def load(workdir, step: int | None = None, *, mesh=None) -> tuple[ModelConfig, d
                 target = jax.tree.map(
                     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                     shardings)
-                out = mngr.restore(s, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(target)))
+                items = {"params": ocp.args.StandardRestore(target)}
+                if _has_digest(directory, s):
+                    items[DIGEST_ITEM] = ocp.args.JsonRestore()
+                out = mngr.restore(s, args=ocp.args.Composite(**items))
+                _verify(out.get(DIGEST_ITEM) or {}, {"params": out["params"]}, s)
                 return model_cfg, out["params"], s
             except Exception as error:  # try the previous checkpoint
                 if step is not None:

@@ -4,6 +4,7 @@ previous one with a warning, a half-written one is ignored, and the resumed run 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import warnings
@@ -150,3 +151,31 @@ def test_empty_workdir_restores_nothing(tiny, tmp_path):
     with checkpoint.CheckpointManager(tmp_path, every=0) as manager:
         restored, step = manager.restore_latest(state)
         assert step is None and restored is state and not manager.should_save(100)
+
+
+def test_a_flipped_bit_in_saved_weights_is_caught_and_the_previous_checkpoint_loads(tiny,
+                                                                                   tmp_path):
+    """One bit flipped in the middle of the largest params data file of the latest checkpoint:
+    its checksum no longer matches, so `load` and `restore_latest` fall back to the previous
+    checkpoint (which is bitwise what was saved) instead of returning a changed weight."""
+    model_cfg, train_cfg, _ = tiny
+    first = init_state(model_cfg, train_cfg)
+    second = init_state(model_cfg, train_cfg.replace(seed=7))
+    configs = {"model": dataclasses.asdict(model_cfg)}
+    with checkpoint.CheckpointManager(tmp_path, every=1, keep=2) as manager:
+        manager.save(2, first, configs=configs)
+        manager.save(3, second, configs=configs)
+    data = max((p for p in (tmp_path / checkpoint.CHECKPOINT_DIR / "3" / "params").rglob("*")
+                if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+
+    with pytest.warns(RuntimeWarning, match="checkpoint 3 .*fails its params checksum"):
+        _, params, step = checkpoint.load(tmp_path)
+    assert step == 2 and _leaves_equal(params, first.params)
+    with checkpoint.CheckpointManager(tmp_path, every=1, keep=2) as manager:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            restored, step = manager.restore_latest(init_state(model_cfg, train_cfg))
+    assert step == 2 and _leaves_equal(restored.params, first.params)
