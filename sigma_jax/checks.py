@@ -1,7 +1,7 @@
 """The one-line checks shared by the configs, the sampling options, the samplers and the density
 functions: typed field values (`check_int`, `check_float`, `check_choice`, `check_bool`), scalar
 array arguments (`check_scalar_int`), the [B, N] inputs of a model call (`token_ids`,
-`check_known`) and generation orders (`permutation_rows`).
+`check_id_range`, `check_known`) and generation orders (`permutation_rows`).
 
 Every check raises `ValueError` with one line naming the value, what is allowed and what was
 given. Values that are tracers (inside `jax.jit`) are unknown until the call runs: their
@@ -111,6 +111,22 @@ def integer_array(x, name: str, kind: str = "positions"):
 def token_ids(tokens):
     """`tokens` as an integer array of token ids (`integer_array`)."""
     return integer_array(tokens, "tokens", "token ids")
+
+
+def check_id_range(tokens, high: int, name: str = "tokens", note: str = "") -> None:
+    """One-line ValueError unless every token id of `tokens` (an integer array; lists accepted)
+    lies in [0, high); `note` says what that range holds. Skipped for tracers. Of an array spread
+    over several processes, the values on this process are checked."""
+    if not is_concrete(tokens):
+        return
+    if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+        values = np.concatenate([np.zeros(0, tokens.dtype)] + [
+            np.ravel(shard.data) for shard in tokens.addressable_shards])
+    else:
+        values = np.asarray(tokens)
+    if values.size and (values.min() < 0 or values.max() >= high):
+        raise ValueError(f"{name} must hold token ids in [0, {high}){note}; got values in "
+                         f"[{values.min()}, {values.max()}]")
 
 
 def bool_mask(x, name: str = "known"):

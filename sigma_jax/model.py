@@ -36,7 +36,7 @@ from sigma_jax.attention import (
 )
 from sigma_jax.cache import NEW_KV_AXES, KVCache, LayerCaches, init_cache
 from sigma_jax.cache_attention import cached_attention
-from sigma_jax.checks import is_concrete, short_repr
+from sigma_jax.checks import check_id_range, check_key, integer_array, is_concrete, short_repr
 from sigma_jax.config import START_POS, ModelConfig
 from sigma_jax.layers import Linear, gelu
 from sigma_jax.sharding import (
@@ -244,21 +244,48 @@ def _forward_per_layer(cfg: ModelConfig, params: dict, blocks, mask: SelfMask, t
 
 def check_positions(cfg: ModelConfig, *positions) -> None:
     """One-line ValueError unless every position lies in [-1, block_size) (-1 = the start
-    position); skipped for traced values, where an out-of-range position instead makes its own
-    slot's logits NaN and leaves every other slot unchanged."""
+    position) with a start token (cfg.bos), in [0, block_size) without one; skipped for traced
+    values, where a position outside [-1, block_size) instead makes its own slot's logits NaN
+    and leaves every other slot unchanged."""
+    low = START_POS if cfg.bos else 0
     for pos in positions:
         if not is_concrete(pos):
             continue
         pos = np.asarray(pos)
-        if pos.size and (pos.min() < START_POS or pos.max() >= cfg.block_size):
-            raise ValueError(f"positions must lie in [{START_POS}, {cfg.block_size}) (-1 = the "
-                             f"start position); got values in [{pos.min()}, {pos.max()}]")
+        if pos.size and (pos.min() < low or pos.max() >= cfg.block_size):
+            note = "-1 = the start position" if cfg.bos else "bos=False: no start position -1"
+            raise ValueError(f"positions must lie in [{low}, {cfg.block_size}) ({note}); got "
+                             f"values in [{pos.min()}, {pos.max()}]")
+
+
+def _checked_inputs(cfg: ModelConfig, tokens, pos_in, pos_out):
+    """(tokens, pos_in, pos_out) after the one-line checks of a teacher-forced pass: integer
+    arrays (lists accepted) of one shape [B, T] with T >= 1; for concrete values, token ids in
+    [0, input_vocab_size) (the real ids, and the start token cfg.bos_id with cfg.bos) and
+    positions by `check_positions`."""
+    tokens = integer_array(tokens, "tokens", "token ids")
+    pos_in, pos_out = integer_array(pos_in, "pos_in"), integer_array(pos_out, "pos_out")
+    shapes = [tuple(np.shape(a)) for a in (tokens, pos_in, pos_out)]
+    if len(shapes[0]) != 2 or shapes[0][1] < 1 or len(set(shapes)) != 1:
+        raise ValueError(f"tokens, pos_in and pos_out must be [B, T] arrays of one shape with "
+                         f"T >= 1; got shapes {shapes[0]}, {shapes[1]} and {shapes[2]}")
+    note = (f" (the start token {cfg.bos_id} included)" if cfg.bos
+            else " (bos=False: no start token)")
+    check_id_range(tokens, cfg.input_vocab_size, "tokens", note)
+    check_positions(cfg, pos_in, pos_out)
+    return tokens, pos_in, pos_out
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Fresh parameters: a plain nested dict (nanoGPT init: N(0, 0.02), residual projections
+    N(0, 0.02/sqrt(2 n_layer)), zero biases). Per-layer params are stacked on a leading axis.
+    key: one typed PRNG key (`check_key`); the work is one jitted call."""
+    check_key(key)
+    return _init_params(cfg, key)
 
 
 @jax.jit
-def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
-    """Fresh parameters: a plain nested dict (nanoGPT init: N(0, 0.02), residual projections
-    N(0, 0.02/sqrt(2 n_layer)), zero biases). Per-layer params are stacked on a leading axis."""
+def _init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     tokens = jnp.zeros((1, 1), jnp.int32)
     cache = init_cache(cfg, 1, 0)
     variables = SigmaGPT(cfg).init(key, tokens, tokens, tokens, cache.k, cache.v, cache.valid())
@@ -272,7 +299,7 @@ def check_params(cfg: ModelConfig, params) -> None:
     if not isinstance(params, Mapping):
         raise ValueError(f"params must be the nested dict of init_params(cfg, key) or "
                          f"checkpoint.load; got {type(params).__name__}")
-    want = _leaves_by_path(jax.eval_shape(init_params, cfg, jax.random.key(0)))
+    want = _leaves_by_path(jax.eval_shape(_init_params, cfg, jax.random.key(0)))
     got = _leaves_by_path(params)
     missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
     if missing:
@@ -374,10 +401,14 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: jax.Array
             pos_out: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """Causal teacher-forced pass: tokens, pos_in, pos_out int32 [B, T] -> logits float32 [B, T, V].
 
-    Slot t predicts the token at position pos_out[t], having seen slots <= t. Positions outside
-    [-1, block_size) raise ValueError when concrete (`check_positions`).
+    Slot t predicts the token at position pos_out[t], having seen slots <= t. Lists are accepted
+    as arrays. One-line ValueErrors, before any work: params unlike `init_params(cfg, key)`'s
+    (`check_params`), inputs not integer [B, T] of one shape with T >= 1, and, when concrete,
+    token ids outside [0, input_vocab_size) (the start token only with cfg.bos) or positions
+    outside [-1, block_size) ([0, block_size) without cfg.bos; `check_positions`).
     """
-    check_positions(cfg, pos_in, pos_out)
+    check_params(cfg, params)
+    tokens, pos_in, pos_out = _checked_inputs(cfg, tokens, pos_in, pos_out)
     return _forward(cfg, params, tokens, pos_in, pos_out, dropout_key=dropout_key)
 
 

@@ -137,7 +137,7 @@ def test_forward_positions_out_of_range(bos):
     pos_in = jnp.array([[0, 1, 2, 3]])
     good = jnp.array([[1, 2, 3, 4]])
     bad = jnp.array([[1, 2, 3, 8]])  # block_size is 8
-    with pytest.raises(ValueError, match=r"positions must lie in \[-1, 8\)"):
+    with pytest.raises(ValueError, match=rf"positions must lie in \[{-1 if bos else 0}, 8\)"):
         forward(cfg, params, tokens, pos_in, bad)
     run = jax.jit(lambda p_out: forward(cfg, params, tokens, pos_in, p_out))
     ok, broken = np.asarray(run(good)), np.asarray(run(bad))

@@ -212,6 +212,51 @@ def test_config_is_hashable_and_static():
     assert len(traces) == 1
 
 
+TINY = ModelConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+def _one_line_error(call, match):
+    with pytest.raises(ValueError, match=match) as err:
+        call()
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_forward_refuses_bad_inputs_in_one_line(bos):
+    """Token ids outside the embedding ([0, V), plus the start token V with bos), positions
+    outside it (no start position -1 without bos), shapes and dtypes: one line, before any work
+    (abstract params: nothing runs)."""
+    cfg = TINY.replace(bos=bos)
+    params = jax.eval_shape(init_params, cfg, jax.random.key(0))
+    pos = np.arange(4)[None]
+    call = lambda t, i=pos, o=pos, p=params: lambda: forward(cfg, p, t, i, o)
+    rows = 12 if bos else 11
+    for bad in (-1, rows):
+        _one_line_error(call(np.where(pos == 0, bad, pos)),
+                        rf"tokens must hold token ids in \[0, {rows}\).*got values in")
+    low = -1 if bos else 0
+    _one_line_error(call(pos, pos + low - 1), rf"positions must lie in \[{low}, 16\)")
+    _one_line_error(call(pos, o=pos + 16), "positions must lie in")
+    _one_line_error(call(pos[:, :0], pos[:, :0], pos[:, :0]), r"\[B, T\].*T >= 1")
+    _one_line_error(call(pos, pos[:, :3]), r"of one shape.*\(1, 4\), \(1, 3\) and \(1, 4\)")
+    _one_line_error(call(pos[0], pos[0], pos[0]), r"must be \[B, T\] arrays")
+    _one_line_error(call(pos * 1.0), "tokens must hold integer token ids; got dtype float64")
+    _one_line_error(call(pos, pos * 1.0), "pos_in must hold integer positions")
+    other = jax.eval_shape(init_params, cfg.replace(bos=not bos), jax.random.key(0))
+    _one_line_error(call(pos, p=other), "different models")
+    # The start token at the start position with bos; lists as arrays (traced: nothing runs).
+    if bos:
+        ok = jax.eval_shape(lambda p: forward(cfg, p, [[11, 3]], [[-1, 0]], [[0, 1]]), params)
+        assert ok.shape == (1, 2, 11)
+
+
+def test_init_params_wants_one_typed_key():
+    for key in (0, None, jax.random.split(jax.random.key(0), 2)):
+        _one_line_error(lambda key=key: init_params(TINY, key), "key must be")
+    shapes = jax.eval_shape(init_params, TINY, jax.random.key(0))
+    assert shapes["wte"]["embedding"].shape == (12, 16)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_head_of_the_activations_gives_the_logits(tie):
     """forward_masked(head=False) returns the activations the logits are the head of, over a

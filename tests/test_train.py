@@ -278,6 +278,43 @@ def test_train_step_donates_the_state(tiny, batch):
     assert jax.tree.leaves(state.params)[0].is_deleted()
 
 
+def _one_line_error(call, match):
+    with pytest.raises(ValueError, match=match) as err:
+        call()
+    assert "\n" not in str(err.value)
+
+
+def test_a_bad_batch_raises_in_one_line_and_keeps_the_state(tiny, batch):
+    """Ids outside [0, V), N outside [1, block_size] (N = 1 without bos), another rank, an empty
+    batch, floats: one line before the step runs (the state is not donated), at trace time for
+    the shape; loss_fn and evaluate check their batches the same way."""
+    model_cfg, train_cfg, _ = tiny
+    state = init_state(model_cfg, train_cfg)
+    step = train_lib.make_train_step(model_cfg, train_cfg)
+    shape = r"must be \[B, N\] with B >= 1 and 1 <= N <= block_size 32; got shape"
+    cases = [(batch + 2, r"batch must hold token ids in \[0, 2\); got values in \[2, 3\]"),
+             (batch - 1, r"got values in \[-1, 0\]"), ((batch - 1).tolist(), r"\[0, 2\)"),
+             (np.zeros((16, 33), np.int32), shape + r" \(16, 33\)"),
+             (batch[0], shape + r" \(32,\)"), (batch[:0], shape + r" \(0, 32\)"),
+             (batch[:, :0], shape), (batch * 1.0, "batch must hold integer token ids")]
+    for bad, match in cases:
+        _one_line_error(lambda bad=bad: step(state, bad), match)
+    assert not jax.tree.leaves(state.params)[0].is_deleted()
+    _one_line_error(lambda: step.trace(state, jax.ShapeDtypeStruct((16, 33), jnp.int32)), shape)
+    no_bos = model_cfg.replace(bos=False)
+    _one_line_error(lambda: train_lib.make_train_step(no_bos, train_cfg)(state, batch[:, :1]),
+                    r"2 <= N <= block_size 32 \(bos=False")
+    params, order = state.params, orders.left_to_right(16, 32)
+    _one_line_error(lambda: loss_fn(model_cfg, params, batch + 2, order), r"tokens must hold")
+    _one_line_error(lambda: loss_fn(model_cfg, params, batch, order[:, :4]),
+                    r"order must be \[B, N\] like tokens")
+    for batches, match in [([], "batches must hold at least one batch"),
+                           ([batch, batch * 1.0], r"batches\[1\] must hold integer token ids"),
+                           ([batch, batch + 2], r"batches\[1\] must hold token ids in")]:
+        _one_line_error(lambda batches=batches: evaluate(model_cfg, train_cfg, params, batches,
+                                                         jax.random.key(0), 0), match)
+
+
 # ---------------------------------------------------------------- the loop
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from sigma_jax import orders as orders_lib
-from sigma_jax.checks import largest_divisor
+from sigma_jax.checks import check_id_range, integer_array, largest_divisor
 from sigma_jax.config import ModelConfig, TrainConfig
 from sigma_jax.model import forward, init_params, param_shardings
 from sigma_jax.sharding import (
@@ -44,11 +44,33 @@ EVAL_STREAM = 0x5EED  # fold_in tag of the evaluation key stream (kept apart fro
 # ---------------------------------------------------------------- loss
 
 
+def checked_batch(model_cfg: ModelConfig, tokens, name: str = "batch"):
+    """`tokens` (lists accepted) after the one-line checks of a training or evaluation batch:
+    integer [B, N] with B >= 1 and 1 <= N <= block_size (N >= 2 without a start token, where the
+    first token of each order is conditioning only and nothing would be predicted at N = 1); for
+    concrete values, token ids in [0, vocab_size). Returned as given (a list as a numpy array)."""
+    tokens = integer_array(tokens, name, "token ids")
+    shape, shortest = tuple(np.shape(tokens)), 1 if model_cfg.bos else 2
+    if len(shape) != 2 or shape[0] < 1 or not shortest <= shape[1] <= model_cfg.block_size:
+        why = "" if model_cfg.bos else " (bos=False: the first token is conditioning only)"
+        raise ValueError(f"{name} must be [B, N] with B >= 1 and {shortest} <= N <= block_size "
+                         f"{model_cfg.block_size}{why}; got shape {shape}")
+    check_id_range(tokens, model_cfg.vocab_size, name)
+    return tokens
+
+
 def loss_fn(model_cfg: ModelConfig, params: dict, tokens: jax.Array, order: jax.Array,
             dropout_key: jax.Array | None = None) -> jax.Array:
     """Mean cross-entropy of every target when each row of tokens int32 [B, N] is read in the
     order int32 [B, N] (orders.make_batch: with model_cfg.bos all N tokens are targets; without,
-    the first token of each order is conditioning only and N - 1 are). Returns float32 []."""
+    the first token of each order is conditioning only and N - 1 are). Returns float32 [].
+    Bad tokens (`checked_batch`) or an order not integer [B, N] like them raise a one-line
+    ValueError before any work."""
+    tokens = checked_batch(model_cfg, tokens, "tokens")
+    order = integer_array(order, "order")
+    if np.shape(order) != np.shape(tokens):
+        raise ValueError(f"order must be [B, N] like tokens {tuple(np.shape(tokens))}; got "
+                         f"shape {tuple(np.shape(order))}")
     # Under an Explicit mesh the batch construction and the loss run with Auto axes (the gathers
     # of make_batch and of the cross-entropy take no out_sharding); elsewhere this is a plain call.
     return auto_axes_call(functools.partial(_mean_loss, model_cfg), (), params, tokens, order,
@@ -310,7 +332,8 @@ def train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, state: TrainState
 
     The orders are drawn inside the step from fold_in(state.key, state.step) (`step_orders`), so
     they are a function of the step alone. prompt_len is the task's prompt length (used only
-    with keep_prompt_first). Returns (new state, metrics): loss, grad_norm (before clipping),
+    with keep_prompt_first). A bad batch raises a one-line ValueError before the step runs, the
+    state kept (`make_train_step`). Returns (new state, metrics): loss, grad_norm (before clipping),
     lr, p_random (scheduled probability of a random-order micro-batch), frac_random (rows
     actually in random order; 0 for fractal).
     """
@@ -324,9 +347,13 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh=None, *
 
     `jax.jit` with in_shardings (state by `state_shardings`, batch rows over the batch axes),
     out_shardings (the same state shardings, replicated metrics) and the state donated, so the
-    new state reuses the old state's buffers shard by shard. Place the state with `init_state`
-    or `place_state` and the batch with `sharding.place_local_batch`; on a mesh of several
-    devices call it inside `with jax.set_mesh(mesh):`, so the model's `constrain` hints apply.
+    new state reuses the old state's buffers shard by shard. A call first checks the batch
+    (`checked_batch`: shape and dtype, and the ids of a concrete batch, on each process its own
+    rows) and raises a one-line ValueError before the step runs, so a bad batch leaves the state
+    undonated; `lower` and `trace` are the jitted function's, checking the batch's shape.
+    Place the state with `init_state` or `place_state` and the batch with
+    `sharding.place_local_batch`; on a mesh of several devices call it inside
+    `with jax.set_mesh(mesh):`, so the model's `constrain` hints apply.
     One jitted function per (configs, mesh, prompt_len); TrainConfig fields that do not change
     the step (data, logging, checkpointing, seed) never recompile it.
     """
@@ -339,12 +366,36 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh=None, *
 def _compiled_step(model_cfg, train_cfg, mesh, prompt_len):
     state = state_shardings(model_cfg, train_cfg, mesh)
     step = functools.partial(_step, model_cfg, train_cfg, prompt_len=prompt_len, mesh=mesh)
-    return jax.jit(step, in_shardings=(state, batch_rows(mesh)),
-                   out_shardings=(state, replicated(mesh)), donate_argnums=0)
+    return _CheckedStep(model_cfg, jax.jit(step, in_shardings=(state, batch_rows(mesh)),
+                                           out_shardings=(state, replicated(mesh)),
+                                           donate_argnums=0))
+
+
+class _CheckedStep:
+    """A jitted step(state, batch) whose calls check the batch first (`checked_batch`); every
+    other attribute (lower, trace, ...) is the jitted function's."""
+
+    def __init__(self, model_cfg: ModelConfig, jitted):
+        self._model_cfg, self._jitted = model_cfg, jitted
+
+    def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        return self._jitted(state, checked_batch(self._model_cfg, batch))
+
+    def trace(self, *args, **kwargs):
+        return self._jitted.trace(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._jitted.lower(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name == "_jitted":  # not yet set (e.g. while copying): no recursion
+            raise AttributeError(name)
+        return getattr(self._jitted, name)
 
 
 def _step(model_cfg: ModelConfig, train_cfg: TrainConfig, state: TrainState,
           batch: jax.Array, *, prompt_len: int, mesh) -> tuple[TrainState, dict]:
+    checked_batch(model_cfg, batch)  # the shape, when traced (lower, trace)
     step_key = jax.random.fold_in(state.key, state.step)
     chunk = rows_per_chunk(batch.shape[0] // train_cfg.grad_accum, batch.shape[1], mesh)
     loss, grads, orders = loss_and_grads(model_cfg, train_cfg, state.params, batch, step_key,
@@ -374,7 +425,9 @@ def eval_losses(model_cfg: ModelConfig, train_cfg: TrainConfig, params: dict,
                 tokens: jax.Array, key: jax.Array, step, *, prompt_len: int = 0) -> dict:
     """Dropout-free loss of tokens int32 [B, N] in three orders (jitted): the training policy at
     `step` (curriculum mixture included; one coin per batch, or per row as in training), left to
-    right, and uniformly random (prompt kept first with keep_prompt_first, as in training)."""
+    right, and uniformly random (prompt kept first with keep_prompt_first, as in training).
+    Bad tokens raise a one-line ValueError before any work (`checked_batch`)."""
+    tokens = checked_batch(model_cfg, tokens, "tokens")
     keep = prompt_len if train_cfg.keep_prompt_first else 0
     return _eval_losses(model_cfg, _compiled_config(train_cfg), params, tokens, key,
                         jnp.asarray(step, jnp.int32), keep=keep)
@@ -401,11 +454,16 @@ def evaluate(model_cfg: ModelConfig, train_cfg: TrainConfig, params: dict, batch
              key: jax.Array, step: int, *, prompt_len: int = 0, mesh=None) -> dict[str, float]:
     """Mean of `eval_losses` over batches int32 [E, B, N] (batch i uses fold_in(key, i)).
     One host sync at the end. Returns {val_loss_train_order, val_loss_left_to_right,
-    val_loss_random}: floats.
+    val_loss_random}: floats. No batches, or a bad one (`checked_batch`), raise a one-line
+    ValueError before any work.
 
     mesh (default: `sharding.local_mesh()`): params are sharded on it; each batch (a host array
     that every process holds in full) is placed with its rows over the batch axes, and the keys
     replicated."""
+    batches = [checked_batch(model_cfg, tokens, f"batches[{i}]")
+               for i, tokens in enumerate(batches)]
+    if not batches:
+        raise ValueError("batches must hold at least one batch [B, N]; got none")
     mesh = as_mesh(mesh)
     step = place_global(jnp.asarray(step, jnp.int32), replicated(mesh))
     totals = None
