@@ -28,7 +28,13 @@ from sigma_jax.sharding import (
     place_local_batch,
     to_host,
 )
-from sigma_jax.train.step import EVAL_STREAM, evaluate, init_state, make_train_step
+from sigma_jax.train.step import (
+    EVAL_STREAM,
+    checked_batch,
+    evaluate,
+    init_state,
+    make_train_step,
+)
 
 
 def configs_dict(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
@@ -237,8 +243,8 @@ def _train_step(run: _Run) -> None:
     """One update, then what is due at its step: a metrics row (with an evaluation), a save, a
     stop agreed by every process."""
     cfg = run.train_cfg
-    batch = place_local_batch(next(run.data_iter), run.mesh)  # this process's rows -> global
-    run.state, metrics = run.step_fn(run.state, batch)
+    rows = checked_batch(run.model_cfg, next(run.data_iter))  # this process's rows, on host
+    run.state, metrics = run.step_fn.unchecked(run.state, place_local_batch(rows, run.mesh))
     run.step += 1
     run.interval.append(metrics)
     first = run.step == run.start_step + 1

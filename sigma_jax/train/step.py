@@ -372,25 +372,21 @@ def _compiled_step(model_cfg, train_cfg, mesh, prompt_len):
 
 
 class _CheckedStep:
-    """A jitted step(state, batch) whose calls check the batch first (`checked_batch`); every
-    other attribute (lower, trace, ...) is the jitted function's."""
+    """A jitted step(state, batch) whose calls check the batch first (`checked_batch`).
+    `unchecked` is the jitted step itself, for callers whose batches are already checked on the
+    host (the training loop: checking a placed batch would read it back from the devices at
+    every step); every other attribute (lower, trace, ...) is the jitted function's."""
 
-    def __init__(self, model_cfg: ModelConfig, jitted):
-        self._model_cfg, self._jitted = model_cfg, jitted
+    def __init__(self, model_cfg: ModelConfig, unchecked):
+        self._model_cfg, self.unchecked = model_cfg, unchecked
 
     def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-        return self._jitted(state, checked_batch(self._model_cfg, batch))
-
-    def trace(self, *args, **kwargs):
-        return self._jitted.trace(*args, **kwargs)
-
-    def lower(self, *args, **kwargs):
-        return self._jitted.lower(*args, **kwargs)
+        return self.unchecked(state, checked_batch(self._model_cfg, batch))
 
     def __getattr__(self, name: str):
-        if name == "_jitted":  # not yet set (e.g. while copying): no recursion
+        if name == "unchecked":  # not yet set (e.g. while copying): no recursion
             raise AttributeError(name)
-        return getattr(self._jitted, name)
+        return getattr(self.unchecked, name)
 
 
 def _step(model_cfg: ModelConfig, train_cfg: TrainConfig, state: TrainState,
