@@ -184,6 +184,27 @@ class CheckpointManager:
         self.close()
 
 
+def stored_configs(workdir) -> tuple[int, dict] | None:
+    """The configs saved with the newest checkpoint in <workdir>/checkpoints whose config item
+    reads as a JSON object: (step, configs), or None when no checkpoint has one (no
+    checkpoints directory, no finalised step, or only unreadable config items). Reads only:
+    nothing in the workdir is created or changed."""
+    directory = Path(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return None
+    options = ocp.CheckpointManagerOptions(create=False, save_root_metadata=False,
+                                           enable_async_checkpointing=False)
+    with ocp.CheckpointManager(directory.absolute(), options=options) as mngr:
+        for step in sorted(mngr.all_steps(), reverse=True):
+            try:
+                out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+            except Exception:  # no readable config item: try the previous checkpoint
+                continue
+            if isinstance(out["config"], dict):
+                return step, out["config"]
+    return None
+
+
 def load(workdir, step: int | None = None, *, mesh=None) -> tuple[ModelConfig, dict, int]:
     """The model of a training run, for samplers: (model_cfg, params, step).
 
