@@ -17,10 +17,11 @@ padded 50304 -> text_bpe). The task must fit the vocabulary: a character task ne
 characters; a token task needs the model's vocabulary to cover it.
 
 Exit code 2 with one line on stderr, and nothing written to DIR, for: a missing flag or file, a
-DIR that is not empty, a file that is not a published checkpoint, a pickle that asks for anything
-but tensors and plain containers, an architecture sigma_jax cannot express (the message names
-the field), a damaged, truncated, compressed or otherwise crafted file, an iter_num beyond the
-int32 step counter, a vocabulary that fits no known task.
+DIR that is not empty, a DIR that cannot be created (a file among its parents, a parent that is
+not writable or takes no new directories), a file that is not a published checkpoint, a pickle
+that asks for anything but tensors and plain containers, an architecture sigma_jax cannot express
+(the message names the field), a damaged, truncated, compressed or otherwise crafted file, an
+iter_num beyond the int32 step counter, a vocabulary that fits no known task.
 """
 
 from __future__ import annotations
@@ -86,15 +87,20 @@ def check_vocabulary(model_cfg, task) -> None:
 
 
 def check_workdir(workdir: Path) -> None:
-    """ValueError unless `workdir` is absent or an empty directory."""
+    """ValueError unless `workdir` is an empty directory, or absent with a writable directory as
+    its nearest existing parent (`train.check_workdir_path`). Reads only."""
+    from sigma_jax.train import check_workdir_path
+
     if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
         raise ValueError(f"--workdir {workdir} exists and is not an empty directory; choose a "
                          "new one")
+    check_workdir_path(workdir)
 
 
 def write_run(workdir: Path, ckpt, task, data_path: str | None, source: str) -> None:
     """Write the run of `ckpt` (an OfficialCheckpoint read from `source`) into a temporary
-    sibling of `workdir`, then rename it to `workdir` (absent or empty)."""
+    sibling of `workdir`, then rename it to `workdir` (absent or empty). ValueError naming
+    `workdir` if that sibling cannot be created."""
     import jax.numpy as jnp
 
     from sigma_jax import checkpoint
@@ -107,13 +113,17 @@ def write_run(workdir: Path, ckpt, task, data_path: str | None, source: str) -> 
                        "seq_len": task.seq_len, "prompt_len": task.prompt_len}
     configs["converted_from"] = {"official": str(Path(source).resolve()),
                                  "iter_num": ckpt.iter_num, "config": ckpt.config}
-    state = dataclasses.replace(train_lib.init_state(ckpt.model_cfg, train_cfg),
-                                params=ckpt.params, step=jnp.int32(ckpt.iter_num))
-    workdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = workdir.with_name(f".{workdir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed conversion with this pid
-    tmp.mkdir()
     try:
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed conversion with this pid
+        tmp.mkdir()
+    except OSError as error:
+        raise ValueError(f"--workdir {workdir} cannot be created ({error.strerror or error}); "
+                         "choose a directory you can write") from None
+    try:
+        state = dataclasses.replace(train_lib.init_state(ckpt.model_cfg, train_cfg),
+                                    params=ckpt.params, step=jnp.int32(ckpt.iter_num))
         write_text_atomic(tmp / "config.json", json.dumps(configs, indent=2, sort_keys=True))
         with checkpoint.CheckpointManager(tmp, keep=1, async_save=False) as manager:
             manager.save(ckpt.iter_num, state, configs=configs)

@@ -13,9 +13,13 @@ metrics, all processes write the checkpoints together (the workdir must be on a 
 that every host sees). See docs/scaling.md.
 
 Exit codes: 0 done; 2 bad usage (unknown preset, unknown or ill-typed key, invalid value, missing
-data, a mesh the devices cannot hold, a batch the mesh cannot split), reported as one line on
-stderr before any work; 143 stopped by SIGTERM after saving a checkpoint (rerun the same command
-to resume).
+data, a mesh the devices cannot hold, a batch the mesh cannot split, an empty --workdir, a workdir
+that cannot be used or created, a workdir that holds a different model, or checkpoints whose
+optimizer state the train settings do not match, or a malformed config.json), reported as one
+line on stderr before any work or write; 1 a checkpoint could not be saved (one line; training
+stops at once and the earlier checkpoints are intact); 128 + N stopped by signal N, SIGTERM (143)
+or SIGINT / Ctrl-C (130), after saving a checkpoint (rerun the same command to resume); 130 also
+for a Ctrl-C outside the training steps (one line; nothing saved, nothing lost).
 
 Examples:
   python -m launch.train --config=tiny --workdir=/tmp/tiny
@@ -27,7 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
+import signal
 import sys
 
 import jax
@@ -46,11 +52,12 @@ def define_flags() -> None:
     if "config" not in FLAGS:
         flags.DEFINE_string("config", None, "Preset name (sigma_jax/presets.py).")
         flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); default "
-                            "workdirs/<preset>.")
+                            "(flag omitted) workdirs/<preset>.")
     launch_flags.define_set_flag()
     distributed.define_flags()
 
 PREEMPTED_EXIT = 128 + 15  # the conventional status of a process ended by SIGTERM
+SAVE_FAILED_EXIT = 1
 
 
 def build(preset_name: str | None, sets):
@@ -85,10 +92,56 @@ def main(argv):
         absl_logging.set_verbosity(absl_logging.WARNING)
     if len(argv) > 1:
         launch_flags.die(f"unexpected arguments: {' '.join(argv[1:])}")
-    from sigma_jax.train import check_batch_fits, check_workdir, train
+    if FLAGS.workdir == "":
+        launch_flags.die("--workdir is empty; give a directory, or omit the flag for "
+                         "workdirs/<preset>")
+    try:
+        _train(FLAGS.workdir or os.path.join("workdirs", FLAGS.config or ""))
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves, then stops)
+        launch_flags.die("interrupted (Ctrl-C) outside the training steps; the workdir is as it "
+                         "was: rerun the same command to resume", code=128 + signal.SIGINT)
+
+
+class _QuietSaveErrors(logging.Filter):
+    """Drops the ERROR records that orbax and asyncio log while a checkpoint write fails (each
+    array's failure, with its traceback, some after training has stopped): the failure is
+    reported once, as the SaveError line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if f"{os.sep}orbax{os.sep}" in record.pathname:
+            return False
+        return not (record.name == "asyncio" and "orbax" in record.getMessage())
+
+
+def _quiet_failed_writes() -> None:
+    """For the rest of the process (a failed write's threads outlive `train`): drop orbax's and
+    asyncio's ERROR records (`_QuietSaveErrors`) and the "Event loop is closed" errors that
+    tensorstore's callbacks raise into the event loops of a failed write."""
+    quiet = _QuietSaveErrors()
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(quiet)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _train(workdir: str) -> None:
+    from sigma_jax.train import (
+        SaveError,
+        check_batch_fits,
+        check_workdir,
+        make_workdir,
+        train,
+    )
 
     log = functools.partial(print, flush=True)
-    workdir = FLAGS.workdir or os.path.join("workdirs", FLAGS.config or "")
     with launch_flags.usage_errors():
         distributed.initialize(log)  # first: before any other JAX call
         if not distributed.is_primary():
@@ -97,18 +150,23 @@ def main(argv):
         mesh = distributed.build_mesh()
         check_batch_fits(train_cfg, mesh)
         check_workdir(workdir, model_cfg, train_cfg)
+        make_workdir(workdir)  # the first write, once every check has passed
     log(f"preset {FLAGS.config}: task {task.name} (V={task.vocab_size}, N={task.seq_len}), "
         f"{model_cfg.n_layer}x{model_cfg.n_embd} model, {train_cfg.max_steps} steps, "
         f"workdir {workdir}, mesh {distributed.mesh_text(mesh)} over {jax.device_count()} "
         f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)")
-    result = train(model_cfg, train_cfg, workdir, task=task, log=log, mesh=mesh)
+    _quiet_failed_writes()
+    try:
+        result = train(model_cfg, train_cfg, workdir, task=task, log=log, mesh=mesh)
+    except SaveError as error:
+        launch_flags.die(str(error), code=SAVE_FAILED_EXIT)
     summary = {k: result[k] for k in ("step", "loss", "val_loss_train_order",
                                       "val_loss_left_to_right", "val_loss_random")
                if k in result}
     log("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in summary.items()))
     if result.get("preempted"):
-        sys.exit(PREEMPTED_EXIT)
+        sys.exit(128 + result["signal"] if result.get("signal") else PREEMPTED_EXIT)
 
 
 def run():

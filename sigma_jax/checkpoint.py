@@ -238,6 +238,34 @@ def _has_digest(directory: Path, step: int) -> bool:
     return (directory / str(step) / DIGEST_ITEM).exists()
 
 
+def _reader(directory: Path) -> ocp.CheckpointManager:
+    """A manager that only restores: no directory creation, no root metadata, no deletions
+    (preservation is "keep all" without a policy), so nothing in the workdir is written.
+    (read_only=True would do the same but logs three warnings per call.)"""
+    options = ocp.CheckpointManagerOptions(create=False, save_root_metadata=False,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def stored_configs(workdir) -> tuple[int, dict] | None:
+    """The configs saved with the newest checkpoint in <workdir>/checkpoints whose config item
+    reads as a JSON object: (step, configs), or None when no checkpoint has one (no
+    checkpoints directory, no finalised step, or only unreadable config items). Reads only:
+    nothing in the workdir is created or changed."""
+    directory = Path(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return None
+    with _reader(directory) as mngr:
+        for step in sorted(mngr.all_steps(), reverse=True):
+            try:
+                out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+            except Exception:  # no readable config item: try the previous checkpoint
+                continue
+            if isinstance(out["config"], dict):
+                return step, out["config"]
+    return None
+
+
 def load(workdir, step: int | None = None, *, mesh=None) -> tuple[ModelConfig, dict, int]:
     """The model of a training run, for samplers: (model_cfg, params, step).
 
@@ -260,12 +288,7 @@ def load(workdir, step: int | None = None, *, mesh=None) -> tuple[ModelConfig, d
     directory = workdir / CHECKPOINT_DIR
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {workdir}; {hint}")
-    # Restore only: no directory creation, no root metadata, no deletions (preservation is
-    # "keep all" without a policy), so nothing in the workdir is written. (read_only=True would do
-    # the same but logs three warnings per call.)
-    options = ocp.CheckpointManagerOptions(create=False, save_root_metadata=False,
-                                           enable_async_checkpointing=False)
-    with ocp.CheckpointManager(directory.absolute(), options=options) as mngr:
+    with _reader(directory) as mngr:
         steps = sorted(mngr.all_steps())
         if not steps:
             raise FileNotFoundError(f"no checkpoints in {directory}; {hint}")

@@ -243,6 +243,19 @@ def test_a_non_empty_workdir_is_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+def test_an_unusable_workdir_is_refused_before_any_work(tmp_path):
+    from launch.convert import check_workdir
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=f"afile/sub cannot be created: {afile} is not a dir"):
+        check_workdir(afile / "sub")
+    with pytest.raises(ValueError, match="afile exists and is not an empty directory"):
+        check_workdir(afile)
+    check_workdir(tmp_path / "new" / "run")  # absent, under a writable directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_the_pre_zip_format_needs_torch():
     # legacy.pt: vocab7.pt re-saved by torch.save(_use_new_zipfile_serialization=False)
     try:

@@ -1,7 +1,7 @@
 """The training launcher as a user runs it: `python -m launch.train` in subprocesses.
 
-- Bad input (unknown preset, unknown key, ill-typed value, invalid value, missing data) exits 2
-  with one line on stderr, before any work.
+- Bad input (unknown preset, unknown key, ill-typed value, invalid value, missing data, an
+  empty or unusable --workdir) exits 2 with one line on stderr, before any work.
 - A run SIGKILLed after its step-20 checkpoint resumes (same command, same workdir) and ends
   bit-identical to an uninterrupted run of the tiny preset (50 steps).
 - A run sent SIGTERM checkpoints the step it was on and exits (status 128 + 15) within 30 s.
@@ -47,6 +47,7 @@ def _launch(args, env, **kwargs):
 
 @pytest.mark.integration
 def test_bad_input_exits_2_with_one_line_naming_the_problem(env, tmp_path):
+    (tmp_path / "afile").write_text("x")
     cases = {
         "unknown preset": (["--config=no_such_preset"], "no_such_preset"),
         "unknown key": (["--config=tiny", "--set", "n_lyer=3"], "n_lyer"),
@@ -54,9 +55,12 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(env, tmp_path):
         "invalid value": (["--config=tiny", "--set", "order_policy=sideways"], "order_policy"),
         "missing data": (["--config=shakespeare_char", "--set",
                           "data_path=/nonexistent/input.txt"], "/nonexistent/input.txt"),
+        "empty workdir": (["--config=tiny", "--workdir="], "--workdir is empty"),
+        "workdir under a file": (["--config=tiny", f"--workdir={tmp_path / 'afile' / 'run'}"],
+                                 "afile is not a directory"),
     }
-    procs = {name: _launch([*args, f"--workdir={tmp_path / name}"], env)
-             for name, (args, _) in cases.items()}  # run side by side
+    procs = {name: _launch([f"--workdir={tmp_path / name}", *args], env)
+             for name, (args, _) in cases.items()}  # run side by side; a later --workdir wins
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         lines = err.strip().splitlines()

@@ -8,8 +8,14 @@ not change the step), so the module compiles the model only a few times.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -388,6 +394,151 @@ def test_a_workdir_refuses_a_different_model(tiny, trained):
     model_cfg, train_cfg, task = tiny
     with pytest.raises(ValueError, match="different model.*n_layer"):
         train(model_cfg.replace(n_layer=3), train_cfg, trained[1], task=task)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny, tmp_path_factory):
+    """A workdir as `train` leaves it, without training: config.json, and checkpoint 5 holding
+    the tiny preset's initial state and its configs."""
+    model_cfg, train_cfg, _ = tiny
+    workdir = tmp_path_factory.mktemp("saved_run")
+    configs = train_lib.configs_dict(model_cfg, train_cfg)
+    (workdir / "config.json").write_text(json.dumps(configs))
+    with checkpoint.CheckpointManager(workdir, async_save=False) as manager:
+        manager.save(5, init_state(model_cfg, train_cfg), configs=configs)
+    return workdir
+
+
+def _copy_run(saved_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_run, workdir)
+    return workdir
+
+
+def test_a_missing_config_json_still_refuses_a_different_model(tiny, saved_run, tmp_path):
+    """The model is checked against the config stored in the checkpoint, and nothing is written
+    when it differs: the run stays resumable with its own settings."""
+    model_cfg, train_cfg, task = tiny
+    workdir = _copy_run(saved_run, tmp_path)
+    (workdir / "config.json").unlink()
+    with pytest.raises(ValueError, match="different model.*n_embd.*checkpoint 5"):
+        train(model_cfg.replace(n_embd=64), train_cfg, workdir, task=task)
+    assert not (workdir / "config.json").exists()
+    assert train_lib.check_workdir(workdir, model_cfg, train_cfg) == []
+    # A config.json of another model (written by an older trainer) does not lock the run out.
+    other = train_lib.configs_dict(model_cfg.replace(n_embd=64), train_cfg)
+    (workdir / "config.json").write_text(json.dumps(other))
+    assert train_lib.check_workdir(workdir, model_cfg, train_cfg) == []
+    with pytest.raises(ValueError, match="different model.*n_embd"):
+        train_lib.check_workdir(workdir, model_cfg.replace(n_embd=64), train_cfg)
+
+
+@pytest.mark.parametrize("content", ["[]", '{"model": 3}', "{}", "{not json", b"\xff\xfe{}",
+                                     "directory"])
+def test_a_malformed_config_json_is_a_one_line_error_naming_it(tiny, saved_run, tmp_path,
+                                                               content):
+    model_cfg, train_cfg, _ = tiny
+    workdir = _copy_run(saved_run, tmp_path)
+    path = workdir / "config.json"
+    path.unlink()
+    if content == "directory":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match="config.json") as info:
+        train_lib.check_workdir(workdir, model_cfg, train_cfg)
+    assert "\n" not in str(info.value) and "new --workdir" in str(info.value)
+    if content != "directory":
+        assert path.read_bytes() == (content if isinstance(content, bytes) else content.encode())
+
+
+@pytest.mark.parametrize("name, make", [
+    ("metrics.jsonl", lambda p: p.mkdir()),
+    ("checkpoints", lambda p: p.write_text("")),
+    ("config.json", lambda p: p.mkdir()),
+])
+def test_a_run_file_of_the_wrong_kind_is_a_one_line_error(tiny, tmp_path, name, make):
+    model_cfg, train_cfg, _ = tiny
+    make(tmp_path / name)
+    with pytest.raises(ValueError, match=f"{tmp_path / name} is not a"):
+        train_lib.check_workdir(tmp_path, model_cfg, train_cfg)
+
+
+def test_unusable_workdirs_are_one_line_errors(tiny, tmp_path):
+    model_cfg, train_cfg, _ = tiny
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="afile exists and is not a directory"):
+        train_lib.check_workdir(afile, model_cfg, train_cfg)
+    with pytest.raises(ValueError, match=f"afile/sub/run cannot be created: {afile} is not a "):
+        train_lib.check_workdir(afile / "sub" / "run", model_cfg, train_cfg)
+    assert train_lib.check_workdir(tmp_path / "new" / "run", model_cfg, train_cfg) == []
+    assert not (tmp_path / "new").exists()  # checking writes nothing
+    if Path("/proc/self").is_dir():  # a file system that takes no new directories
+        with pytest.raises(ValueError, match="/proc/sigma_jax_run cannot be created"):
+            train_lib.make_workdir("/proc/sigma_jax_run")
+
+
+def test_a_setting_that_changes_the_optimizer_state_is_refused(tiny, saved_run, tmp_path):
+    """grad_clip 0 drops the clipping state the checkpoint holds: refused before any work, with
+    the setting that restores; another clipping threshold keeps the state and is a note."""
+    model_cfg, train_cfg, task = tiny
+    workdir = _copy_run(saved_run, tmp_path)
+    before = (workdir / "config.json").read_text()
+    assert train_cfg.grad_clip == 1.0
+    with pytest.raises(ValueError, match=r"grad_clip=1.0.*grad_clip=0.0.*--set grad_clip=1.0"):
+        train(model_cfg, train_cfg.replace(grad_clip=0.0), workdir, task=task)
+    assert (workdir / "config.json").read_text() == before
+    assert train_lib.check_workdir(workdir, model_cfg, train_cfg.replace(grad_clip=0.5)) == [
+        "grad_clip"]
+
+
+def test_sigint_saves_the_step_and_stops_like_sigterm(tiny, tmp_path):
+    model_cfg, train_cfg, task = tiny
+    cfg = train_cfg.replace(log_every=1, eval_every=0, checkpoint_every=0)
+    before = signal.getsignal(signal.SIGINT)
+
+    def log(line):
+        if line.startswith("step 3/") and signal.getsignal(signal.SIGINT) is not before:
+            os.kill(os.getpid(), signal.SIGINT)  # caught by train's handler, not pytest's
+
+    result = train(model_cfg, cfg, tmp_path, task=task, log=log)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert result["preempted"] and result["signal"] == signal.SIGINT
+    assert 3 <= result["step"] < cfg.max_steps
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [result["step"]]
+
+
+def test_a_failed_checkpoint_write_stops_training_at_once(tiny, tmp_path, monkeypatch):
+    """A background write that fails (here: ENOSPC after checkpoint 10) stops training before the
+    next save, with one line naming the error; checkpoint 10 is left as it was."""
+    model_cfg, train_cfg, task = tiny
+    cfg = train_cfg.replace(checkpoint_every=10, log_every=1, eval_every=0)
+
+    class FullDisk(checkpoint.CheckpointManager):
+        failing = False
+
+        def save(self, step, state, **kwargs):
+            saved = super().save(step, state, **kwargs)
+            self.failing = self.failing or step == 10
+            return saved
+
+        def wait(self):
+            super().wait()
+            if self.failing:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_lib.loop, "CheckpointManager", FullDisk)
+    with pytest.raises(train_lib.SaveError, match=r"checkpoint 10 .*No space left on device") as e:
+        train(model_cfg, cfg, tmp_path, task=task, log=lambda line: None)
+    message = str(e.value)
+    assert "\n" not in message and "rerun the same command" in message
+    stopped = int(re.search(r"stopped at step (\d+)", message).group(1))
+    assert 10 <= stopped <= 20
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [10]
+    assert max(r["step"] for r in metrics_log.read_metrics(tmp_path / "metrics.jsonl")) <= 20
 
 
 def test_optax_state_is_the_standard_adamw(tiny):

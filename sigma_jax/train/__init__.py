@@ -3,10 +3,13 @@ step, evaluation), `loop` the training loop around them (`train`)."""
 
 from sigma_jax.config import TrainConfig
 from sigma_jax.train.loop import (
+    SaveError,
     check_batch_fits,
     check_task,
     check_workdir,
+    check_workdir_path,
     configs_dict,
+    make_workdir,
     train,
     val_batches,
 )
@@ -29,8 +32,9 @@ from sigma_jax.train.step import (
 )
 
 __all__ = [
-    "EVAL_STREAM", "TrainConfig", "TrainState", "check_batch_fits", "check_task", "check_workdir",
-    "configs_dict", "decay_mask", "eval_losses", "evaluate", "init_state", "learning_rate",
-    "loss_and_grads", "loss_fn", "make_optimizer", "make_train_step", "place_state",
-    "state_shardings", "step_orders", "train", "train_step", "val_batches",
+    "EVAL_STREAM", "SaveError", "TrainConfig", "TrainState", "check_batch_fits", "check_task",
+    "check_workdir", "check_workdir_path", "configs_dict", "decay_mask", "eval_losses",
+    "evaluate", "init_state", "learning_rate", "loss_and_grads", "loss_fn", "make_optimizer",
+    "make_train_step", "make_workdir", "place_state", "state_shardings", "step_orders", "train",
+    "train_step", "val_batches",
 ]

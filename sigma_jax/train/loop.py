@@ -1,11 +1,12 @@
 """The training loop, `train`: data, checkpoints, metrics files, TensorBoard, a progress line, a
-loss plot and SIGTERM handling around the one compiled step of `sigma_jax.train.step`.
+loss plot and SIGTERM / SIGINT handling around the one compiled step of `sigma_jax.train.step`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import threading
 import time
@@ -17,10 +18,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sigma_jax import metrics_log
-from sigma_jax.checkpoint import CheckpointManager
+from sigma_jax.checkpoint import CHECKPOINT_DIR, CheckpointManager, stored_configs
 from sigma_jax.config import ModelConfig, TrainConfig
 from sigma_jax.data import load_task, make_iterator
 from sigma_jax.metrics_log import write_text_atomic
+from sigma_jax.model import init_params
 from sigma_jax.sharding import (
     as_mesh,
     check_batch,
@@ -33,8 +35,18 @@ from sigma_jax.train.step import (
     checked_batch,
     evaluate,
     init_state,
+    make_optimizer,
     make_train_step,
 )
+
+CONFIG_FILE = "config.json"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # finish the step, save, stop
+
+
+class SaveError(RuntimeError):
+    """A checkpoint or the metrics could not be written (a full disk, a lost file system, ...):
+    training stopped at once; the checkpoints saved before it are intact. The message is one
+    line."""
 
 
 def configs_dict(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
@@ -52,23 +64,140 @@ def check_task(model_cfg: ModelConfig, task) -> None:
                          f"{model_cfg.block_size}; set seq_len or block_size")
 
 
-def check_workdir(workdir, model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[str]:
-    """A workdir holds one model. ValueError if its config.json records a different model
-    config; otherwise the names of the train fields that changed since (possibly none)."""
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        return []
+def check_workdir_path(workdir) -> None:
+    """ValueError (one line) unless `workdir` is a directory this process may write, or a path
+    that can be created: not an existing non-directory, no file among its parents, no parent
+    that is not writable. Reads only."""
+    path = Path(workdir)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise ValueError(f"workdir {path} exists and is not a directory; use a new --workdir")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"workdir {path} is not writable; use a new --workdir")
+        return
+    parent = path.absolute().parent
+    while not (parent.exists() or parent.is_symlink()):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"workdir {path} cannot be created: {parent} is not a directory; use a "
+                         "new --workdir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"workdir {path} cannot be created: {parent} is not writable; use a new "
+                         "--workdir")
+
+
+def make_workdir(workdir) -> None:
+    """Create `workdir` (and its parents) if absent; ValueError (one line) naming it if that
+    fails (e.g. a path on a file system that takes no new directories)."""
     try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []  # unreadable: it is rewritten atomically by `train`
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"workdir {workdir} cannot be created ({error.strerror or error}); use "
+                         "a new --workdir") from None
+
+
+def _read_config_file(path: Path) -> dict:
+    """config.json of a workdir: a JSON object whose "model" and "train" are objects. ValueError
+    (one line, naming the file) for anything else."""
+    fix = "move it away (the next run writes it again) or use a new --workdir"
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; {fix}")
+    try:
+        old = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read ({error.strerror or error}); {fix}") from None
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else "not JSON"
+        raise ValueError(f"{path} is {reason}; {fix}") from None
+    if not (isinstance(old, dict) and isinstance(old.get("model"), dict)
+            and isinstance(old.get("train"), dict)):
+        raise ValueError(f"{path} does not hold a run's configs (an object with \"model\" and "
+                         f"\"train\" objects); {fix}")
+    return old
+
+
+def _optimizer_layout(model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """The tree structure, shapes and dtypes of the optimizer state (what a checkpoint holds)."""
+    params = jax.eval_shape(init_params, model_cfg, jax.random.key(0))
+    state = jax.eval_shape(make_optimizer(train_cfg).init, params)
+    return jax.tree.structure(state), [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
+
+
+def _check_optimizer(workdir, step: int, saved: dict, model_cfg: ModelConfig,
+                     train_cfg: TrainConfig) -> None:
+    """ValueError unless `train_cfg` gives the optimizer state of the checkpoint saved with the
+    train settings `saved` (a dict; a dict that no longer builds a TrainConfig is not checked)."""
+    try:
+        old_cfg = TrainConfig(**saved)
+    except (TypeError, ValueError):
+        return
+    old = _optimizer_layout(model_cfg, old_cfg)
+    if _optimizer_layout(model_cfg, train_cfg) == old:
+        return
+    changed = [k for k in dataclasses.asdict(train_cfg) if saved.get(k) != getattr(train_cfg, k)]
+    causes = []
+    for name in changed:
+        try:
+            alone = old_cfg.replace(**{name: getattr(train_cfg, name)})
+        except ValueError:
+            continue
+        if _optimizer_layout(model_cfg, alone) != old:
+            causes.append(name)
+    causes = causes or changed
+    was = " ".join(f"{k}={saved.get(k)}" for k in causes)
+    now = ", ".join(f"{k}={getattr(train_cfg, k)}" for k in causes)
+    raise ValueError(f"workdir {workdir} holds checkpoints (step {step}) whose optimizer state "
+                     f"was made with {was}, and {now} gives a different one; resume with the "
+                     f"run's settings (--set {was.replace(' ', ' --set ')}) or use a new "
+                     "--workdir")
+
+
+def check_workdir(workdir, model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[str]:
+    """A workdir holds one model. Reads only; raises ValueError (one line) unless the run can go
+    on in `workdir` with these configs:
+
+    - the path (`check_workdir_path`), and the types of its files: config.json and metrics.jsonl
+      must be files, checkpoints/ a directory;
+    - config.json, if present, must be a JSON object with "model" and "train" objects;
+    - the model must be the run's: the config stored in the newest checkpoint whose config reads
+      (`checkpoint.stored_configs`), or config.json when there is no such checkpoint;
+    - with a checkpoint, the train settings must give the optimizer state it holds (e.g.
+      grad_clip 0 drops the clipping state that grad_clip > 0 saved).
+
+    Returns the names of the train fields that changed since the last run (config.json, else the
+    checkpoint's config; possibly none).
+    """
+    check_workdir_path(workdir)
+    workdir = Path(workdir)
+    if not workdir.exists():
+        return []
+    for name, want_dir in ((CONFIG_FILE, False), (metrics_log.METRICS_FILE, False),
+                           (CHECKPOINT_DIR, True)):
+        path = workdir / name
+        if (path.exists() or path.is_symlink()) and path.is_dir() != want_dir:
+            kind = "a directory" if want_dir else "a file"
+            raise ValueError(f"{path} is not {kind}; move it away or use a new --workdir")
+    path = workdir / CONFIG_FILE
+    recorded = _read_config_file(path) if path.exists() else None
+    stored = stored_configs(workdir)
     new = configs_dict(model_cfg, train_cfg)
-    if old.get("model") != new["model"]:
-        changed = sorted(k for k in new["model"] if old.get("model", {}).get(k)
-                         != new["model"][k])
+    if stored is not None and isinstance(stored[1].get("model"), dict):
+        step, saved = stored
+        source = f"checkpoint {step}"
+    elif recorded is not None:
+        step, saved, source = None, recorded, str(path)
+    else:
+        return []
+    if saved["model"] != new["model"]:
+        changed = sorted(k for k in new["model"] if saved["model"].get(k) != new["model"][k])
         raise ValueError(f"workdir {workdir} holds a run of a different model ({', '.join(changed)}"
-                         " differ); use a new --workdir or the same model settings")
-    return sorted(k for k in new["train"] if old.get("train", {}).get(k) != new["train"][k])
+                         f" differ; the run's model is in {source}); use a new --workdir or the "
+                         "same model settings")
+    if step is not None and isinstance(saved.get("train"), dict):
+        _check_optimizer(workdir, step, saved["train"], model_cfg, train_cfg)
+    old_train = (recorded or saved).get("train")
+    old_train = old_train if isinstance(old_train, dict) else {}
+    return sorted(k for k in new["train"] if old_train.get(k) != new["train"][k])
 
 
 def val_batches(task, train_cfg: TrainConfig) -> np.ndarray:
@@ -79,8 +208,10 @@ def val_batches(task, train_cfg: TrainConfig) -> np.ndarray:
     return np.stack([np.asarray(next(it), np.int32) for _ in range(train_cfg.eval_batches)])
 
 
-def _install_sigterm():
-    """Route SIGTERM to a flag (main thread only). Returns (flag dict, restore callable)."""
+def _install_stop_handlers():
+    """Route SIGTERM and SIGINT (Ctrl-C) to a flag (main thread only): training finishes the step
+    under way, saves it and stops. A SIGINT that is ignored (a background job of a shell without
+    job control) stays ignored. Returns (flag dict, restore callable)."""
     flag = {"signal": None}
     if threading.current_thread() is not threading.main_thread():
         return flag, lambda: None
@@ -88,8 +219,14 @@ def _install_sigterm():
     def handler(signum, frame):
         flag["signal"] = signum
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    return flag, lambda: signal.signal(signal.SIGTERM, previous)
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS
+                if not (signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN)}
+
+    def restore():
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+    return flag, restore
 
 
 def check_batch_fits(train_cfg: TrainConfig, mesh) -> None:
@@ -109,7 +246,11 @@ def check_batch_fits(train_cfg: TrainConfig, mesh) -> None:
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir, *, task=None,
           log: Callable[[str], None] = print, mesh=None) -> dict:
     """Train (or resume training) in `workdir` up to train_cfg.max_steps. Returns the final
-    metrics row (step, loss, val losses, ...), plus 'preempted' and 'resumed_from'.
+    metrics row (step, loss, val losses, ...), plus 'preempted', 'signal' (the stop signal this
+    process received, or None) and 'resumed_from'.
+
+    Before anything is written, `check_workdir` (ValueError) checks the workdir against the
+    configs; config.json is written only once the checkpoint (if any) has restored.
 
     Files in workdir: config.json (both configs; atomic), checkpoints/ (orbax; the latest
     keep_checkpoints), metrics.jsonl (one JSON object per logged step), tb/ (TensorBoard, if
@@ -117,8 +258,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir, *, task=None,
 
     Resume: an existing checkpoint in workdir is restored (params, optimizer, step, key and data
     iterator) and the run continues as if never interrupted; metric rows past the restored step
-    are dropped, since they are recomputed identically. SIGTERM: finish the current step, save a
-    checkpoint, wait for it, and return with preempted=True.
+    are dropped, since they are recomputed identically. SIGTERM or SIGINT (Ctrl-C): finish the
+    current step, save a checkpoint, wait for it, and return with preempted=True.
+
+    A checkpoint that cannot be written (its background write failed: a full disk, ...) raises
+    SaveError (one line) at the next step, or at the next save or the end, whichever comes
+    first; so does a metrics row that cannot be written. The checkpoints saved before are left
+    as they were.
 
     mesh: a `jax.sharding.Mesh` or a `sharding.MeshConfig` (None: `sharding.local_mesh()`, one
     device). The whole loop runs under `jax.set_mesh(mesh)`: the state is created sharded
@@ -127,8 +273,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, workdir, *, task=None,
     restore onto the mesh's shardings (so a run saved under one mesh resumes under another).
     Multi-host (after `jax.distributed.initialize()`, every process calling `train` with the
     same arguments): each process reads its own share of every batch, checkpoints are saved
-    collectively, and only process 0 logs and writes config.json, metrics and plots; a SIGTERM
-    on any process stops all of them at the next logged step (they agree on it collectively).
+    collectively, and only process 0 logs and writes config.json, metrics and plots; a stop
+    signal on any process, or a failed save, stops all of them at the next logged step (they
+    agree on it collectively).
     """
     mesh = as_mesh(mesh)
     check_batch_fits(train_cfg, mesh)
@@ -145,6 +292,53 @@ def _stop_requested(flag, agree: bool) -> bool:
     if agree and jax.process_count() > 1:
         stop = bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
     return stop
+
+
+def _error_line(error: BaseException) -> str:
+    """'Type: first line of the message', without tensorstore's spec dump."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class _SaveWatch:
+    """Waits in a background thread for the checkpoint save under way, so that a save that fails
+    after `CheckpointManager.save` returned (the files are written in the background) is known
+    at the next step. The main thread joins it before its own save, wait or close."""
+
+    def __init__(self, manager: CheckpointManager):
+        self.manager = manager
+        self.failure: tuple[int, BaseException] | None = None  # (step, error)
+        self._thread: threading.Thread | None = None
+
+    def watch(self, step: int) -> None:
+        self.join()
+        self._thread = threading.Thread(target=self._wait, args=(step,), daemon=True,
+                                        name=f"checkpoint-{step}-watch")
+        self._thread.start()
+
+    def _wait(self, step: int) -> None:
+        try:
+            self.manager.wait()
+        except Exception as error:  # any failure of the background write
+            if self.failure is None:
+                self.failure = (step, error)
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def error(self, at_step: int, other_process: bool = False) -> SaveError:
+        if self.failure is None and other_process:
+            return SaveError(f"a checkpoint save failed on another process; training stopped at "
+                             f"step {at_step}; the checkpoints saved before it are intact")
+        step, error = self.failure
+        return SaveError(
+            f"checkpoint {step} could not be saved in {self.manager.directory} "
+            f"({_error_line(error)}); training stopped at step {at_step}; the checkpoints "
+            "saved before it are intact: fix the cause (e.g. free disk space) and rerun the "
+            "same command to resume")
 
 
 @dataclasses.dataclass
@@ -164,8 +358,9 @@ class _Run:
     prompt_len: int
     tokens_per_step: int
     manager: CheckpointManager
+    watch: _SaveWatch
     writer: metrics_log.MetricsWriter
-    flag: dict  # {"signal": None or the SIGTERM received}
+    flag: dict  # {"signal": None or the stop signal received}
     resumed_from: int | None
     step: int
     start_step: int
@@ -178,52 +373,67 @@ class _Run:
 
 
 def _train_loop(model_cfg, train_cfg, workdir: Path, task, log, mesh) -> dict:
-    """`train` under its mesh: the run's files, then one action per step, then the last save."""
+    """`train` under its mesh: the checks, the run's files, then one action per step, then the
+    last save."""
     primary = jax.process_index() == 0
     if not primary:
         log = lambda line: None  # noqa: E731 (only process 0 reports)
-    configs = _write_configs(model_cfg, train_cfg, workdir, task, log, primary)
+    changed = check_workdir(workdir, model_cfg, train_cfg)
+    make_workdir(workdir)
+    if changed:
+        log(f"note: train settings changed since the last run in {workdir}: {', '.join(changed)}")
+    configs = configs_dict(model_cfg, train_cfg)
+    configs["task"] = {"name": task.name, "vocab_size": task.vocab_size,
+                       "seq_len": task.seq_len, "prompt_len": task.prompt_len}
     manager = CheckpointManager(workdir, every=train_cfg.checkpoint_every,
                                 keep=train_cfg.keep_checkpoints)
-    flag, restore_handler = _install_sigterm()
-    run = None
+    watch = _SaveWatch(manager)
+    flag, restore_handler = _install_stop_handlers()
+    run, failed = None, False
     try:
-        run = _start(model_cfg, train_cfg, workdir, task, log, mesh, configs, manager, flag)
+        run = _start(model_cfg, train_cfg, workdir, task, log, mesh, configs, manager, watch,
+                     flag)
         while run.step < train_cfg.max_steps and not run.stopped:
             _train_step(run)
         _finish(run)
+    except BaseException:
+        failed = True
+        raise
     finally:
         restore_handler()
-        manager.close()
-        if run is not None:
-            run.writer.close()
+        watch.join()
+        try:
+            _close(manager.close, quiet=failed)
+        finally:
+            if run is not None:
+                _close(run.writer.close, quiet=failed)
     if primary:
         metrics_log.plot_losses(metrics_log.read_metrics(workdir / "metrics.jsonl"),
                                 workdir / "loss.png")
     return {**run.last, "step": run.step, "preempted": run.stopped or flag["signal"] is not None,
-            "resumed_from": run.resumed_from}
+            "signal": flag["signal"], "resumed_from": run.resumed_from}
 
 
-def _write_configs(model_cfg, train_cfg, workdir: Path, task, log, primary: bool) -> dict:
-    """Create the workdir and write config.json (both configs and the task; process 0)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    configs = configs_dict(model_cfg, train_cfg)
-    configs["task"] = {"name": task.name, "vocab_size": task.vocab_size,
-                       "seq_len": task.seq_len, "prompt_len": task.prompt_len}
-    changed = check_workdir(workdir, model_cfg, train_cfg)
-    if changed:
-        log(f"note: train settings changed since the last run in {workdir}: {', '.join(changed)}")
-    if primary:
-        write_text_atomic(workdir / "config.json", json.dumps(configs, indent=2, sort_keys=True))
-    return configs
+def _close(close: Callable[[], None], quiet: bool) -> None:
+    """close(); quiet: ignore its error (another error is under way, and it is the one to
+    report)."""
+    try:
+        close()
+    except Exception:
+        if not quiet:
+            raise
 
 
-def _start(model_cfg, train_cfg, workdir, task, log, mesh, configs, manager, flag) -> _Run:
-    """The state, step, data and validation of the run, restored from the latest checkpoint."""
+def _start(model_cfg, train_cfg, workdir, task, log, mesh, configs, manager, watch,
+           flag) -> _Run:
+    """The state, step, data and validation of the run, restored from the latest checkpoint;
+    then config.json (process 0, atomic) and the metrics writer."""
     state = init_state(model_cfg, train_cfg, mesh=mesh)
     data_iter = make_iterator(task, "train", train_cfg.global_batch, train_cfg.seed)
     state, resumed_from = manager.restore_latest(state, data_iter)
     step = int(state.step)
+    if jax.process_index() == 0:
+        write_text_atomic(workdir / CONFIG_FILE, json.dumps(configs, indent=2, sort_keys=True))
     writer = metrics_log.MetricsWriter(workdir, start_step=step, enabled=jax.process_index() == 0)
     if resumed_from is not None:
         log(f"resumed from step {resumed_from} in {workdir}")
@@ -235,14 +445,17 @@ def _start(model_cfg, train_cfg, workdir, task, log, mesh, configs, manager, fla
         data_iter=data_iter, validation=val_batches(task, train_cfg),
         eval_key=jax.random.fold_in(jax.random.key(train_cfg.seed), EVAL_STREAM),
         prompt_len=task.prompt_len, tokens_per_step=train_cfg.global_batch * task.seq_len,
-        manager=manager, writer=writer, flag=flag, resumed_from=resumed_from, step=step,
-        start_step=step, saved_step=resumed_from, last={"step": step}, t_start=now, t_mark=now)
+        manager=manager, watch=watch, writer=writer, flag=flag, resumed_from=resumed_from,
+        step=step, start_step=step, saved_step=resumed_from, last={"step": step}, t_start=now,
+        t_mark=now)
 
 
 def _train_step(run: _Run) -> None:
     """One update, then what is due at its step: a metrics row (with an evaluation), a save, a
     stop agreed by every process."""
     cfg = run.train_cfg
+    if jax.process_count() == 1 and run.watch.failure is not None:
+        raise run.watch.error(run.step)
     rows = checked_batch(run.model_cfg, next(run.data_iter))  # this process's rows, on host
     run.state, metrics = run.step_fn.unchecked(run.state, place_local_batch(rows, run.mesh))
     run.step += 1
@@ -253,6 +466,10 @@ def _train_step(run: _Run) -> None:
     # Multi-host: processes agree on stopping at logged steps only (one tiny collective).
     stop = (_stop_requested(run.flag, agree=row_due) if jax.process_count() > 1
             else run.flag["signal"] is not None)
+    if row_due and jax.process_count() > 1:  # a failed save stops every process together
+        mine = run.watch.failure is not None
+        if np.any(multihost_utils.process_allgather(np.int32(mine))):
+            raise run.watch.error(run.step, other_process=not mine)
     eval_due = done or (cfg.eval_every and run.step % cfg.eval_every == 0)
     if row_due or eval_due or stop:
         _log_row(run, first, eval_due)
@@ -279,7 +496,13 @@ def _log_row(run: _Run, first: bool, eval_due: bool) -> None:
     row["elapsed_s"] = time.perf_counter() - run.t_start
     if eval_due:
         row.update(_evaluate(run))
-    run.writer.write(row)
+    try:
+        run.writer.write(row)
+    except OSError as error:
+        raise SaveError(f"the metrics could not be written in {run.writer.path.parent} "
+                        f"({_error_line(error)}); training stopped at step {run.step}; the "
+                        "checkpoints saved before it are intact: fix the cause (e.g. free disk "
+                        "space) and rerun the same command to resume") from None
     run.log(metrics_log.progress_line(row, run.train_cfg.max_steps))
     run.last = row
     run.t_mark, run.interval = time.perf_counter(), []
@@ -292,9 +515,18 @@ def _evaluate(run: _Run) -> dict:
 
 
 def _save(run: _Run) -> None:
-    """Checkpoint the step (state and data iterator); its blocking time stays out of tokens/s."""
+    """Checkpoint the step (state and data iterator); its blocking time stays out of tokens/s.
+    SaveError if the previous save failed, or this one fails before returning."""
     t_save = time.perf_counter()
-    run.manager.save(run.step, run.state, data_iter=run.data_iter, configs=run.configs)
+    run.watch.join()
+    if run.watch.failure is not None:
+        raise run.watch.error(run.step)
+    try:
+        run.manager.save(run.step, run.state, data_iter=run.data_iter, configs=run.configs)
+    except Exception as error:  # orbax raises a failure of the previous write here too
+        run.watch.failure = run.watch.failure or (run.step, error)
+        raise run.watch.error(run.step) from error
+    run.watch.watch(run.step)
     run.saved_step = run.step
     run.t_mark += time.perf_counter() - t_save
 
@@ -306,4 +538,11 @@ def _finish(run: _Run) -> None:
         run.last = {"step": run.step, **_evaluate(run)}
     elif run.saved_step != run.step:
         _save(run)
-    run.manager.wait()
+    run.watch.join()
+    if run.watch.failure is None:
+        try:
+            run.manager.wait()
+        except Exception as error:
+            run.watch.failure = (run.step, error)
+    if run.watch.failure is not None:
+        raise run.watch.error(run.step)
