@@ -31,9 +31,10 @@ class BenchConfig:
     The sweeps run at (lengths[-1], batches[0]) for every entry of `weights` (the first entry also
     runs the main grid): exact mode over `windows`, paper mode over `n_orders` at burst_window,
     and cached AR as the reference of each weights' ratios. max_uncached_tokens skips uncached AR
-    where batch * length * (length + 1) exceeds it. budget_s: configurations not started within
-    this many seconds of the start are skipped (recorded as skipped); a sampler row whose
-    program is already compiled (the same shapes, other weights) gets 10% more time.
+    where batch * length * (length + 1) exceeds it. budget_s (> 0; None or inf: none):
+    configurations not started within this many seconds of the start are skipped (recorded as
+    skipped); a sampler row whose program is already compiled (the same shapes, other weights)
+    gets 10% more time.
     """
 
     suites: tuple[str, ...] = SUITES
@@ -101,6 +102,9 @@ class BenchConfig:
             raise ValueError(f"max_uncached_tokens must be >= 0; got {self.max_uncached_tokens!r}")
         if self.train_length is not None and self.train_length < 1:
             raise ValueError(f"train_length must be a positive integer; got {self.train_length!r}")
+        if self.budget_s is not None and not self.budget_s > 0:  # nan too
+            raise ValueError(f"budget_s must be a number of seconds > 0 (inf: no budget); got "
+                             f"{self.budget_s!r}")
         if self.warmup < 2:
             raise ValueError(f"warmup must be >= 2; got {self.warmup!r}")
         if not self.preset and not self.workdir:

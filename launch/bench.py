@@ -28,7 +28,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from launch.flags import die, usage_errors
+from launch.flags import die, output_path, positive_ints, usage_errors
 
 FLAGS = flags.FLAGS
 # What to run and where the results go.
@@ -85,25 +85,10 @@ flags.DEFINE_boolean("train_reference", True, "Also time the fixed reference tra
                      "(4x128, block 256, batch 32, random order, float32).")
 
 
-def _ints(name: str, values) -> tuple[int, ...]:
-    out = []
-    for text in values:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"--{name} takes positive integers; got {text!r}") from None
-        if value < 1:
-            raise ValueError(f"--{name} takes positive integers; got {text!r}")
-        out.append(value)
-    if not out:
-        raise ValueError(f"--{name} must not be empty")
-    return tuple(out)
-
-
 def _window(name: str, text: str) -> int | None:
     if text.strip().lower() in ("none", "all"):
         return None
-    return _ints(name, [text])[0]
+    return positive_ints(name, [text])[0]
 
 
 def build_config(on_gpu: bool):
@@ -121,16 +106,17 @@ def build_config(on_gpu: bool):
     if FLAGS.workdir:
         if not os.path.isdir(FLAGS.workdir):
             raise FileNotFoundError(f"no workdir {FLAGS.workdir}")
-    lengths = _ints("lengths", FLAGS.lengths or (["1024"] if memory else
-                                                 ["256"] if shipped else
-                                                 ["64", "256", "1024"] if on_gpu else
-                                                 ["32", "64"]))
-    batches = _ints("batches", FLAGS.batches or (["1", "16", "64"] if memory else
-                                                 ["1", "16"] if shipped else
-                                                 ["1", "16", "256"] if on_gpu else
-                                                 ["1", "4"]))
+    given = lambda value, default: default if value is None else value  # "--x=" gives []
+    lengths = positive_ints("lengths", given(FLAGS.lengths, ["1024"] if memory else
+                                             ["256"] if shipped else
+                                             ["64", "256", "1024"] if on_gpu else
+                                             ["32", "64"]))
+    batches = positive_ints("batches", given(FLAGS.batches, ["1", "16", "64"] if memory else
+                                             ["1", "16"] if shipped else
+                                             ["1", "16", "256"] if on_gpu else
+                                             ["1", "4"]))
     windows = tuple(_window("windows", w) for w in
-                    (FLAGS.windows or (["16", "none"] if on_gpu else ["8", "none"])))
+                    given(FLAGS.windows, ["16", "none"] if on_gpu else ["8", "none"]))
     burst_window = _window("burst_window", FLAGS.burst_window or ("64" if big else "none"))
     primary = "checkpoint" if FLAGS.workdir else "init"
     weights = tuple(FLAGS.weights or (primary, "product", "peaked"))
@@ -141,23 +127,22 @@ def build_config(on_gpu: bool):
                         "experiments/results/shipped" if shipped else
                         "experiments/results/bench_gpu" if on_gpu else
                         "experiments/results/bench_cpu")
-    pick = lambda value, default: default if value is None else value
     return BenchConfig(
         suites=suites, preset=preset, workdir=FLAGS.workdir, step=FLAGS.step,
         dtype=FLAGS.dtype or ("bfloat16" if big else None),
         lengths=lengths, batches=batches, grid=FLAGS.grid, windows=windows,
-        n_orders=_ints("n_orders", FLAGS.n_orders), burst_window=burst_window,
+        n_orders=positive_ints("n_orders", FLAGS.n_orders), burst_window=burst_window,
         weights=weights, samplers=tuple(FLAGS.samplers),
         batch_samplers=tuple(FLAGS.batch_samplers) if FLAGS.batch_samplers else
         (None if on_gpu else ("ar", "burst")),
         orders=tuple(FLAGS.orders),
         repeats=5 if shipped and not FLAGS["repeats"].present else FLAGS.repeats,
         seed=FLAGS.seed,
-        max_uncached_tokens=pick(FLAGS.max_uncached_tokens, 4_300_000 if on_gpu else 10_000),
-        train_batch=pick(FLAGS.train_batch, 16 if on_gpu else 4), train_length=FLAGS.train_length,
+        max_uncached_tokens=given(FLAGS.max_uncached_tokens, 4_300_000 if on_gpu else 10_000),
+        train_batch=given(FLAGS.train_batch, 16 if on_gpu else 4), train_length=FLAGS.train_length,
         train_reference=FLAGS.train_reference,
         matmul_n=8192 if on_gpu else 1024, copy_bytes=(1 << 30) if on_gpu else (128 << 20),
-        budget_s=pick(FLAGS.budget_s, None if big or shipped else 150.0),
+        budget_s=given(FLAGS.budget_s, None if big or shipped else 150.0),
         out=None if out.lower() == "none" else out,
     )
 
@@ -176,6 +161,8 @@ def main(argv):
         on_gpu = jax.default_backend() != "cpu"
         config = build_config(on_gpu)
         model = load_model(config)  # checkpoint / preset errors are usage errors too
+        if config.out:
+            output_path(config.out, "out", folder=True)
     from bench import memory, report, shipped, suites
 
     argv0 = sys.argv[0].replace("\\", "/")

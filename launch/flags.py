@@ -4,6 +4,9 @@
 - `apply_overrides(sets, groups)`: parse and type `--set` values against dataclass fields.
 - `die(message)`: one line on stderr, exit code 2. `usage_errors()`: a context manager that turns
   ValueError / FileNotFoundError (DataError is a ValueError) into `die`.
+- `positive_ints(name, values)`: a list flag of positive integers.
+- `output_path(path, flag)`: an output file (or folder) checked, its folder made, before any work.
+- `one_line(text)`: an error message cut to one readable line.
 
 Launchers validate everything (preset, overrides, configs, data) inside `usage_errors()` before
 doing any work, so a user mistake costs one line and exit code 2, never a traceback.
@@ -13,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import re
 import sys
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from absl import flags
@@ -52,6 +58,68 @@ def usage_errors() -> Iterator[None]:
         yield
     except (ValueError, FileNotFoundError) as error:
         die(str(error) or type(error).__name__)
+
+
+def positive_ints(name: str, values: Sequence[str]) -> tuple[int, ...]:
+    """The strings of the list flag --`name` as positive ints. Raises ValueError (one line, naming
+    the flag) for an empty list or an item that is not an integer >= 1."""
+    out = []
+    for text in values:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"--{name} takes positive integers; got {text!r}") from None
+        if value < 1:
+            raise ValueError(f"--{name} takes positive integers; got {text!r}")
+        out.append(value)
+    if not out:
+        raise ValueError(f"--{name} must not be empty: give positive integers or leave the flag "
+                         "out")
+    return tuple(out)
+
+
+def output_path(path, flag: str, *, folder: bool = False) -> Path:
+    """The output path of --`flag`, checked before any work so that no result is lost at the end.
+
+    folder=False: a file path that is not a directory (an existing file is writable), whose
+    folder exists or is created now. folder=True: a folder that exists or is created now (not a
+    file). Raises ValueError (one line, naming the flag and the path) otherwise. Nothing is
+    written but the missing folders.
+    """
+    path = Path(path)
+    where = path if folder else path.parent
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"--{flag}={path} is a file, not a folder; give a folder (existing or "
+                         "new)")
+    if not folder and path.is_dir():
+        raise ValueError(f"--{flag}={path} is a folder; give a file path")
+    above = next((p for p in (where, *where.parents) if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"--{flag}={path}: {above} is a file, not a folder; give a path in a "
+                         "folder")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--{flag}={path}: cannot create the folder {where} "
+                         f"({error.strerror or error}); give a path in a writable folder") from None
+    if not os.access(where, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--{flag}={path} is not writable; give a path in a writable folder")
+    return path
+
+
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec(\[\d+\])?='.*?'\]")
+
+
+def one_line(text, limit: int = 300) -> str:
+    """The first line of `text` (e.g. an exception's message) with its whitespace collapsed and
+    the `[tensorstore_spec='...']` JSON that orbax errors carry dropped, its middle elided to
+    `limit` characters so that it stays readable in a one-line error."""
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    line = " ".join(_TENSORSTORE_SPEC.sub("", lines[0] if lines else "").split())
+    if len(line) <= limit:
+        return line
+    tail = limit // 3
+    return f"{line[:limit - tail - 5]} ... {line[-tail:]}"
 
 
 def _type_name(annotation) -> str:

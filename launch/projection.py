@@ -7,7 +7,7 @@ minimum bytes, arithmetic intensity and projected time per call under the device
 peaks (bench/projection.py), then the calls per sequence below which exact burst and
 burst_jacobi would beat cached AR on it. A PROJECTION, not a measurement: nothing runs on the
 device. Runs on a CPU-only machine in seconds (lowering only). Exit 2 with one line on bad
-flags.
+flags (an --out path in no writable folder included), before anything is computed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from absl import app, flags
 from absl import logging as absl_logging
 
-from launch.flags import die, usage_errors
+from launch.flags import die, output_path, positive_ints, usage_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "gpt2_small", "Model preset (sigma_jax/presets.py).")
@@ -44,11 +44,14 @@ def main(argv) -> None:
         if unknown:
             raise ValueError(f"unknown device {unknown[0]!r}; devices: "
                              f"{', '.join(projection.DEVICES)}")
-        batches = [int(b) for b in FLAGS.batches]
-        if min(batches) < 1 or not 1 <= FLAGS.window <= FLAGS.length:
-            raise ValueError("--batches must be >= 1 and --window in [1, --length]")
+        batches = list(positive_ints("batches", FLAGS.batches))
+        if not 1 <= FLAGS.window <= FLAGS.length:
+            raise ValueError(f"--window must be in [1, --length] = [1, {FLAGS.length}]; got "
+                             f"{FLAGS.window}")
         cfg = preset_model_config(FLAGS.preset, FLAGS.length).replace(
             dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
+        if FLAGS.out:
+            output_path(FLAGS.out, "out")
     rows = projection.projection_rows(cfg, FLAGS.devices, batches, FLAGS.length, FLAGS.window,
                                       measure=FLAGS.measure)
     if FLAGS.measure:

@@ -14,15 +14,25 @@ from pathlib import Path
 import numpy as np
 
 _MISSING = re.compile(r"<missing>\s*(\d+)\s*</?missing>")
+_TAG = re.compile(r"<missing>[^<]{0,20}(</?missing>)?|</missing>")  # what is left of a bad gap
 
 
 def read_prompt(prompt: str) -> str:
-    """The prompt text; `FILE:path` reads it from a file (FileNotFoundError if absent)."""
+    """The prompt text; `FILE:path` reads it from a UTF-8 text file (FileNotFoundError if
+    absent; ValueError naming the file if it is a folder, unreadable or not UTF-8)."""
     if prompt.startswith("FILE:"):
         path = Path(prompt[5:])
+        if path.is_dir():
+            raise ValueError(f"prompt file {path} is a folder; give a text file")
         if not path.is_file():
             raise FileNotFoundError(f"prompt file {path} not found")
-        return path.read_text()
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"prompt file {path} is not UTF-8 text") from None
+        except OSError as error:
+            raise ValueError(f"cannot read prompt file {path} ({error.strerror or error})") \
+                from None
     return prompt
 
 
@@ -30,8 +40,10 @@ def parse_prompt(text: str, encode: Callable[[str], np.ndarray], length: int,
                  block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32 [length], known bool [length]) from the prompt syntax.
 
-    Raises ValueError (one line) when the prompt does not fit in `length` or `block_size`, and
-    whatever `encode` raises (a DataError naming the characters outside the vocabulary).
+    Raises ValueError (one line) when the prompt does not fit in `length` or `block_size` or holds
+    a malformed gap (a `<missing>` or `</missing>` tag outside `<missing>N</missing>` with N a
+    whole number), and whatever `encode` raises (a DataError naming the characters outside the
+    vocabulary).
     """
     if length > block_size:
         raise ValueError(f"--length {length} exceeds the model's block_size {block_size}")
@@ -42,6 +54,10 @@ def parse_prompt(text: str, encode: Callable[[str], np.ndarray], length: int,
         if i % 2:  # a gap: its digits are bounded before they become a number
             run = (None, int(piece) if len(piece) <= len(str(length)) else length + 1)
         elif piece:
+            bad = _TAG.search(piece)
+            if bad:
+                raise ValueError(f"malformed gap {bad.group()!r} in the prompt; write "
+                                 "<missing>N</missing> with N the number of unknown tokens")
             ids = np.asarray(encode(piece), np.int32)
             run = (ids, ids.size)
         else:

@@ -14,17 +14,22 @@ mesh, each batch is padded to a multiple of the batch axes and sampled by one sh
 printed by process 0 only. `--animate` runs on a single process.
 
 Exit code 2 with one line on stderr, before any sampling and before the header, for: a missing
-checkpoint, an unknown shipped model, both or neither of --workdir and --pretrained, a prompt
-longer than --length or the block size, characters outside the vocabulary, a sampler option the
-samplers reject (`SampleOptions`, checked against the model and the length), or a mesh that the
-devices cannot hold.
+checkpoint, a config.json or checkpoint that cannot be read or loaded (naming the file, or the
+workdir and step), an unknown shipped model, both or neither of --workdir and --pretrained,
+--step with --pretrained, a prompt longer than --length or the block size, a malformed
+`<missing>` gap, a prompt file that is not a UTF-8 text file, characters outside the vocabulary,
+a sampler option the samplers reject (`SampleOptions`, checked against the model and the
+length), or a mesh that the devices cannot hold. A latest checkpoint that cannot be loaded, with
+an older one that can, costs one `warning:` line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -80,7 +85,13 @@ distributed.define_host_devices_flag()
 
 
 def load_run_config(workdir: str):
-    """(model_cfg, task) recorded in a run's config.json; the task gives encode/decode."""
+    """(model_cfg, task) recorded in a run's config.json; the task gives encode/decode.
+
+    No config.json: FileNotFoundError. A config.json that is not the one launch.train writes
+    (unreadable, not UTF-8, not JSON, not an object with "model" and "train" objects, a "train"
+    without "task", model fields that ModelConfig refuses): ValueError, one line naming the file.
+    The task's own errors (an unknown task, missing data) are raised as they are.
+    """
     from sigma_jax.config import ModelConfig
     from sigma_jax.data import load_task
 
@@ -88,11 +99,93 @@ def load_run_config(workdir: str):
     if not path.is_file():
         raise FileNotFoundError(f"no training run in {workdir} (no config.json); train first: "
                                 f"python -m launch.train --config=<preset> --workdir={workdir}")
-    configs = json.loads(path.read_text())
-    train = configs["train"]
+    fix = "restore the config.json that launch.train wrote, or train a new run"
+    try:
+        configs = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; {fix}") from None
+    except ValueError as error:  # json.JSONDecodeError
+        raise ValueError(f"{path} is not valid JSON ({error}); {fix}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {path} ({error.strerror or error}); {fix}") from None
+    if not (isinstance(configs, dict) and isinstance(configs.get("model"), dict)
+            and isinstance(configs.get("train"), dict) and "task" in configs["train"]):
+        raise ValueError(f'{path} is not a run config: it needs a JSON object with "model" and '
+                         f'"train" objects, the train one naming the "task"; {fix}')
+    model, train = configs["model"], configs["train"]
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = [k for k in model if k not in fields]
+    if unknown:
+        raise ValueError(f"{path}: unknown model field {unknown[0]!r} (fields: "
+                         f"{', '.join(fields)}); {fix}")
+    try:
+        model_cfg = ModelConfig(**model)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: bad model config ({launch_flags.one_line(error)}); "
+                         f"{fix}") from None
     task = load_task(train["task"], seq_len=train.get("seq_len"),
                      data_path=train.get("data_path"))
-    return ModelConfig(**configs["model"]), task
+    return model_cfg, task
+
+
+def load_checkpoint(workdir: str, step: int | None, mesh):
+    """`checkpoint.load(workdir, step, mesh=mesh)` with every failure as one line.
+
+    No workdir or checkpoint: its FileNotFoundError. A checkpoint that cannot be loaded (step
+    given), or none that can (step None): ValueError naming the workdir and the step, with the
+    first line of the cause, cut (`one_line`), and no other line. A checkpoint skipped for an
+    older one that loads prints one `warning:` line on stderr. The "Event loop is closed"
+    reports of reads still in flight when orbax gives up a restore are dropped
+    (`drop_closed_loop_reports`).
+    """
+    from sigma_jax import checkpoint
+
+    drop_closed_loop_reports()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            loaded = checkpoint.load(workdir, step, mesh=mesh)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # any failure to restore: unusable checkpoints
+        if step is not None:
+            raise ValueError(f"cannot load checkpoint {step} of {workdir}: "
+                             f"{_cause(error)}; pick another --step, or drop --step for the "
+                             "latest that loads") from None
+        raise ValueError(f"cannot load any checkpoint of {workdir}: "
+                         f"{_cause(error.__cause__ or error)}; retrain, or move the broken "
+                         f"checkpoints out of {Path(workdir) / 'checkpoints'}") from None
+    for w in caught:
+        if issubclass(w.category, RuntimeWarning):
+            print(f"warning: {launch_flags.one_line(w.message)}", file=sys.stderr, flush=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded
+
+
+def _cause(error: BaseException) -> str:
+    """The first line of `error`'s message, cut (a KeyError's message without its quotes)."""
+    args = error.args
+    text = args[0] if isinstance(error, KeyError) and len(args) == 1 else str(error)
+    return launch_flags.one_line(text or type(error).__name__)
+
+
+def drop_closed_loop_reports() -> None:
+    """Drop the "RuntimeError: Event loop is closed" reports that reach `sys.unraisablehook` when
+    orbax closes the event loop of a failed restore while tensorstore reads are still in flight
+    (their late results are discarded, nothing is lost); every other report goes to the hook
+    installed before. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(report):
+        if not (report.object is None and isinstance(report.exc_value, RuntimeError)
+                and str(report.exc_value) == "Event loop is closed"):
+            previous(report)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
 
 
 def load_model(mesh):
@@ -106,10 +199,8 @@ def load_model(mesh):
         if mesh is not None:
             params = shard_params(params, mesh)
         return cfg, params, encode, decode, f"pretrained {FLAGS.pretrained}", cfg.block_size
-    from sigma_jax import checkpoint
-
     _, task = load_run_config(FLAGS.workdir)
-    cfg, params, step = checkpoint.load(FLAGS.workdir, FLAGS.step, mesh=mesh)
+    cfg, params, step = load_checkpoint(FLAGS.workdir, FLAGS.step, mesh)
     return (cfg, params, task.encode, task.decode, f"{FLAGS.workdir} step {step}",
             min(task.seq_len, cfg.block_size))
 
@@ -119,6 +210,9 @@ def check_flags() -> SampleOptions:
     if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
         raise ValueError("give exactly one of --workdir (a directory written by launch.train) "
                          "and --pretrained (a shipped model, e.g. shakespeare_char)")
+    if FLAGS.pretrained and FLAGS.step is not None:
+        raise ValueError("--step picks a checkpoint of --workdir; a --pretrained model has "
+                         "none: drop --step")
     for name in ("num_samples", "batch_size", "length"):
         value = getattr(FLAGS, name)
         if value is not None and value < 1:

@@ -11,7 +11,8 @@ calls and seconds, slot occupancy) and the engine/static ratio of each round; wr
 serving.jsonl and serving.png to --out. Every engine request's tokens are checked to equal its
 static batch's. --host_devices=N (N > 1, dividing --slots): N CPU devices, the engine one per
 device with its share of the slots (`serve(devices=...)`), each static batch split over them
-with one loop per device (`sample_sharded`). Exit 2 with one line on bad flags.
+with one loop per device (`sample_sharded`). Exit 2 with one line on bad flags (an --out that
+is not a folder that exists or can be made included), before any run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from launch import distributed
-from launch.flags import die, usage_errors
+from launch.flags import die, output_path, usage_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pretrained", "shakespeare_char", "A shipped model (sigma_jax.pretrained).")
@@ -64,19 +65,27 @@ def main(argv) -> None:
         for name in ("requests", "slots", "min_length", "steps_per_call", "rounds"):
             if getattr(FLAGS, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(FLAGS, name)}")
+        if FLAGS.window < 0:
+            raise ValueError(f"--window must be >= 0 (0: all remaining positions); got "
+                             f"{FLAGS.window}")
         if not FLAGS.min_length <= FLAGS.max_length:
             raise ValueError("--min_length must not exceed --max_length")
         if FLAGS.slots % FLAGS.host_devices:
             raise ValueError(f"--slots ({FLAGS.slots}) must divide over the --host_devices "
                              f"({FLAGS.host_devices})")
         options = [_options(name) for name in FLAGS.samplers]
+        if "ar_nocache" in FLAGS.samplers:
+            raise ValueError("--samplers: the engine does not run ar_nocache (the uncached "
+                             "oracle); choose among ar, burst, burst_jacobi, burst_paper")
         from sigma_jax import pretrained
+        from sigma_jax.sampling.engine import check_init
 
         cfg, params, encode, _ = pretrained.load(FLAGS.pretrained)
         if FLAGS.max_length > cfg.block_size:
             raise ValueError(f"--max_length must be <= the model's block_size {cfg.block_size}")
-        for o in options:
-            o.check_for(cfg, FLAGS.max_length)
+        for o in options:  # what the engine takes: no ar_nocache; fit for the model
+            check_init(cfg, o, FLAGS.slots, FLAGS.max_length)
+        out = None if FLAGS.out == "none" else output_path(FLAGS.out, "out", folder=True)
     import jax
 
     from bench import serving
@@ -107,9 +116,7 @@ def main(argv) -> None:
                 print(_line(row), flush=True)
             print(f"  round {round_}: engine/static tokens/s = "
                   f"{engine_row['tokens_per_s'] / static_row['tokens_per_s']:.2f}x", flush=True)
-    if FLAGS.out != "none":
-        out = Path(FLAGS.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         (out / "serving.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         serving.plot(rows, out / "serving.png")
         print(f"# wrote {out}/serving.jsonl and serving.png")

@@ -4,7 +4,8 @@ For each mesh (data:fsdp:tensor) of --meshes: build the sharded state (`init_sta
 place one fixed batch of the preset's task, run --warmup steps (compilation included), then time
 --steps steps one by one (each waits for its result) and print the median and the spread. One
 JSON object per mesh goes to --json (appended) if given. The numbers of docs/scaling.md come
-from this script.
+from this script. Bad flags (an empty --meshes, --steps or --warmup below 1, a --json path in no
+writable folder) exit 2 with one line before any step runs.
 
 Fake CPU devices must be set before JAX starts, so compare device counts across processes:
   python -m launch.step_time --config=tiny --meshes=1:1:1
@@ -24,6 +25,7 @@ from absl import app, flags
 from launch import distributed
 from launch import flags as launch_flags
 from sigma_jax import sharding as sh
+from sigma_jax.checks import check_int
 from sigma_jax.train import check_batch_fits, init_state, make_train_step
 
 FLAGS = flags.FLAGS
@@ -64,6 +66,21 @@ def time_mesh(model_cfg, train_cfg, batch: np.ndarray, mesh_text: str) -> dict:
             "warmup_s": warmup_s, "final_loss": float(metrics["loss"])}
 
 
+def check_flags(meshes: list[str]) -> None:
+    """One-line ValueErrors, before any step runs: no mesh, --steps or --warmup below 1 (the
+    first warm-up step compiles, so it must not be timed), a --json path that cannot be
+    appended to."""
+    if not meshes:
+        raise ValueError(f"--meshes must name at least one mesh data:fsdp:tensor (e.g. 1:1:1); "
+                         f"got {FLAGS.meshes!r}")
+    check_int("--steps", FLAGS.steps, 1)
+    if FLAGS.warmup < 1:
+        raise ValueError(f"--warmup must be >= 1 (the first step compiles and must not be "
+                         f"timed); got {FLAGS.warmup}")
+    if FLAGS.json:
+        launch_flags.output_path(FLAGS.json, "json")
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         launch_flags.die(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -73,6 +90,7 @@ def main(argv) -> None:
     with launch_flags.usage_errors():
         model_cfg, train_cfg, task = build(FLAGS.config, FLAGS.set)
         meshes = [m.strip() for m in FLAGS.meshes.split(",") if m.strip()]
+        check_flags(meshes)
     it = make_iterator(task, "train", train_cfg.global_batch, train_cfg.seed, num_threads=0)
     batch = np.asarray(next(it), np.int32)
     print(f"# {FLAGS.config}: {model_cfg.n_layer}x{model_cfg.n_embd} model, batch "

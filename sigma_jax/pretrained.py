@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import serialization
 
+from sigma_jax.checks import short_repr
 from sigma_jax.config import ModelConfig
 from sigma_jax.data.text_char import CharVocab
 
@@ -104,11 +105,13 @@ def load(name: str) -> tuple[ModelConfig, dict, Callable[[str], np.ndarray],
 
     params is the plain nested dict of jax arrays that every sampler and `log_prob` take;
     encode maps a string to int32 [len] ids (a character outside the vocabulary raises), decode
-    maps ids back to a string. Unknown name: ValueError listing the shipped ones; a file whose
-    sha256 differs from the recorded one: ValueError, nothing loaded.
+    maps ids back to a string. A name that is not a shipped one (or not a string): ValueError
+    listing the shipped ones; a file whose sha256 differs from the recorded one: ValueError,
+    nothing loaded.
     """
-    if name not in MODELS:
-        raise ValueError(f"no shipped model {name!r}; shipped: {', '.join(sorted(MODELS))}")
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"no shipped model {short_repr(name)}; shipped: "
+                         f"{', '.join(sorted(MODELS))}")
     entry = MODELS[name]
     model_cfg, params, chars = read(WEIGHTS_DIR / entry.file, entry.sha256)
     vocab = CharVocab(chars)

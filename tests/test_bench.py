@@ -1,5 +1,6 @@
-"""The benchmark harness: counters from SampleStats, timing fields, JSON rows, plots, the launcher's
-usage errors, and that nothing on the benchmark path needs grain."""
+"""The benchmark harness: counters from SampleStats, timing fields, JSON rows, plots, the usage
+errors of the launchers (bench, step_time) and their flag checks (list flags, output paths), and
+that nothing on the benchmark path needs grain."""
 
 import json
 import os
@@ -13,6 +14,7 @@ from cli_helpers import subprocess_env
 
 from bench import harness, models, report, roofline, sampling, suites, training
 from bench.config import BenchConfig
+from launch.flags import output_path, positive_ints
 from sigma_jax import ModelConfig, count_params, init_params
 from sigma_jax.sampling import SampleOptions
 
@@ -177,13 +179,49 @@ def test_bench_config_validation():
         BenchConfig(weights=("checkpoint",))
     with pytest.raises(ValueError, match="init"):
         BenchConfig(workdir="/tmp", weights=("checkpoint", "init"))
+    for budget in (float("nan"), -1.0, 0.0):
+        with pytest.raises(ValueError, match="budget_s must be a number of seconds > 0"):
+            BenchConfig(budget_s=budget)
+    assert BenchConfig(budget_s=float("inf")).budget_s == float("inf")
     assert BenchConfig(lengths=(16, 64), batches=(1, 4, 8)).points() == [
         (16, 1), (64, 1), (64, 4), (64, 8)]
+
+
+def test_list_flags_take_positive_integers():
+    assert positive_ints("batches", ["1", " 16"]) == (1, 16)
+    for bad in (["x"], ["0"], ["1", "-2"]):
+        with pytest.raises(ValueError, match="--batches takes positive integers"):
+            positive_ints("batches", bad)
+    with pytest.raises(ValueError, match="--batches must not be empty"):
+        positive_ints("batches", [])
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    """A file path in a folder (made if missing) that is not a folder; a folder (made if
+    missing) that is not a file; anything else a one-line ValueError naming the flag."""
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    assert output_path(tmp_path / "new" / "rows.jsonl", "out") == tmp_path / "new" / "rows.jsonl"
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "rows.jsonl").exists()
+    assert output_path(afile, "json") == afile and afile.read_text() == "kept"
+    assert output_path(tmp_path / "d" / "e", "out", folder=True).is_dir()
+    bad = [((tmp_path, "json"), {}, "--json=.* is a folder; give a file path"),
+           ((afile / "x", "out"), {}, "afile is a file, not a folder"),
+           ((afile / "x" / "y", "out"), {"folder": True}, "afile is a file, not a folder"),
+           ((afile, "out"), {"folder": True}, "--out=.*afile is a file, not a folder")]
+    if os.path.isdir("/proc/self"):  # Linux: nothing can be made under /proc
+        bad.append((("/proc/sigma_jax_x/rows.jsonl", "out"), {}, "cannot create the folder"))
+    for args, kwargs, message in bad:
+        with pytest.raises(ValueError, match=message) as error:
+            output_path(*args, **kwargs)
+        assert "\n" not in str(error.value)
+    assert afile.read_text() == "kept"
 
 
 @pytest.mark.parametrize("args", [
     ["--lengths=0"],
     ["--preset=no_such_preset", "--suite=sampling"],
+    ["--batches="],  # an empty list is refused, not replaced by the defaults
 ])
 @pytest.mark.integration
 def test_launcher_bad_input_exits_2(args):
@@ -191,6 +229,20 @@ def test_launcher_bad_input_exits_2(args):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps=0"], "--steps must be an integer >= 1"),
+    (["--warmup=0"], "--warmup must be >= 1 (the first step compiles"),
+    (["--meshes="], "--meshes must name at least one mesh"),
+    (["--json=tests"], "--json=tests is a folder"),
+])
+@pytest.mark.integration
+def test_step_time_bad_flags_exit_2_before_any_step(args, message):
+    result = _subprocess(["-m", "launch.step_time", "--config=tiny", "--steps=1", *args])
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
 
 
 @pytest.mark.integration

@@ -1,13 +1,18 @@
-"""The sample CLI: prompt syntax, infilling through the launcher, and one-line usage errors."""
+"""The sample CLI: prompt syntax, infilling through the launcher, and one-line usage errors (bad
+flags, prompts, run configs and checkpoints)."""
 
 import re
+import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cli_helpers import run_module
 
-from launch.prompt import parse_prompt
+from launch.flags import one_line
+from launch.prompt import parse_prompt, read_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +33,65 @@ def test_prompt_errors():
         parse_prompt("abcdef<missing>10</missing>", _encode, 12, 32)
     with pytest.raises(ValueError, match="block_size"):
         parse_prompt("ab", _encode, 40, 32)
+    for text, gap in [("ab<missing>-3</missing>", "<missing>-3</missing>"),
+                      ("<missing>x</missing>cd", "<missing>x</missing>"),
+                      ("ab</missing>", "</missing>"), ("ab<missing>", "<missing>")]:
+        with pytest.raises(ValueError, match=f"malformed gap '{gap}' in the prompt"):
+            parse_prompt(text, _encode, 12, 32)
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "prompt.txt").write_text("abc")
+    assert read_prompt(f"FILE:{tmp_path / 'prompt.txt'}") == "abc"
+    (tmp_path / "binary").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=f"prompt file {tmp_path} is a folder"):
+        read_prompt(f"FILE:{tmp_path}")
+    with pytest.raises(ValueError, match="binary is not UTF-8 text"):
+        read_prompt(f"FILE:{tmp_path / 'binary'}")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_prompt(f"FILE:{tmp_path / 'absent'}")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[]", "is not a run config"),
+    ("{}", "is not a run config"),
+    ('{"model": {}, "train": {}}', "is not a run config"),
+    ('{"model": {"bogus": 1}, "train": {"task": "product"}}', "unknown model field 'bogus'"),
+    ('{"model": {"vocab_size": 2}, "train": {"task": "product"}}', "bad model config"),
+    ("{bad", "is not valid JSON"),
+    (b"\xff\xfe", "is not UTF-8 text"),
+])
+def test_a_malformed_run_config_is_one_line_naming_the_file(tmp_path, text, message):
+    from launch.sample import load_run_config
+
+    path = tmp_path / "config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=message) as error:
+        load_run_config(str(tmp_path))
+    assert str(error.value).startswith(str(path)) or f" {path} " in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_one_line_cuts_orbax_errors():
+    spec = "[tensorstore_spec='{\\\"a\\\":{\\\"b\\\":[1]}}']"
+    text = f"DATA_LOSS: Error reading x: length (0) < 16 {spec} {spec[:17]}[1]{spec[17:]}\nmore"
+    assert one_line(text) == "DATA_LOSS: Error reading x: length (0) < 16"
+    cut = one_line("a" * 500 + " the cause", limit=100)
+    assert len(cut) == 100 and " ... " in cut and cut.endswith(" the cause")
+
+
+def test_closed_loop_reports_are_dropped_and_others_kept(monkeypatch):
+    from launch.sample import drop_closed_loop_reports
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    drop_closed_loop_reports()
+    drop_closed_loop_reports()  # idempotent: one filter
+    closed = types.SimpleNamespace(object=None, exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(object=None, exc_value=RuntimeError("something else"))
+    sys.unraisablehook(closed)
+    sys.unraisablehook(other)
+    assert seen == [other]
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +152,65 @@ def test_missing_checkpoint_exits_2(tmp_path):
     out = run_module("-m", "launch.sample", f"--workdir={tmp_path / 'nothing'}")
     assert out.returncode == 2
     assert "launch.train" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.integration
+def test_step_applies_to_a_workdir_only():
+    out = run_module("-m", "launch.sample", "--pretrained=shakespeare_char", "--step=3")
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "drop --step" in lines[0], out.stderr
+
+
+@pytest.fixture
+def two_checkpoints(char_run, tmp_path):
+    """A copy of char_run with a second checkpoint, 4, a copy of its checkpoint 2."""
+    run = tmp_path / "run"
+    shutil.copytree(char_run, run)
+    shutil.copytree(run / "checkpoints" / "2", run / "checkpoints" / "4")
+    return run
+
+
+def _corrupt(run, step):
+    (run / "checkpoints" / str(step) / "params" / "manifest.ocdbt").write_bytes(b"")
+
+
+def _assert_one_short_line(text: str):
+    assert "\n" not in text and "tensorstore_spec" not in text and len(text) < 600, text
+
+
+@pytest.mark.integration
+def test_unloadable_checkpoints_are_one_line_errors(two_checkpoints, capsys):
+    """Each names the workdir and the step with the first line of the cause, cut; nothing else
+    is printed."""
+    from launch.sample import load_checkpoint
+
+    run = two_checkpoints
+    _corrupt(run, 4)
+    with pytest.raises(ValueError, match=f"^cannot load checkpoint 4 of {run}: .*--step"):
+        load_checkpoint(str(run), 4, None)
+    shutil.rmtree(run / "checkpoints" / "2" / "config")
+    with pytest.raises(ValueError, match=f"^cannot load checkpoint 2 of {run}: .*config"):
+        load_checkpoint(str(run), 2, None)
+    _corrupt(run, 2)
+    with pytest.raises(ValueError, match=f"^cannot load any checkpoint of {run}: ") as error:
+        load_checkpoint(str(run), None, None)
+    _assert_one_short_line(str(error.value))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.integration
+def test_a_skipped_checkpoint_is_one_warning_line(two_checkpoints):
+    """The latest checkpoint is corrupt: the previous one samples, after one warning line (no
+    traceback of the abandoned reads)."""
+    _corrupt(two_checkpoints, 4)
+    out = run_module("-m", "launch.sample", f"--workdir={two_checkpoints}", "--num_samples=1",
+                     "--length=8")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{two_checkpoints} step 2:" in out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: checkpoint 4 "), out.stderr
+    _assert_one_short_line(lines[0])
 
 
 @pytest.mark.integration

@@ -51,8 +51,9 @@ def test_bad_files_and_names_are_one_line_errors(tmp_path):
         pretrained.read(junk)
     with pytest.raises(FileNotFoundError):
         pretrained.read(tmp_path / "absent.msgpack")
-    with pytest.raises(ValueError, match="shipped: shakespeare_char"):
-        pretrained.load("shakespear_char")
+    for name in ("shakespear_char", ["shakespeare_char"], None):
+        with pytest.raises(ValueError, match="shipped: shakespeare_char"):
+            pretrained.load(name)
     cfg, params = _tiny()
     with pytest.raises(ValueError, match="sorted, distinct"):
         pretrained.save(tmp_path / "m.msgpack", cfg, params, "dcba")

@@ -29,8 +29,12 @@ def test_serve_bench_runs_and_writes_rows(tmp_path, sampler, host_devices):
     (["--max_length=999"], "block_size"),
     (["--host_devices=0"], "--host_devices must be >= 1"),
     (["--slots=3", "--host_devices=2"], "must divide over the --host_devices"),
+    (["--samplers=ar,ar_nocache"], "the engine does not run ar_nocache"),
+    (["--window=-1"], "--window must be >= 0"),
+    (["--out=pyproject.toml"], "--out=pyproject.toml is a file, not a folder"),
 ])
 def test_serve_bench_refuses_bad_flags(args, message):
+    """Before any run: nothing on stdout (no header), nothing written."""
     out = run_module("-m", "launch.serve_bench", *args)
     assert out.returncode == 2 and message in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stdout == ""
