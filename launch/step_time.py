@@ -26,7 +26,7 @@ from launch import distributed
 from launch import flags as launch_flags
 from sigma_jax import sharding as sh
 from sigma_jax.checks import check_int
-from sigma_jax.train import check_batch_fits, init_state, make_train_step
+from sigma_jax.train import check_batch_fits, checked_batch, init_state, make_train_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "Preset name (sigma_jax/presets.py).")
@@ -44,8 +44,8 @@ def time_mesh(model_cfg, train_cfg, batch: np.ndarray, mesh_text: str) -> dict:
     check_batch_fits(train_cfg, mesh)
     with jax.set_mesh(mesh):
         state = init_state(model_cfg, train_cfg, mesh=mesh)
-        placed = sh.place_local_batch(batch, mesh)
-        step = make_train_step(model_cfg, train_cfg, mesh)
+        placed = sh.place_local_batch(checked_batch(model_cfg, batch), mesh)
+        step = make_train_step(model_cfg, train_cfg, mesh).unchecked  # the step alone, timed
         t0 = time.perf_counter()
         for _ in range(FLAGS.warmup):
             state, metrics = step(state, placed)

@@ -16,6 +16,7 @@ from sigma_jax.train.loop import (
 from sigma_jax.train.step import (
     EVAL_STREAM,
     TrainState,
+    checked_batch,
     decay_mask,
     eval_losses,
     evaluate,
@@ -33,8 +34,8 @@ from sigma_jax.train.step import (
 
 __all__ = [
     "EVAL_STREAM", "SaveError", "TrainConfig", "TrainState", "check_batch_fits", "check_task",
-    "check_workdir", "check_workdir_path", "configs_dict", "decay_mask", "eval_losses",
-    "evaluate", "init_state", "learning_rate", "loss_and_grads", "loss_fn", "make_optimizer",
-    "make_train_step", "make_workdir", "place_state", "state_shardings", "step_orders", "train",
-    "train_step", "val_batches",
+    "checked_batch", "check_workdir", "check_workdir_path", "configs_dict", "decay_mask",
+    "eval_losses", "evaluate", "init_state", "learning_rate", "loss_and_grads", "loss_fn",
+    "make_optimizer", "make_train_step", "make_workdir", "place_state", "state_shardings",
+    "step_orders", "train", "train_step", "val_batches",
 ]
