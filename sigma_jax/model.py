@@ -260,15 +260,15 @@ def check_positions(cfg: ModelConfig, *positions) -> None:
 
 def _checked_inputs(cfg: ModelConfig, tokens, pos_in, pos_out):
     """(tokens, pos_in, pos_out) after the one-line checks of a teacher-forced pass: integer
-    arrays (lists accepted) of one shape [B, T] with T >= 1; for concrete values, token ids in
-    [0, input_vocab_size) (the real ids, and the start token cfg.bos_id with cfg.bos) and
-    positions by `check_positions`."""
+    arrays (lists accepted) of one shape [B, T] (T = 0 gives empty logits); for concrete values,
+    token ids in [0, input_vocab_size) (the real ids, and the start token cfg.bos_id with
+    cfg.bos) and positions by `check_positions`."""
     tokens = integer_array(tokens, "tokens", "token ids")
     pos_in, pos_out = integer_array(pos_in, "pos_in"), integer_array(pos_out, "pos_out")
     shapes = [tuple(np.shape(a)) for a in (tokens, pos_in, pos_out)]
-    if len(shapes[0]) != 2 or shapes[0][1] < 1 or len(set(shapes)) != 1:
-        raise ValueError(f"tokens, pos_in and pos_out must be [B, T] arrays of one shape with "
-                         f"T >= 1; got shapes {shapes[0]}, {shapes[1]} and {shapes[2]}")
+    if len(shapes[0]) != 2 or len(set(shapes)) != 1:
+        raise ValueError(f"tokens, pos_in and pos_out must be [B, T] arrays of one shape; got "
+                         f"shapes {shapes[0]}, {shapes[1]} and {shapes[2]}")
     note = (f" (the start token {cfg.bos_id} included)" if cfg.bos
             else " (bos=False: no start token)")
     check_id_range(tokens, cfg.input_vocab_size, "tokens", note)
@@ -403,7 +403,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: jax.Array
 
     Slot t predicts the token at position pos_out[t], having seen slots <= t. Lists are accepted
     as arrays. One-line ValueErrors, before any work: params unlike `init_params(cfg, key)`'s
-    (`check_params`), inputs not integer [B, T] of one shape with T >= 1, and, when concrete,
+    (`check_params`), inputs not integer [B, T] of one shape, and, when concrete,
     token ids outside [0, input_vocab_size) (the start token only with cfg.bos) or positions
     outside [-1, block_size) ([0, block_size) without cfg.bos; `check_positions`).
     """
