@@ -1,18 +1,9 @@
 """Training σ-GPT: `step` holds the pure pieces (loss, optimiser, state, the one compiled train
-step, evaluation), `loop` the training loop around them (`train`)."""
+step, evaluation), `workdir` the checks of a run's directory before it starts, `loop` the
+training loop around them (`train`)."""
 
 from sigma_jax.config import TrainConfig
-from sigma_jax.train.loop import (
-    SaveError,
-    check_batch_fits,
-    check_task,
-    check_workdir,
-    check_workdir_path,
-    configs_dict,
-    make_workdir,
-    train,
-    val_batches,
-)
+from sigma_jax.train.loop import SaveError, check_batch_fits, check_task, train, val_batches
 from sigma_jax.train.step import (
     EVAL_STREAM,
     TrainState,
@@ -30,6 +21,12 @@ from sigma_jax.train.step import (
     state_shardings,
     step_orders,
     train_step,
+)
+from sigma_jax.train.workdir import (
+    check_workdir,
+    check_workdir_path,
+    configs_dict,
+    make_workdir,
 )
 
 __all__ = [
