@@ -41,8 +41,8 @@ from absl import logging as absl_logging
 from launch import distributed
 from launch import flags as launch_flags
 from launch.prompt import parse_prompt, read_prompt
-from sigma_jax.model import shard_params
 from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
+from sigma_jax.param_sharding import shard_params
 from sigma_jax.sampling import SAMPLERS, SampleOptions, sample_sharded
 from sigma_jax.sampling.options import DRAFT_SUPPORT, FIRST_DRAFTS
 

@@ -37,7 +37,8 @@ import orbax.checkpoint as ocp
 
 from sigma_jax.checks import check_int
 from sigma_jax.config import ModelConfig
-from sigma_jax.model import init_params, param_shardings
+from sigma_jax.model import init_params
+from sigma_jax.param_sharding import param_shardings
 from sigma_jax.sharding import check_mesh
 
 CHECKPOINT_DIR = "checkpoints"
@@ -271,7 +272,7 @@ def load(workdir, step: int | None = None, *, mesh=None) -> tuple[ModelConfig, d
 
     params is the plain nested dict of arrays (no optimizer state is read), placed on this
     process's first device, or, with `mesh` (a jax.sharding.Mesh), restored directly onto the
-    mesh by `model.param_shardings`, whatever mesh the checkpoint was saved from; every process
+    mesh by `param_shardings`, whatever mesh the checkpoint was saved from; every process
     of a multi-host run must call it. step: None takes the latest checkpoint that restores
     (skipping unusable ones with a warning), else an integer >= 0. Missing workdir or
     checkpoint: FileNotFoundError; a bad step or mesh, an unknown step, or an explicit step

@@ -11,9 +11,8 @@ itself only); the verify pass is "cache + CAUSAL"; K candidate orders are "cache
 SelfMask(blocks=K)", K causal blocks that all share the one cache (sigma_jax/attention.py).
 
 Public functions are pure: `init_params(cfg, key) -> params` (a plain nested dict) and
-`forward` / `forward_masked`, functions of (cfg, params, arrays). Every parameter's logical axes
-are declared here too (`param_logical_axes`); `param_shardings` / `shard_params` place params on
-a device mesh by them (`sigma_jax.sharding`).
+`forward` / `forward_masked`, functions of (cfg, params, arrays). The parameters' logical axes
+live in `sigma_jax.param_sharding`, the double positional encoding in `sigma_jax.positions`.
 """
 
 from __future__ import annotations
@@ -39,54 +38,8 @@ from sigma_jax.cache_attention import cached_attention
 from sigma_jax.checks import check_id_range, check_key, integer_array, is_concrete, short_repr
 from sigma_jax.config import START_POS, ModelConfig
 from sigma_jax.layers import Linear, gelu
-from sigma_jax.sharding import (
-    auto_axes_call,
-    check_mesh,
-    constrain,
-    fitted_sharding,
-    is_logical_axes,
-    logical_to_spec,
-)
-
-SINUSOID_LEN_MAX = 1e5  # the published `len_max`
-
-
-def sinusoidal_encoding(pos: jax.Array, half_width: int, n_embd: int) -> jax.Array:
-    """PE(p)[j] = sin(p * L^(-(j - j mod 2) / n_embd) + (pi/2) (j mod 2)), j < half_width.
-
-    pos: int [...] (may be -1, the start position) -> float32 [..., half_width]. The exponent
-    divides by the full width n_embd, as the published code does.
-    """
-    j = jnp.arange(half_width).reshape((1,) * pos.ndim + (half_width,))
-    freq = SINUSOID_LEN_MAX ** (-(j - j % 2) / n_embd)  # [1.., half]
-    phase = (math.pi / 2) * (j % 2)
-    return jnp.sin(pos[..., None].astype(jnp.float32) * freq + phase)
-
-
-class DoublePositionalEmbedding(nn.Module):
-    """concat(PE(pos_in), PE(pos_out)): [B, T] x 2 -> [B, T, n_embd], input half first.
-
-    Sinusoidal: PE = cfg.sinusoidal_scale * sinusoidal_encoding; learned: rows of one table."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, pos_in: jax.Array, pos_out: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        half = cfg.n_embd // 2
-        if cfg.pos_encoding == "sinusoidal":
-            encode = lambda p: cfg.sinusoidal_scale * sinusoidal_encoding(p, half, cfg.n_embd)
-        else:
-            # One table for both halves; with a start token, row block_size is the start position.
-            rows = cfg.block_size + int(cfg.bos)
-            table = self.param("wpe", nn.initializers.normal(0.02), (rows, half),
-                               cfg.storage_dtype)
-            encode = lambda p: jnp.take(table, jnp.where(p < 0, cfg.block_size, p), axis=0)
-        in_range = lambda p: ((p >= START_POS) & (p < cfg.block_size))[..., None]
-        pe = jnp.concatenate([encode(pos_in), encode(pos_out)], axis=-1)
-        pe = jnp.where(in_range(pos_in) & in_range(pos_out), pe, jnp.nan)  # out of range: NaN
-        pe = constrain(pe, ("batch", "seq", "act_embed"))
-        return pe.astype(cfg.compute_dtype)
+from sigma_jax.positions import DoublePositionalEmbedding
+from sigma_jax.sharding import auto_axes_call, constrain
 
 
 def _dense(cfg: ModelConfig, features: int, name: str, std: float = 0.02,
@@ -416,75 +369,3 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, pos_in: jax.Array
 def _forward(cfg, params, tokens, pos_in, pos_out, *, dropout_key=None):
     logits, _, _ = forward_masked(cfg, params, tokens, pos_in, pos_out, dropout_key=dropout_key)
     return logits
-
-
-# ---------------------------------------------------------------- parameter shardings
-
-# (module path suffix, leaf name) -> logical axes of one layer's (or the top-level) parameter.
-# Stacked layer params (under "h") get a leading "layers" axis on top of these.
-_PARAM_AXES = {
-    (("attn", "c_attn"), "kernel"): ("embed", "heads"),  # [D, 3D] = q | k | v
-    (("attn", "c_attn"), "bias"): ("heads",),
-    (("attn", "c_proj"), "kernel"): ("heads", "embed"),
-    (("attn", "c_proj"), "bias"): ("embed",),
-    (("mlp", "c_fc"), "kernel"): ("embed", "ff"),
-    (("mlp", "c_fc"), "bias"): ("ff",),
-    (("mlp", "c_proj"), "kernel"): ("ff", "embed"),
-    (("mlp", "c_proj"), "bias"): ("embed",),
-    (("ln_1",), "scale"): ("embed",),
-    (("ln_1",), "bias"): ("embed",),
-    (("ln_2",), "scale"): ("embed",),
-    (("ln_2",), "bias"): ("embed",),
-    (("ln_f",), "scale"): ("embed",),
-    (("ln_f",), "bias"): ("embed",),
-    # Not split over "embed": a gather from a table split over "fsdp" into activations whose batch
-    # is also split over "fsdp" makes XLA replicate the whole [B, T, D] output ("involuntary full
-    # rematerialization"). The table is split over vocab only (it is also the tied output head).
-    (("wte",), "embedding"): ("vocab", None),
-    (("lm_head",), "kernel"): ("embed", "vocab"),
-    (("pos",), "wpe"): ("pos", None),
-}
-_LAYER_STACK = "h"  # the nn.scan scope whose params are stacked on axis 0
-
-
-def _path_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def param_logical_axes(params) -> dict:
-    """A pytree like `params` of logical-axis tuples (one name or None per dimension)."""
-
-    def axes_of(path, leaf):
-        names = _path_names(path)
-        stacked = names[:1] == (_LAYER_STACK,)
-        module, leaf_name = names[int(stacked):-1], names[-1]
-        for (suffix, name), axes in _PARAM_AXES.items():
-            if leaf_name == name and module[-len(suffix):] == suffix:
-                axes = (("layers",) if stacked else ()) + axes
-                if len(axes) != len(leaf.shape):
-                    raise ValueError(f"param {'/'.join(names)} has shape {leaf.shape}, expected "
-                                     f"{len(axes)} dimensions {axes}")
-                return axes
-        raise ValueError(f"no sharding rule for param {'/'.join(names)} (shape {leaf.shape}); "
-                         f"add it to model._PARAM_AXES")
-
-    return jax.tree_util.tree_map_with_path(axes_of, params)
-
-
-def param_specs(params) -> dict:
-    """A pytree like `params` of `jax.P`, from the logical axes of each parameter (no fitting)."""
-    return jax.tree.map(logical_to_spec, param_logical_axes(params), is_leaf=is_logical_axes)
-
-
-def param_shardings(params, mesh) -> dict:
-    """NamedShardings for `params` (arrays or ShapeDtypeStructs) on `mesh` (a jax.sharding.Mesh:
-    one-line ValueError otherwise), fitted to the shapes."""
-    check_mesh(mesh)
-    return jax.tree.map(lambda p, axes: fitted_sharding(mesh, axes, p.shape), params,
-                        param_logical_axes(params), is_leaf=is_logical_axes)
-
-
-def shard_params(params, mesh) -> dict:
-    """Place `params` on `mesh` (a jax.sharding.Mesh) by `param_shardings` (a copy; the input is
-    left as it is)."""
-    return jax.device_put(params, param_shardings(params, mesh))

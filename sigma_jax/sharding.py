@@ -10,7 +10,7 @@ The mesh has three axes, always in this order:
 
 Library code never names mesh axes. It names *logical* axes ("batch", "heads", ...) and the
 `DEFAULT_RULES` table maps them onto mesh axes. The model declares its parameters' logical axes
-(`model.param_shardings`), the cache its own (`cache.cache_sharding`); training
+(`param_sharding.param_shardings`), the cache its own (`cache.cache_sharding`); training
 (`sigma_jax.train`) and sharded sampling (`sampling.sample_sharded`) put them on their jitted
 entry points. Without an ambient mesh (`jax.set_mesh`), `constrain()` does nothing. `fit_spec`
 drops a mesh axis from a dimension it does not divide (a vocabulary of 11 on tensor=4 stays

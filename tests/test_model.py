@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sigma_jax import ModelConfig, count_params, forward, init_params, orders
-from sigma_jax.model import sinusoidal_encoding
+from sigma_jax.positions import sinusoidal_encoding
 
 CFG = ModelConfig(vocab_size=16, block_size=12, n_layer=2, n_head=4, n_embd=32)
 
@@ -126,7 +126,7 @@ def test_sinusoidal_encoding_matches_published_worked_example():
 def test_double_encoding_puts_the_input_position_first(encoding):
     cfg = CFG.replace(pos_encoding=encoding, n_layer=1)
     params = init_params(cfg, jax.random.key(0))
-    from sigma_jax.model import DoublePositionalEmbedding
+    from sigma_jax.positions import DoublePositionalEmbedding
 
     emb = lambda a, b: DoublePositionalEmbedding(cfg).apply(
         {"params": params.get("pos", {})}, jnp.array([[a]]), jnp.array([[b]]))[0, 0]
@@ -144,7 +144,7 @@ def test_double_encoding_puts_the_input_position_first(encoding):
 
 
 def test_sinusoidal_scale_multiplies_both_halves():
-    from sigma_jax.model import DoublePositionalEmbedding
+    from sigma_jax.positions import DoublePositionalEmbedding
 
     cfg = CFG.replace(pos_encoding="sinusoidal", sinusoidal_scale=0.1)
     got = np.asarray(DoublePositionalEmbedding(cfg).apply({}, jnp.array([[-1, 5]]),

@@ -30,7 +30,7 @@ from launch.train import build
 from sigma_jax import checkpoint
 from sigma_jax import sharding as sh
 from sigma_jax.data import make_iterator
-from sigma_jax.model import shard_params
+from sigma_jax.param_sharding import shard_params
 from sigma_jax.sampling import SampleOptions, sample, sample_sharded
 from sigma_jax.train import (
     check_batch_fits,

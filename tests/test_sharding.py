@@ -15,7 +15,8 @@ from sigma_jax import checkpoint, decode, orders
 from sigma_jax import sharding as sh
 from sigma_jax.cache import CACHE_KV_AXES, NEW_KV_AXES, KVCache, cache_sharding, init_cache, write
 from sigma_jax.config import ModelConfig, TrainConfig
-from sigma_jax.model import forward, init_params, param_shardings, param_specs, shard_params
+from sigma_jax.model import forward, init_params
+from sigma_jax.param_sharding import param_shardings, param_specs, shard_params
 from sigma_jax.sampling import SampleOptions, engine, sample_sharded
 from sigma_jax.train import init_state
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sigma_jax.config import ModelConfig
-from sigma_jax.model import check_params, init_params, param_shardings
+from sigma_jax.model import check_params, init_params
+from sigma_jax.param_sharding import param_shardings
 from sigma_jax.sampling.call import SampleStats
 from sigma_jax.sampling.dispatch import kernel_call
 from sigma_jax.sampling.draws import row_keys

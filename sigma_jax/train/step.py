@@ -27,7 +27,8 @@ import optax
 from sigma_jax import orders as orders_lib
 from sigma_jax.checks import check_id_range, integer_array, largest_divisor
 from sigma_jax.config import ModelConfig, TrainConfig
-from sigma_jax.model import forward, init_params, param_shardings
+from sigma_jax.model import forward, init_params
+from sigma_jax.param_sharding import param_shardings
 from sigma_jax.sharding import (
     as_mesh,
     auto_axes_call,
@@ -166,7 +167,7 @@ def _init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, seed) -> TrainSt
 
 def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh) -> TrainState:
     """A TrainState of NamedShardings on `mesh`: params by their logical axes
-    (`model.param_shardings`), every parameter-shaped optimizer leaf (Adam's mu and nu) like its
+    (`param_shardings`), every parameter-shaped optimizer leaf (Adam's mu and nu) like its
     parameter (`optax.tree_map_params`), and the scalars (step, Adam's count, key) replicated."""
     shapes = jax.eval_shape(_init_state, model_cfg, train_cfg, 0)
     params = param_shardings(shapes.params, mesh)
