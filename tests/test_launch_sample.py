@@ -111,7 +111,8 @@ def char_run(tmp_path_factory):
 def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler, order):
     out = run_module("-m", "launch.sample", f"--workdir={char_run}", f"--sampler={sampler}",
                "--prompt=ROMEO<missing>6</missing>the king", "--length=24", "--num_samples=2",
-               "--window=4", f"--order={order}", "--known_order=ascending")
+               *(["--window=4"] if sampler != "ar" else []), f"--order={order}",
+               "--known_order=ascending")
     assert out.returncode == 0, out.stderr[-2000:]
     chunks = re.split(r"^--- sample \d+:.*\n", out.stdout, flags=re.M)[1:]
     samples = [chunk[:-1] for chunk in chunks]  # each sample ends with one newline
@@ -130,6 +131,7 @@ def test_infilling_through_the_cli_keeps_the_prompt(char_run, sampler, order):
     (["--temperature=nan"], "temperature"),
     (["--top_k=1000"], "top_k must be an integer in [1, "),
     (["--window=30", "--length=24"], "window must be an integer in [1, 24]"),
+    (["--sampler=ar", "--window=4"], "window applies to the burst samplers only"),
     (["--prompt=ab<missing>300000000</missing>", "--length=16"], "more than --length 16"),
     (["--top_p=0"], "top_p"),
     (["--sampler=burst_jacobi", "--draft_support=0"], "draft_support must be an integer >= 1"),

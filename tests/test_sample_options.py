@@ -20,6 +20,7 @@ BAD = [
     (dict(sampler="burst_paper", order="spread"), "order='random'"),
     (dict(known_order="sorted"), "known_order"),
     (dict(window=0), "window must be an integer >= 1; got 0"),
+    (dict(sampler="ar", window=3), "window applies to the burst samplers only; got sampler 'ar'"),
     (dict(window=2.0), "window must be an integer"),
     (dict(window=True), "window must be an integer"),
     (dict(n_orders=0), "n_orders must be an integer >= 1"),
@@ -94,9 +95,9 @@ def test_the_traced_fields_are_a_property_of_the_type():
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_derived_quantities_follow_their_formulas(sampler):
     n, n_known, iterations = 10, 3, 4
-    for window in (None, 1, 4, 10):
+    burst = sampler.startswith("burst")
+    for window in (None, 1, 4, 10) if burst else (None,):  # AR samplers take no window
         options = SampleOptions(sampler, window=window, n_orders=3)
-        burst = sampler.startswith("burst")
         w = (window or n) if burst else 1
         assert options.window_for(n) == w
         capacity = 0 if sampler == "ar_nocache" else n + int(SMALL.bos) + w

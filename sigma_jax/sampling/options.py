@@ -88,8 +88,9 @@ class SampleOptions:
     = N, else >= 1). Concrete traced values are checked and held as Python numbers; tracers
     (options built inside `jax.jit`) pass unchecked.
 
-    Bad values raise a one-line ValueError at construction. Numpy integers are accepted
-    wherever an int is.
+    Bad values raise a one-line ValueError at construction, and so does a window given to an
+    AR sampler (which would ignore it). Numpy integers are accepted wherever an
+    int is.
     """
 
     sampler: str = "burst"
@@ -114,6 +115,9 @@ class SampleOptions:
         if self.first_drafts != "known" and self.sampler != "burst_jacobi":
             raise ValueError(f"first_drafts applies to burst_jacobi only; got sampler "
                              f"{self.sampler!r} with first_drafts={self.first_drafts!r}")
+        if self.window is not None and not self.is_burst:
+            raise ValueError(f"window applies to the burst samplers only; got sampler "
+                             f"{self.sampler!r} with window={short_repr(self.window)}")
         set_field = lambda name, value: object.__setattr__(self, name, value)
         set_field("window", _window(self.window))
         set_field("n_orders", check_int("n_orders", self.n_orders, 1))
