@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from bench.models import kv_bytes
 from bench.report import format_table
 from sigma_jax.config import ModelConfig, TrainConfig
-from sigma_jax.presets import PRESETS
+from sigma_jax.presets import get_preset
 from sigma_jax.sampling import SampleOptions, sample_ar_call, sample_burst_call
 from sigma_jax.train import init_state, make_train_step
 
@@ -64,7 +64,7 @@ def entries(window: int | None, n_orders: int) -> list[tuple[str, SampleOptions 
 
 def preset_train_config(preset: str | None) -> TrainConfig | None:
     """The preset's TrainConfig (None without a preset: the train step is then skipped)."""
-    return PRESETS[preset].train if preset else None
+    return get_preset(preset).train if preset else None
 
 
 def abstract(tree):

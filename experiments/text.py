@@ -76,9 +76,9 @@ def main(argv=None) -> dict:
     log = common.log_fn(args.quiet)
     spec = SIZES[args.size]
     from sigma_jax.data import load_task
-    from sigma_jax.presets import PRESETS
+    from sigma_jax.presets import get_preset
 
-    preset = PRESETS[spec["preset"]]
+    preset = get_preset(spec["preset"])
     seq_len = spec["train"].get("seq_len", preset.train.seq_len)
     task = load_task("shakespeare_char", seq_len=seq_len)
     runs = []

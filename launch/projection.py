@@ -41,9 +41,9 @@ def main(argv) -> None:
 
     with usage_errors():
         unknown = [d for d in FLAGS.devices if d not in projection.DEVICES]
-        if unknown:
-            raise ValueError(f"unknown device {unknown[0]!r}; devices: "
-                             f"{', '.join(projection.DEVICES)}")
+        if not FLAGS.devices or unknown:
+            what = f"unknown device {unknown[0]!r}" if unknown else "--devices names no device"
+            raise ValueError(f"{what}; devices: {', '.join(projection.DEVICES)}")
         batches = list(positive_ints("batches", FLAGS.batches))
         if not 1 <= FLAGS.window <= FLAGS.length:
             raise ValueError(f"--window must be in [1, --length] = [1, {FLAGS.length}]; got "

@@ -67,12 +67,14 @@ def time_mesh(model_cfg, train_cfg, batch: np.ndarray, mesh_text: str) -> dict:
 
 
 def check_flags(meshes: list[str]) -> None:
-    """One-line ValueErrors, before any step runs: no mesh, --steps or --warmup below 1 (the
-    first warm-up step compiles, so it must not be timed), a --json path that cannot be
-    appended to."""
-    if not meshes:
-        raise ValueError(f"--meshes must name at least one mesh data:fsdp:tensor (e.g. 1:1:1); "
-                         f"got {FLAGS.meshes!r}")
+    """One-line ValueErrors, before any step runs: no mesh, an empty or malformed one, --steps or
+    --warmup below 1 (the first warm-up step compiles, so it must not be timed), a --json path
+    that cannot be appended to."""
+    if not meshes or not all(meshes):
+        raise ValueError(f"--meshes must be comma-separated meshes data:fsdp:tensor (e.g. "
+                         f"1:1:1,2:1:1), none empty; got {FLAGS.meshes!r}")
+    for mesh_text in meshes:
+        sh.MeshConfig.parse(mesh_text, FLAGS.mesh_axis_type)
     check_int("--steps", FLAGS.steps, 1)
     if FLAGS.warmup < 1:
         raise ValueError(f"--warmup must be >= 1 (the first step compiles and must not be "
@@ -89,7 +91,7 @@ def main(argv) -> None:
 
     with launch_flags.usage_errors():
         model_cfg, train_cfg, task = build(FLAGS.config, FLAGS.set)
-        meshes = [m.strip() for m in FLAGS.meshes.split(",") if m.strip()]
+        meshes = [m.strip() for m in FLAGS.meshes.split(",")] if FLAGS.meshes.strip() else []
         check_flags(meshes)
     it = make_iterator(task, "train", train_cfg.global_batch, train_cfg.seed, num_threads=0)
     batch = np.asarray(next(it), np.int32)

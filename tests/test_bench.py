@@ -234,7 +234,9 @@ def test_launcher_bad_input_exits_2(args):
 @pytest.mark.parametrize("args, message", [
     (["--steps=0"], "--steps must be an integer >= 1"),
     (["--warmup=0"], "--warmup must be >= 1 (the first step compiles"),
-    (["--meshes="], "--meshes must name at least one mesh"),
+    (["--meshes="], "--meshes must be comma-separated meshes data:fsdp:tensor"),
+    (["--meshes=1:1:1,,1:1:1"], "none empty; got '1:1:1,,1:1:1'"),
+    (["--meshes=1:1:1,2:x:1"], "2:x:1"),
     (["--json=tests"], "--json=tests is a folder"),
 ])
 @pytest.mark.integration

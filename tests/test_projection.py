@@ -40,3 +40,5 @@ def test_the_launcher_prints_a_labelled_projection(tmp_path):
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 12
     bad = run_module("-m", "launch.projection", "--devices=v100")
     assert bad.returncode == 2 and "unknown device 'v100'" in bad.stderr
+    none = run_module("-m", "launch.projection", "--devices=")
+    assert none.returncode == 2 and "--devices names no device" in none.stderr
