@@ -252,19 +252,20 @@ def _check_known_first(order: np.ndarray, known: np.ndarray, lengths) -> None:
 def checked_rows(cfg, tokens, known, order=None, lengths=None, *, known_only: bool = False):
     """The [B, N] inputs of a model call after every one-line check (`check_known`, lengths in
     [1, N]): (tokens int32, known bool cleared past each row's length, explicit order int32 or
-    None, lengths int32 [B]). Lists, numpy and jax arrays are accepted. known_only: only the
-    known tokens are checked and kept (the others set to 0), for callers that ignore them."""
+    None, lengths int32 [B]). Lists, numpy and jax arrays are accepted. Only the ids a call
+    reads are checked and kept, the others set to 0: those within each row's length, or with
+    known_only the known ones (for callers that ignore the rest)."""
     known = jnp.asarray(bool_mask(known))
     tokens = token_ids(tokens)
     check_rows_shape(tokens, known)
     lengths = row_lengths(lengths, known.shape)
-    known = known & within_lengths(lengths, known.shape[-1])
+    present = within_lengths(lengths, known.shape[-1])
+    known = known & present
+    read = known if known_only else present
     order = None if order is None else integer_array(order, "order")
     checked = tokens  # ids are range-checked in their given dtype, before a cast can wrap them
-    if known_only and is_concrete(tokens, known):
-        checked = np.where(np.asarray(known), np.asarray(tokens), 0)
+    if is_concrete(tokens, read):
+        checked = np.where(np.asarray(read), np.asarray(tokens), 0)
     check_known(cfg, checked, known, order, lengths)
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if known_only:
-        tokens = jnp.where(known, tokens, 0)
+    tokens = jnp.where(read, jnp.asarray(tokens, jnp.int32), 0)
     return tokens, known, None if order is None else jnp.asarray(order, jnp.int32), lengths

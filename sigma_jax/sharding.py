@@ -132,13 +132,19 @@ def as_mesh(mesh: jax.sharding.Mesh | MeshConfig | None) -> jax.sharding.Mesh:
 
 
 def check_mesh(mesh, allowed: str = "a jax.sharding.Mesh") -> None:
-    """One-line ValueError naming `mesh` unless it is a `jax.sharding.Mesh`, saying what to pass.
+    """One-line ValueError naming `mesh` unless it is a `jax.sharding.Mesh` whose axes are named
+    as `make_mesh` names them (the batch axes included), saying what to pass.
     allowed: how the message names what the caller takes (e.g. 'a jax.sharding.Mesh or None',
     where the caller handles None itself)."""
     if not isinstance(mesh, jax.sharding.Mesh):
         got = f"MeshConfig '{mesh}'" if isinstance(mesh, MeshConfig) else short_repr(mesh)
         raise ValueError(f"mesh must be {allowed}, e.g. make_mesh(MeshConfig.parse('1:1:1')); "
                          f"got {got}")
+    names = set(mesh.axis_names)
+    if not names <= set(MESH_AXES) or not set(DEFAULT_RULES.mesh_axes("batch")) <= names:
+        raise ValueError(f"mesh axes must be named among {', '.join(map(repr, MESH_AXES))} and "
+                         f"include the batch axes {DEFAULT_RULES.mesh_axes('batch')}, as "
+                         f"make_mesh names them; got {tuple(mesh.axis_names)}")
 
 
 def mesh_text(mesh) -> str:

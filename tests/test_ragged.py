@@ -112,3 +112,17 @@ def test_bad_lengths_and_orders_fail_with_one_line(params):
     known = np.zeros_like(known)
     with pytest.raises(ValueError, match="past each row's length last"):
         log_prob(SMALL, params, tokens, known, order=order[:, ::-1].copy(), lengths=LENGTHS)
+
+
+def test_ids_past_a_rows_length_are_never_read():
+    """Padding ids past each row's length (here -1 and 99, outside [0, V)) are ignored by the
+    densities, as they are by the samplers: the same values as with zeros there."""
+    params = peaked_params(SMALL, 0)
+    tokens = jnp.asarray(np.arange(2 * N).reshape(2, N) % SMALL.vocab_size, jnp.int32)
+    known = jnp.zeros((2, N), bool).at[:, 1].set(True)
+    lengths = jnp.array([N - 3, N])
+    padded = tokens.at[0, N - 3:].set(jnp.array([-1, 99, -1]))
+    key = jax.random.key(4)
+    for f in (log_prob, conditionals):
+        np.testing.assert_array_equal(f(SMALL, params, padded, known, key, lengths=lengths),
+                                      f(SMALL, params, tokens, known, key, lengths=lengths))

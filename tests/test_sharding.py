@@ -109,6 +109,16 @@ def test_mesh_arguments_must_be_meshes_and_say_what_to_pass(params, tmp_path):
         (lambda: sh.make_mesh("1:1:1"),
          "mesh_cfg must be a MeshConfig, e.g. MeshConfig.parse('1:1:1'); got '1:1:1'"),
     ]
+    other_names = "mesh axes must be named among 'data', 'fsdp', 'tensor' and include the " \
+                  "batch axes ('data', 'fsdp'), as make_mesh names them; got "
+    for names in (("x",), ("data", "tensor")):
+        mesh = jax.make_mesh((4,) + (1,) * (len(names) - 1), names)
+        cases += [(lambda m=mesh: sample_sharded(CFG, params, jax.random.key(0),
+                                                 np.zeros((2, 4), np.int32),
+                                                 np.zeros((2, 4), bool), SampleOptions(), mesh=m),
+                   other_names + str(names)),
+                  (lambda m=mesh: engine.init(CFG, SampleOptions("ar"), 4, 8, mesh=m),
+                   other_names + str(names))]
     for call, message in cases:
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             call()

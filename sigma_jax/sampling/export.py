@@ -17,6 +17,12 @@ key data (uint32 [..., 2] for threefry): `key` of a request is
 `jax.random.key_data(jax.random.key(seed))`. slot and length are int32 scalars, tokens int32 [N],
 known bool [N]. A request served through the artifacts gets bitwise the tokens of
 `sigma_jax.sampling.serve` on the platform that ran them.
+
+The artifacts check shapes and dtypes (jax.export refuses others), not values: a loader must
+check each request itself, as `engine.check_request` does where sigma_jax is at hand: slot in
+[0, slots), length in [1, capacity], known token ids in [0, manifest["vocab_size"]), at least
+one known token without a start token. Outside those, an insert writes another slot (a slot is
+clamped), never finishes (length 0) or returns garbage.
 """
 
 from __future__ import annotations
