@@ -201,6 +201,13 @@ def load_model(mesh):
         return cfg, params, encode, decode, f"pretrained {FLAGS.pretrained}", cfg.block_size
     _, task = load_run_config(FLAGS.workdir)
     cfg, params, step = load_checkpoint(FLAGS.workdir, FLAGS.step, mesh)
+    from sigma_jax.train import check_task
+
+    try:  # a config.json naming another task would decode the samples with its vocabulary
+        check_task(cfg, task)
+    except ValueError as error:
+        raise ValueError(f"{FLAGS.workdir}/config.json does not match checkpoint {step}: "
+                         f"{error}") from None
     return (cfg, params, task.encode, task.decode, f"{FLAGS.workdir} step {step}",
             min(task.seq_len, cfg.block_size))
 

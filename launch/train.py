@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 
 import jax
 from absl import app, flags
@@ -132,7 +133,13 @@ def _quiet_failed_writes() -> None:
     sys.unraisablehook = hook
 
 
+def _warning_line(message, category, *_, **__) -> None:
+    """A warning (e.g. a checkpoint skipped on resume) as one `warning:` line on stderr."""
+    print(f"warning: {launch_flags.one_line(message)}", file=sys.stderr, flush=True)
+
+
 def _train(workdir: str) -> None:
+    from sigma_jax.checkpoint import NoUsableCheckpoint
     from sigma_jax.train import (
         SaveError,
         check_batch_fits,
@@ -156,10 +163,13 @@ def _train(workdir: str) -> None:
         f"workdir {workdir}, mesh {distributed.mesh_text(mesh)} over {jax.device_count()} "
         f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)")
     _quiet_failed_writes()
+    warnings.showwarning = _warning_line
     try:
         result = train(model_cfg, train_cfg, workdir, task=task, log=log, mesh=mesh)
     except SaveError as error:
         launch_flags.die(str(error), code=SAVE_FAILED_EXIT)
+    except NoUsableCheckpoint as error:  # the workdir's checkpoints, not the flags
+        launch_flags.die(launch_flags.one_line(error))
     summary = {k: result[k] for k in ("step", "loss", "val_loss_train_order",
                                       "val_loss_left_to_right", "val_loss_random")
                if k in result}

@@ -53,6 +53,11 @@ def _abstract(tree):
 DIGEST_ITEM = "digest"
 
 
+class NoUsableCheckpoint(RuntimeError):
+    """Checkpoints exist, but none restores (every one is torn, corrupt or of another model);
+    the message is one line naming the directory and the latest error."""
+
+
 @jax.jit
 def _checksums(tree):
     """Two uint32 checksums per leaf, over the leaf's bits as uint32 words w_i (bools as 0/1):
@@ -184,7 +189,7 @@ class CheckpointManager:
 
         A checkpoint that fails to restore is skipped with a RuntimeWarning; once an older one has
         restored, the skipped ones are moved to <workdir>/corrupt_checkpoints/ so that the resumed
-        run can save those steps again. If none restores, RuntimeError (nothing is moved).
+        run can save those steps again. If none restores, NoUsableCheckpoint (nothing is moved).
         """
         failed, last_error = [], None
         for step in reversed(self.steps()):
@@ -201,7 +206,7 @@ class CheckpointManager:
                 self._quarantine(bad)
             return state, step
         if failed:
-            raise RuntimeError(
+            raise NoUsableCheckpoint(
                 f"no checkpoint in {self.directory} can be restored (latest error: "
                 f"{_first_line(last_error)}); move them away or use a new --workdir"
             ) from last_error

@@ -233,6 +233,7 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     """Fresh parameters: a plain nested dict (nanoGPT init: N(0, 0.02), residual projections
     N(0, 0.02/sqrt(2 n_layer)), zero biases). Per-layer params are stacked on a leading axis.
     key: one typed PRNG key (`check_key`); the work is one jitted call."""
+    check_config(cfg)
     check_key(key)
     return _init_params(cfg, key)
 
@@ -245,10 +246,18 @@ def _init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     return variables["params"]
 
 
+def check_config(cfg) -> None:
+    """One-line ValueError unless `cfg` is a ModelConfig (a dict or another config would fail
+    later on a missing attribute)."""
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg must be a sigma_jax.ModelConfig; got {short_repr(cfg)}")
+
+
 def check_params(cfg: ModelConfig, params) -> None:
-    """One-line ValueError unless `params` has the tree, shapes and a floating dtype of
-    `init_params(cfg, key)` (arrays, tracers or `jax.ShapeDtypeStruct`s): params of another
-    config would otherwise fail deep inside the model, or not at all."""
+    """One-line ValueError unless `cfg` is a ModelConfig and `params` has the tree, shapes and a
+    floating dtype of `init_params(cfg, key)` (arrays, tracers or `jax.ShapeDtypeStruct`s):
+    params of another config would otherwise fail deep inside the model, or not at all."""
+    check_config(cfg)
     if not isinstance(params, Mapping):
         raise ValueError(f"params must be the nested dict of init_params(cfg, key) or "
                          f"checkpoint.load; got {type(params).__name__}")

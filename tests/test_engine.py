@@ -136,15 +136,17 @@ def test_bad_requests_are_refused_alone(params):
            Request(np.zeros(3, np.float32), np.zeros(3, bool), jax.random.key(0)),
            Request(np.zeros(3, np.int32), np.zeros(3, bool), 7),
            Request(None, np.zeros(3, bool), jax.random.key(0)),
-           Request(np.int32(3), np.bool_(False), jax.random.key(0))]
+           Request(np.int32(3), np.bool_(False), jax.random.key(0)),
+           (np.zeros(3, np.int32), np.zeros(3, bool), jax.random.key(0))]
     results = {r.index: r for r in serve(SMALL, params, [good[0], *bad, good[1]], slots=2,
                                           options=SampleOptions("ar"))}
-    assert len(results) == 8 and results[0].error is None and results[7].error is None
-    assert len(results[7].tokens) == N
-    for index, match in zip(range(1, 7), ["request length 11 exceeds the model's block_size 10",
+    assert len(results) == 9 and results[0].error is None and results[8].error is None
+    assert len(results[8].tokens) == N
+    for index, match in zip(range(1, 8), ["request length 11 exceeds the model's block_size 10",
                                           "token ids", "integer ids", "typed PRNG key",
                                           "tokens and known must both be [L]; got () and (3,)",
-                                          "tokens and known must both be [L]; got () and ()"],
+                                          "tokens and known must both be [L]; got () and ()",
+                                          "a request must be a sigma_jax.sampling.Request"],
                             strict=True):
         assert match in results[index].error and "\n" not in results[index].error
         assert results[index].tokens is None

@@ -129,3 +129,7 @@ def test_bad_arguments_fail_with_one_line_before_anything_is_written(tmp_path):
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             export(SMALL, directory=tmp_path / "art", **kwargs)
         assert not (tmp_path / "art").exists()
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(ValueError, match="artifacts to .*file: it is a file; pass a directory$"):
+        export(SMALL, shapes, SampleOptions("burst"), 2, N, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "kept"

@@ -1,6 +1,7 @@
 """The sample CLI: prompt syntax, infilling through the launcher, and one-line usage errors (bad
 flags, prompts, run configs and checkpoints)."""
 
+import json
 import re
 import shutil
 import sys
@@ -285,3 +286,18 @@ def test_host_devices_run_one_loop_per_device_with_the_same_samples(char_run):
     bad = run_module("-m", "launch.sample", f"--workdir={char_run}", "--host_devices=0")
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and "--host_devices" in bad.stderr
+
+
+@pytest.mark.integration
+def test_a_config_json_that_does_not_fit_the_checkpoint_is_one_line(char_run, tmp_path):
+    """config.json names the task whose vocabulary decodes the samples: one that the checkpoint's
+    model does not fit (here a seq_len past its block size) is refused, not decoded into garbage."""
+    run = tmp_path / "run"
+    shutil.copytree(char_run, run)
+    configs = json.loads((run / "config.json").read_text())
+    configs["train"]["seq_len"] = 10_000
+    (run / "config.json").write_text(json.dumps(configs))
+    out = run_module("-m", "launch.sample", f"--workdir={run}", "--num_samples=1", "--length=8")
+    assert out.returncode == 2 and out.stdout == "", out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "config.json does not match checkpoint 2" in lines[0], out.stderr

@@ -127,6 +127,16 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(env, tmp_path):
     assert rows[-1]["val_loss_left_to_right"] == reference["val_loss_left_to_right"]
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
 
+    # Every checkpoint torn: one warning line per checkpoint tried, then one error line, rc 2.
+    for manifest in (killed_dir / "checkpoints").glob("*/params/manifest.ocdbt"):
+        manifest.write_bytes(b"")
+    torn = _launch([*TINY, f"--workdir={killed_dir}", "--set", "max_steps=60"], env)
+    _, err = torn.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert torn.returncode == 2, err
+    assert lines[-1].startswith("error: no checkpoint in ") and "can be restored" in lines[-1]
+    assert all(line.startswith("warning: checkpoint ") for line in lines[:-1]), err
+
 
 @pytest.mark.integration
 def test_sigterm_saves_the_last_finished_step_and_exits_promptly(env, tmp_path):

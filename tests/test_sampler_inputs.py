@@ -124,6 +124,9 @@ def test_keys_options_and_flags_of_the_wrong_kind_fail_with_one_line(params):
                   "one typed PRNG key; got shape")
     _one_line(lambda: sample_ar(SMALL, params, jax.random.key(0), tokens, known,
                                 use_cache="no"), "use_cache must be True or False")
+    _one_line(lambda: sample_ar({"vocab_size": 11}, params, jax.random.key(0), tokens, known),
+              "cfg must be a sigma_jax.ModelConfig; got ")
+    _one_line(lambda: init_params(None, jax.random.key(0)), "cfg must be a sigma_jax.ModelConfig")
     for bad in ("burst", None, {"sampler": "burst"}):
         _one_line(lambda bad=bad: sampling.sample(SMALL, params, jax.random.key(0), tokens,
                                                   known, bad), "must be a sigma_jax.SampleOptions")

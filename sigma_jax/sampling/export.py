@@ -51,12 +51,16 @@ def export(cfg: ModelConfig, params, options: SampleOptions, slots: int, capacit
     to `directory`; returns the manifest. params: the params dict of `cfg`, or a tree of
     `jax.ShapeDtypeStruct` (then no params.npz is written). iterations >= 1: sampler iterations
     per step. Bad arguments (those of `engine.init`, params whose tree or shapes are not
-    `cfg`'s, platforms, iterations) are one-line ValueErrors raised before the directory is
-    created; every function is exported before any file is written."""
+    `cfg`'s, platforms, iterations, a directory that is a file) are one-line ValueErrors raised
+    before the directory is created; every function is exported before any file is written."""
     iterations = check_int("iterations", iterations, 1)
     platforms = _check_platforms(platforms)
     slots, capacity = engine.check_init(cfg, options, slots, capacity)
     check_params(cfg, params)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"cannot write the artifacts to {directory}: it is a file; pass a "
+                         "directory")
     state_shape = jax.eval_shape(lambda: engine.init(cfg, options, slots, capacity))
     state_leaves, state_tree = jax.tree.flatten(state_shape)
     param_leaves, param_tree = jax.tree.flatten(params)
@@ -98,8 +102,11 @@ def export(cfg: ModelConfig, params, options: SampleOptions, slots: int, capacit
     }
     serialized = {name: jax.export.export(jax.jit(functions[name]), platforms=platforms)(
         *arguments[name]).serialize() for name in FUNCTIONS}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot write the artifacts to {directory} "
+                         f"({error.strerror or error}); pass a new directory") from None
     for name, data in serialized.items():
         (directory / f"{name}.bin").write_bytes(data)
     if all(isinstance(x, jax.Array | np.ndarray) for x in param_leaves):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sigma_jax.checks import check_int
+from sigma_jax.checks import check_int, short_repr
 from sigma_jax.config import ModelConfig
 from sigma_jax.model import check_params
 from sigma_jax.sampling import engine
@@ -54,6 +54,9 @@ def check_request(cfg: ModelConfig, request: Request, capacity: int) -> None:
     tokens and boolean known of one length L in [1, capacity] and <= block_size, then
     `engine.check_request` on it padded (ids in [0, V), a typed key, a known token without a
     start token)."""
+    if not isinstance(request, Request):
+        raise ValueError(f"a request must be a sigma_jax.sampling.Request(tokens, known, key); "
+                         f"got {short_repr(request)}")
     tokens, known = np.asarray(request.tokens), np.asarray(request.known)
     if tokens.ndim != 1 or known.shape != tokens.shape:
         raise ValueError(f"tokens and known must both be [L]; got {tokens.shape} and "
