@@ -92,10 +92,11 @@ def short_repr(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def check_bool(name: str, value) -> None:
-    """`value` is True or False."""
-    if not isinstance(value, bool):
+def check_bool(name: str, value) -> bool:
+    """`value` as a Python bool: True or False (numpy bools accepted)."""
+    if not isinstance(value, bool | np.bool_):
         raise ValueError(f"{name} must be True or False; got {short_repr(value)}")
+    return bool(value)
 
 
 def integer_array(x, name: str, kind: str = "positions"):

@@ -89,9 +89,9 @@ class ModelConfig:
         for name in ("vocab_size", "block_size"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1, MAX_SIZE))
         for name in ("n_layer", "n_head", "n_embd"):
-            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1, MAX_SIZE))
         if self.d_ff is not None:
-            object.__setattr__(self, "d_ff", check_int("d_ff", self.d_ff, 1))
+            object.__setattr__(self, "d_ff", check_int("d_ff", self.d_ff, 1, MAX_SIZE))
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
@@ -102,7 +102,7 @@ class ModelConfig:
         object.__setattr__(self, "dropout",
                            check_float("dropout", self.dropout, 0.0, 1.0, high_open=True))
         for name in ("bias", "bos", "tie_embeddings"):
-            check_bool(name, getattr(self, name))
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
         check_choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
         scale = check_float("sinusoidal_scale", self.sinusoidal_scale, 0.0, low_open=True)
         object.__setattr__(self, "sinusoidal_scale", scale)
@@ -243,7 +243,7 @@ class TrainConfig:
                              f"({self.max_steps})")
         parse_order_policy(self.order_policy)  # ValueError naming order_policy
         for name in ("per_row_curriculum", "keep_prompt_first"):
-            check_bool(name, getattr(self, name))
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
 
     @property
     def global_batch(self) -> int:

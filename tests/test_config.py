@@ -22,7 +22,9 @@ BAD_MODEL = [
      "block_size must be an integer in \\[1, 2147483646\\]; got 1099511627776$"),
     (dict(block_size=2.0), "block_size must be an integer"),
     (dict(n_layer=True), "n_layer must be an integer"),
-    (dict(d_ff=-1), "d_ff must be an integer >= 1"),
+    (dict(d_ff=-1), "d_ff must be an integer in \\[1, 2147483646\\]"),
+    (dict(n_layer=2**70), "n_layer must be an integer in \\[1, 2147483646\\]"),
+    (dict(bias="yes"), "bias must be True or False; got 'yes'"),
     (dict(n_embd=30, n_head=4), "divisible by n_head"),
     (dict(n_embd=6, n_head=3), "multiple of 4"),
     (dict(dropout=1.0), "dropout must be a finite number in \\[0, 1\\)"),
@@ -76,11 +78,13 @@ def test_numpy_integers_are_stored_as_ints():
 
 
 def test_numpy_floats_are_stored_as_python_floats():
-    """What train() and pretrained.save write as JSON: plain Python numbers."""
+    """What train() and pretrained.save write as JSON: plain Python numbers and bools."""
     cfg = ModelConfig(**MODEL, dropout=np.float32(0.5), pos_encoding="sinusoidal",
-                      sinusoidal_scale=np.float64(0.25))
+                      sinusoidal_scale=np.float64(0.25), bias=np.True_)
     train = TrainConfig(learning_rate=np.float32(0.5), min_lr=np.float16(0.25),
-                        beta1=np.float64(0.5), seed=np.uint64(MAX_SEED))
+                        beta1=np.float64(0.5), seed=np.uint64(MAX_SEED),
+                        keep_prompt_first=np.False_)
+    assert cfg.bias is True and train.keep_prompt_first is False
     assert (cfg.dropout, cfg.sinusoidal_scale, train.learning_rate, train.min_lr) == (
         0.5, 0.25, 0.5, 0.25)
     for config in (cfg, train):
