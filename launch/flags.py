@@ -122,6 +122,29 @@ def one_line(text, limit: int = 300) -> str:
     return f"{line[:limit - tail - 5]} ... {line[-tail:]}"
 
 
+def print_warning(message) -> None:
+    """A warning (e.g. a checkpoint skipped for an older one) as one `warning:` line on stderr."""
+    print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def drop_closed_loop_reports() -> None:
+    """Drop the "RuntimeError: Event loop is closed" reports that reach `sys.unraisablehook` when
+    orbax closes the event loop of a failed restore or write while tensorstore's reads and
+    callbacks are still in flight (their late results are discarded, nothing is lost); every
+    other report goes to the hook installed before. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(report):
+        if not (isinstance(report.exc_value, RuntimeError)
+                and str(report.exc_value) == "Event loop is closed"):
+            previous(report)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+
+
 def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 

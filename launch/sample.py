@@ -136,11 +136,11 @@ def load_checkpoint(workdir: str, step: int | None, mesh):
     first line of the cause, cut (`one_line`), and no other line. A checkpoint skipped for an
     older one that loads prints one `warning:` line on stderr. The "Event loop is closed"
     reports of reads still in flight when orbax gives up a restore are dropped
-    (`drop_closed_loop_reports`).
+    (`flags.drop_closed_loop_reports`).
     """
     from sigma_jax import checkpoint
 
-    drop_closed_loop_reports()
+    launch_flags.drop_closed_loop_reports()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
@@ -157,7 +157,7 @@ def load_checkpoint(workdir: str, step: int | None, mesh):
                          f"checkpoints out of {Path(workdir) / 'checkpoints'}") from None
     for w in caught:
         if issubclass(w.category, RuntimeWarning):
-            print(f"warning: {launch_flags.one_line(w.message)}", file=sys.stderr, flush=True)
+            launch_flags.print_warning(w.message)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return loaded
@@ -168,24 +168,6 @@ def _cause(error: BaseException) -> str:
     args = error.args
     text = args[0] if isinstance(error, KeyError) and len(args) == 1 else str(error)
     return launch_flags.one_line(text or type(error).__name__)
-
-
-def drop_closed_loop_reports() -> None:
-    """Drop the "RuntimeError: Event loop is closed" reports that reach `sys.unraisablehook` when
-    orbax closes the event loop of a failed restore while tensorstore reads are still in flight
-    (their late results are discarded, nothing is lost); every other report goes to the hook
-    installed before. Idempotent."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_reports", False):
-        return
-
-    def hook(report):
-        if not (report.object is None and isinstance(report.exc_value, RuntimeError)
-                and str(report.exc_value) == "Event loop is closed"):
-            previous(report)
-
-    hook.drops_closed_loop_reports = True
-    sys.unraisablehook = hook
 
 
 def load_model(mesh):

@@ -61,31 +61,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         die(f"unexpected arguments: {' '.join(argv[1:])}")
     with usage_errors():
-        distributed.use_host_devices(FLAGS.host_devices)  # first: before any other JAX call
-        for name in ("requests", "slots", "min_length", "steps_per_call", "rounds"):
-            if getattr(FLAGS, name) < 1:
-                raise ValueError(f"--{name} must be >= 1; got {getattr(FLAGS, name)}")
-        if FLAGS.window < 0:
-            raise ValueError(f"--window must be >= 0 (0: all remaining positions); got "
-                             f"{FLAGS.window}")
-        if not FLAGS.min_length <= FLAGS.max_length:
-            raise ValueError("--min_length must not exceed --max_length")
-        if FLAGS.slots % FLAGS.host_devices:
-            raise ValueError(f"--slots ({FLAGS.slots}) must divide over the --host_devices "
-                             f"({FLAGS.host_devices})")
-        options = [_options(name) for name in FLAGS.samplers]
-        if "ar_nocache" in FLAGS.samplers:
-            raise ValueError("--samplers: the engine does not run ar_nocache (the uncached "
-                             "oracle); choose among ar, burst, burst_jacobi, burst_paper")
-        from sigma_jax import pretrained
-        from sigma_jax.sampling.engine import check_init
-
-        cfg, params, encode, _ = pretrained.load(FLAGS.pretrained)
-        if FLAGS.max_length > cfg.block_size:
-            raise ValueError(f"--max_length must be <= the model's block_size {cfg.block_size}")
-        for o in options:  # what the engine takes: no ar_nocache; fit for the model
-            check_init(cfg, o, FLAGS.slots, FLAGS.max_length)
-        out = None if FLAGS.out == "none" else output_path(FLAGS.out, "out", folder=True)
+        cfg, params, encode, options, out = _checked_setup()
     import jax
 
     from bench import serving
@@ -100,26 +76,65 @@ def main(argv) -> None:
     print(f"# {FLAGS.requests} requests, lengths {FLAGS.min_length}-{FLAGS.max_length}, "
           f"{int(work.generated.sum())} tokens to generate, {FLAGS.slots} slots, "
           f"{FLAGS.host_devices} host device(s)")
-    rows = []
-    for o in options:
-        for round_ in range(FLAGS.rounds):
-            engine_row = serving.run_engine(cfg, params, work, o, FLAGS.slots, FLAGS.max_length,
-                                            FLAGS.steps_per_call, devices)
-            static_row = serving.run_static(cfg, params, work, o, FLAGS.slots, FLAGS.max_length,
-                                            devices)
-            for i, tokens in engine_row.pop("tokens").items():
-                if not np.array_equal(tokens, static_row["tokens"][i]):
-                    raise AssertionError(f"request {i}: the engine's tokens differ from static")
-            static_row.pop("tokens")
-            for row in (engine_row, static_row):
-                rows.append(dict(row, round=round_))
-                print(_line(row), flush=True)
-            print(f"  round {round_}: engine/static tokens/s = "
-                  f"{engine_row['tokens_per_s'] / static_row['tokens_per_s']:.2f}x", flush=True)
+    rows = [row for o in options for row in _rounds(cfg, params, work, o, devices)]
     if out is not None:
         (out / "serving.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         serving.plot(rows, out / "serving.png")
         print(f"# wrote {out}/serving.jsonl and serving.png")
+
+
+def _checked_setup():
+    """(cfg, params, encode, sampler options, output folder or None) after every flag check
+    (one-line ValueErrors), before any measurement."""
+    distributed.use_host_devices(FLAGS.host_devices)  # first: before any other JAX call
+    for name in ("requests", "slots", "min_length", "steps_per_call", "rounds"):
+        if getattr(FLAGS, name) < 1:
+            raise ValueError(f"--{name} must be >= 1; got {getattr(FLAGS, name)}")
+    if FLAGS.window < 0:
+        raise ValueError(f"--window must be >= 0 (0: all remaining positions); got "
+                         f"{FLAGS.window}")
+    if not FLAGS.min_length <= FLAGS.max_length:
+        raise ValueError("--min_length must not exceed --max_length")
+    if FLAGS.slots % FLAGS.host_devices:
+        raise ValueError(f"--slots ({FLAGS.slots}) must divide over the --host_devices "
+                         f"({FLAGS.host_devices})")
+    options = [_options(name) for name in FLAGS.samplers]
+    if "ar_nocache" in FLAGS.samplers:
+        raise ValueError("--samplers: the engine does not run ar_nocache (the uncached "
+                         "oracle); choose among ar, burst, burst_jacobi, burst_paper")
+    from sigma_jax import pretrained
+    from sigma_jax.sampling.engine import check_init
+
+    cfg, params, encode, _ = pretrained.load(FLAGS.pretrained)
+    if FLAGS.max_length > cfg.block_size:
+        raise ValueError(f"--max_length must be <= the model's block_size {cfg.block_size}")
+    for o in options:  # what the engine takes: no ar_nocache; fit for the model
+        check_init(cfg, o, FLAGS.slots, FLAGS.max_length)
+    out = None if FLAGS.out == "none" else output_path(FLAGS.out, "out", folder=True)
+    return cfg, params, encode, options, out
+
+
+def _rounds(cfg, params, work, options, devices) -> list[dict]:
+    """--rounds rounds of the engine and static batches on `work` with `options`, printed as they
+    come; the engine's tokens checked equal to the static batches'."""
+    from bench import serving
+
+    rows = []
+    for round_ in range(FLAGS.rounds):
+        engine_row = serving.run_engine(cfg, params, work, options, FLAGS.slots,
+                                        FLAGS.max_length, FLAGS.steps_per_call, devices)
+        static_row = serving.run_static(cfg, params, work, options, FLAGS.slots,
+                                        FLAGS.max_length, devices)
+        for i, tokens in engine_row.pop("tokens").items():
+            if not np.array_equal(tokens, static_row["tokens"][i]):
+                raise AssertionError(f"request {i}: the engine's tokens differ from static")
+        static_row.pop("tokens")
+        for row in (engine_row, static_row):
+            rows.append(dict(row, round=round_))
+            print(_line(row), flush=True)
+        print(f"  round {round_}: engine/static tokens/s = "
+              f"{engine_row['tokens_per_s'] / static_row['tokens_per_s']:.2f}x", flush=True)
+    return rows
 
 
 def _line(row: dict) -> str:

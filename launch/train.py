@@ -119,23 +119,12 @@ class _QuietSaveErrors(logging.Filter):
 def _quiet_failed_writes() -> None:
     """For the rest of the process (a failed write's threads outlive `train`): drop orbax's and
     asyncio's ERROR records (`_QuietSaveErrors`) and the "Event loop is closed" errors that
-    tensorstore's callbacks raise into the event loops of a failed write."""
+    tensorstore's callbacks raise into the event loops of a failed write
+    (`flags.drop_closed_loop_reports`)."""
     quiet = _QuietSaveErrors()
     for name in ("absl", "asyncio"):
         logging.getLogger(name).addFilter(quiet)
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-
-
-def _warning_line(message, category, *_, **__) -> None:
-    """A warning (e.g. a checkpoint skipped on resume) as one `warning:` line on stderr."""
-    print(f"warning: {launch_flags.one_line(message)}", file=sys.stderr, flush=True)
+    launch_flags.drop_closed_loop_reports()
 
 
 def _train(workdir: str) -> None:
@@ -163,7 +152,7 @@ def _train(workdir: str) -> None:
         f"workdir {workdir}, mesh {distributed.mesh_text(mesh)} over {jax.device_count()} "
         f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)")
     _quiet_failed_writes()
-    warnings.showwarning = _warning_line
+    warnings.showwarning = lambda message, *_, **__: launch_flags.print_warning(message)
     try:
         result = train(model_cfg, train_cfg, workdir, task=task, log=log, mesh=mesh)
     except SaveError as error:

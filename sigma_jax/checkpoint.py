@@ -90,9 +90,11 @@ def _verify(stored: dict, restored: dict, step: int) -> None:
                                f"changed after they were written")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+def error_line(error: BaseException) -> str:
+    """'Type: first line of the message', without the tensorstore spec that orbax errors carry."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class CheckpointManager:
@@ -197,7 +199,7 @@ class CheckpointManager:
                 state = self.restore(step, target, data_iter)
             except Exception as error:  # any failure means an unusable checkpoint
                 warnings.warn(f"checkpoint {step} in {self.directory} cannot be restored "
-                              f"({_first_line(error)}); trying the previous one",
+                              f"({error_line(error)}); trying the previous one",
                               RuntimeWarning, stacklevel=2)
                 failed.append(step)
                 last_error = error
@@ -208,7 +210,7 @@ class CheckpointManager:
         if failed:
             raise NoUsableCheckpoint(
                 f"no checkpoint in {self.directory} can be restored (latest error: "
-                f"{_first_line(last_error)}); move them away or use a new --workdir"
+                f"{error_line(last_error)}); move them away or use a new --workdir"
             ) from last_error
         return target, None
 
@@ -323,11 +325,11 @@ def load(workdir, step: int | None = None, *, mesh=None) -> tuple[ModelConfig, d
                 if step is not None:
                     raise
                 warnings.warn(f"checkpoint {s} in {directory} cannot be loaded "
-                              f"({_first_line(error)}); trying the previous one",
+                              f"({error_line(error)}); trying the previous one",
                               RuntimeWarning, stacklevel=2)
                 last_error = error
         raise RuntimeError(f"no checkpoint in {directory} can be loaded (latest error: "
-                           f"{_first_line(last_error)})") from last_error
+                           f"{error_line(last_error)})") from last_error
 
 
 def _saved_model_config(mngr, directory: Path, step: int) -> ModelConfig:

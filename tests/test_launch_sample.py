@@ -82,7 +82,7 @@ def test_one_line_cuts_orbax_errors():
 
 
 def test_closed_loop_reports_are_dropped_and_others_kept(monkeypatch):
-    from launch.sample import drop_closed_loop_reports
+    from launch.flags import drop_closed_loop_reports
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)

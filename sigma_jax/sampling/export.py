@@ -57,10 +57,7 @@ def export(cfg: ModelConfig, params, options: SampleOptions, slots: int, capacit
     platforms = _check_platforms(platforms)
     slots, capacity = engine.check_init(cfg, options, slots, capacity)
     check_params(cfg, params)
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"cannot write the artifacts to {directory}: it is a file; pass a "
-                         "directory")
+    directory = _artifact_directory(directory)
     state_shape = jax.eval_shape(lambda: engine.init(cfg, options, slots, capacity))
     state_leaves, state_tree = jax.tree.flatten(state_shape)
     param_leaves, param_tree = jax.tree.flatten(params)
@@ -102,6 +99,24 @@ def export(cfg: ModelConfig, params, options: SampleOptions, slots: int, capacit
     }
     serialized = {name: jax.export.export(jax.jit(functions[name]), platforms=platforms)(
         *arguments[name]).serialize() for name in FUNCTIONS}
+    manifest = _manifest(cfg, options, slots, capacity, platforms, iterations, param_leaves,
+                         flat_state, key_data)
+    _write(directory, serialized, param_leaves, manifest)
+    return manifest
+
+
+def _artifact_directory(directory) -> Path:
+    """`directory` as a Path, after a one-line ValueError if it is a file."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"cannot write the artifacts to {directory}: it is a file; pass a "
+                         "directory")
+    return directory
+
+
+def _write(directory: Path, serialized: dict, param_leaves: list, manifest: dict) -> None:
+    """The files of the artifacts: one .bin per function, params.npz when the params are
+    arrays, manifest.json last. A directory that cannot be created is a one-line ValueError."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -112,10 +127,7 @@ def export(cfg: ModelConfig, params, options: SampleOptions, slots: int, capacit
     if all(isinstance(x, jax.Array | np.ndarray) for x in param_leaves):
         np.savez(directory / "params.npz", **{f"p{i}": np.asarray(x)
                                              for i, x in enumerate(param_leaves)})
-    manifest = _manifest(cfg, options, slots, capacity, platforms, iterations, param_leaves,
-                         flat_state, key_data)
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
 
 
 def _check_platforms(platforms) -> tuple[str, ...]:

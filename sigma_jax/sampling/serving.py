@@ -138,8 +138,9 @@ class _Engine:
                 except ValueError as error:
                     yield Result(index, error=str(error), seconds=clock())
                     continue
-                self.state = engine.insert(cfg, self.params, self.state, jnp.int32(slot),
-                                           *_padded(request, capacity), request.key)
+                # Checked above (and the params by `serve`): the insert itself.
+                self.state = engine._insert(cfg, self.params, self.state, jnp.int32(slot),
+                                            *_padded(request, capacity), request.key)
                 self.held[slot] = (index, steps)
 
     def advance(self, cfg, iterations: int) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sigma_jax import metrics_log
-from sigma_jax.checkpoint import CheckpointManager
+from sigma_jax.checkpoint import CheckpointManager, error_line
 from sigma_jax.config import ModelConfig, TrainConfig
 from sigma_jax.data import load_task, make_iterator
 from sigma_jax.metrics_log import write_text_atomic
@@ -155,13 +155,6 @@ def _stop_requested(flag, agree: bool) -> bool:
     return stop
 
 
-def _error_line(error: BaseException) -> str:
-    """'Type: first line of the message', without tensorstore's spec dump."""
-    lines = str(error).strip().splitlines()
-    text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 class _SaveWatch:
     """Waits in a background thread for the checkpoint save under way, so that a save that fails
     after `CheckpointManager.save` returned (the files are written in the background) is known
@@ -197,7 +190,7 @@ class _SaveWatch:
         step, error = self.failure
         return SaveError(
             f"checkpoint {step} could not be saved in {self.manager.directory} "
-            f"({_error_line(error)}); training stopped at step {at_step}; the checkpoints "
+            f"({error_line(error)}); training stopped at step {at_step}; the checkpoints "
             "saved before it are intact: fix the cause (e.g. free disk space) and rerun the "
             "same command to resume")
 
@@ -361,7 +354,7 @@ def _log_row(run: _Run, first: bool, eval_due: bool) -> None:
         run.writer.write(row)
     except OSError as error:
         raise SaveError(f"the metrics could not be written in {run.writer.path.parent} "
-                        f"({_error_line(error)}); training stopped at step {run.step}; the "
+                        f"({error_line(error)}); training stopped at step {run.step}; the "
                         "checkpoints saved before it are intact: fix the cause (e.g. free disk "
                         "space) and rerun the same command to resume") from None
     run.log(metrics_log.progress_line(row, run.train_cfg.max_steps))
