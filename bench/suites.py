@@ -65,7 +65,7 @@ def sampling_jobs(config: BenchConfig, primary: str) -> list[tuple]:
     """
     paper_k = config.n_orders[-1]
     main = [SampleOptions(s, order=o, window=config.burst_window if s in BURST_MODES else None,
-                          n_orders=paper_k if s == "burst_paper" else 1)
+                          **({"n_orders": paper_k} if s == "burst_paper" else {}))
             for s in config.samplers for o in config.orders
             if o == "random" or s in ("burst", "burst_jacobi")]
     at_batch = set(config.samplers if config.batch_samplers is None else config.batch_samplers)

@@ -222,7 +222,8 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
     if strategy not in SAMPLER_OPTIONS:
         raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
     options = SAMPLER_OPTIONS[strategy]
-    options = options.replace(window=window if options.is_burst else None, n_orders=n_orders,
+    options = options.replace(window=window if options.reads("window") else None,
+                              n_orders=n_orders if options.reads("n_orders") else options.n_orders,
                               known_order=known_order)
     tokens = np.asarray(tokens, np.int32)
     known = np.asarray(known, bool)

@@ -42,6 +42,16 @@ BAD = [
     (dict(max_iters=10**12), "max_iters must be an integer in \\[1, 2147483647\\]"),
     (dict(window=jnp.ones(2, jnp.int32)), "window must be an integer"),
     (dict(max_iters=2.5), "max_iters must be an integer"),
+    (dict(sampler="ar", max_iters=5), "max_iters applies to the burst samplers only; got "
+                                      "sampler 'ar' with max_iters=5"),
+    (dict(sampler="ar_nocache", max_iters=np.int64(5)), "max_iters applies to the burst"),
+    (dict(sampler="ar", n_orders=3), "n_orders applies to burst_paper only; got sampler 'ar'"),
+    (dict(sampler="burst", n_orders=1), "n_orders applies to burst_paper only; got sampler "
+                                        "'burst' with n_orders=1"),
+    (dict(sampler="burst_jacobi", n_orders=np.int32(2)), "n_orders applies to burst_paper"),
+    (dict(sampler="burst_paper", draft_support=8), "draft_support applies to burst_jacobi "
+                                                   "only; got sampler 'burst_paper'"),
+    (dict(sampler="ar", draft_support=8), "draft_support applies to burst_jacobi only"),
 ]
 
 
@@ -70,15 +80,15 @@ def test_checks_that_need_the_model_and_the_length():
 
 
 def test_numpy_integers_are_ints_and_concrete_traced_values_are_python_numbers():
-    options = SampleOptions(window=np.int64(4), n_orders=np.int32(3), top_k=np.int64(2),
-                            temperature=jnp.float32(0.5), top_p=np.float64(0.25),
-                            max_iters=jnp.int32(7))
+    options = SampleOptions("burst_paper", window=np.int64(4), n_orders=np.int32(3),
+                            top_k=np.int64(2), temperature=jnp.float32(0.5),
+                            top_p=np.float64(0.25), max_iters=jnp.int32(7))
     assert (options.window, options.n_orders, options.top_k, options.max_iters) == (4, 3, 2, 7)
     assert all(type(v) is int for v in (options.window, options.n_orders, options.top_k,
                                         options.max_iters))
     assert (options.temperature, options.top_p) == (0.5, 0.25)
-    assert options == SampleOptions(window=4, n_orders=3, top_k=2, temperature=0.5, top_p=0.25,
-                                    max_iters=7)
+    assert options == SampleOptions("burst_paper", window=4, n_orders=3, top_k=2,
+                                    temperature=0.5, top_p=0.25, max_iters=7)
     assert hash(options) == hash(options.replace())
 
 
@@ -97,7 +107,8 @@ def test_derived_quantities_follow_their_formulas(sampler):
     n, n_known, iterations = 10, 3, 4
     burst = sampler.startswith("burst")
     for window in (None, 1, 4, 10) if burst else (None,):  # AR samplers take no window
-        options = SampleOptions(sampler, window=window, n_orders=3)
+        paper = {"n_orders": 3} if sampler == "burst_paper" else {}
+        options = SampleOptions(sampler, window=window, **paper)
         w = (window or n) if burst else 1
         assert options.window_for(n) == w
         capacity = 0 if sampler == "ar_nocache" else n + int(SMALL.bos) + w
@@ -109,6 +120,25 @@ def test_derived_quantities_follow_their_formulas(sampler):
         kernel = options.kernel_options(n)
         assert (kernel.window, kernel.n_orders) == (w, 3 if sampler == "burst_paper" else 1)
         assert kernel.cache_capacity(SMALL, n) == n + int(SMALL.bos) + w
+
+
+def test_options_a_sampler_ignores_are_refused_only_away_from_their_defaults():
+    """Each sampler takes every default and the options it reads; an option it ignores is
+    refused even as a tracer, and the traced values it reads go back into its options."""
+    for sampler in SAMPLERS:
+        SampleOptions(sampler, n_orders=5, draft_support=64, first_drafts="known")
+    SampleOptions("burst", window=3, max_iters=np.int64(2))
+    SampleOptions("burst_paper", n_orders=2, max_iters=2)
+    SampleOptions("burst_jacobi", draft_support=8, first_drafts="start", max_iters=2)
+    assert SampleOptions("ar").reads("temperature") and not SampleOptions("ar").reads("max_iters")
+    with pytest.raises(ValueError, match="max_iters applies to the burst samplers only"):
+        jax.jit(lambda m: SampleOptions("ar", max_iters=m).temperature)(3)
+    for sampler in SAMPLERS:
+        options = SampleOptions(sampler, top_p=0.5)
+        traced = options.traced_arguments(10)
+        assert set(traced) == {"temperature", "top_p", *(("max_iters",) * options.is_burst)}
+        assert int(traced.get("max_iters", 10)) == 10
+        assert jax.jit(lambda t, o=options: o.static_part().replace(**t).top_p)(traced) == 0.5
 
 
 def test_model_calls_of_arrays_and_ints_agree():

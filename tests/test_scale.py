@@ -322,8 +322,7 @@ def test_per_device_loops_only_when_the_params_are_whole_on_every_device(sampler
 
     cfg, params, tokens, known = sampler_inputs
     options = SampleOptions("ar", order="random")
-    traced = dict(zip(SampleOptions.traced_fields(), options.traced_values(8), strict=True))
-    traced = {k: v for k, v in traced.items() if v is not None}
+    traced = options.traced_arguments(8)
     lengths = np.full(8, 8, np.int32)
     keys = jax.random.split(jax.random.key(0), 8)
     rows = (np.zeros((8, 8), np.int32), np.zeros((8, 8), bool), lengths)

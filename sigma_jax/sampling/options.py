@@ -73,8 +73,8 @@ class SampleOptions:
     Static: sampler (one of SAMPLERS); order (a kind of `orders.ORDER_KINDS`: the generation
     order; burst_paper takes 'random' only; an explicit [B, N] order array is an input of the
     call, not an option); window (burst: positions drafted or verified per iteration, None = all
-    remaining; in [1, N]); n_orders (burst_paper's K); top_k (None or in [1, V]); known_order
-    (how order='random' feeds the known tokens: 'random' or 'ascending'); draft_support
+    remaining; in [1, N]); n_orders (burst_paper's K, default 5); top_k (None or in [1, V]);
+    known_order (how order='random' feeds the known tokens: 'random' or 'ascending'); draft_support
     (burst_jacobi, >= 1: each first draft is drawn from the draft_support most probable tokens
     of its distribution, renormalized, which is what is kept of it until the position is
     verified: the law stays exact for any value; fewer means less memory, [B, N, K], and a
@@ -88,9 +88,10 @@ class SampleOptions:
     = N, else >= 1). Concrete traced values are checked and held as Python numbers; tracers
     (options built inside `jax.jit`) pass unchecked.
 
-    Bad values raise a one-line ValueError at construction, and so does a window given to an
-    AR sampler (which would ignore it). Numpy integers are accepted wherever an
-    int is.
+    Bad values raise a one-line ValueError at construction, and so does an option set away
+    from its default on a sampler that would ignore it (`reads`): window or max_iters on an AR
+    sampler, n_orders on any but burst_paper, draft_support or first_drafts on any but
+    burst_jacobi. Numpy integers are accepted wherever an int is.
     """
 
     sampler: str = "burst"
@@ -112,12 +113,6 @@ class SampleOptions:
             raise ValueError(_PAPER_ORDER)
         check_choice("known_order", self.known_order, KNOWN_ORDERS)
         check_choice("first_drafts", self.first_drafts, FIRST_DRAFTS)
-        if self.first_drafts != "known" and self.sampler != "burst_jacobi":
-            raise ValueError(f"first_drafts applies to burst_jacobi only; got sampler "
-                             f"{self.sampler!r} with first_drafts={self.first_drafts!r}")
-        if self.window is not None and not self.is_burst:
-            raise ValueError(f"window applies to the burst samplers only; got sampler "
-                             f"{self.sampler!r} with window={short_repr(self.window)}")
         set_field = lambda name, value: object.__setattr__(self, name, value)
         set_field("window", _window(self.window))
         set_field("n_orders", check_int("n_orders", self.n_orders, 1))
@@ -129,6 +124,23 @@ class SampleOptions:
             set_field("top_p", _traced_number("top_p", self.top_p, float))
         if self.max_iters is not None:
             set_field("max_iters", _traced_number("max_iters", self.max_iters, int))
+        self._check_read()
+
+    def _check_read(self) -> None:
+        """A one-line ValueError for an option set (not at its default) on a sampler that does
+        not read it (`reads`)."""
+        for name, (_, who) in _READ_BY.items():
+            value, default = getattr(self, name), _DEFAULTS[name]
+            given = value is not None if default is None else value != default
+            if given and not self.reads(name):
+                raise ValueError(f"{name} applies to {who} only; got sampler {self.sampler!r} "
+                                 f"with {name}={short_repr(value)}")
+
+    def reads(self, name: str) -> bool:
+        """Whether the sampler reads option `name`: window and max_iters only the burst
+        samplers, n_orders only burst_paper, draft_support and first_drafts only burst_jacobi,
+        the other options every sampler."""
+        return name not in _READ_BY or self.sampler in _READ_BY[name][0]
 
     @classmethod
     def traced_fields(cls) -> tuple[str, ...]:
@@ -210,6 +222,23 @@ class SampleOptions:
         top_p = None if self.top_p is None else jnp.asarray(self.top_p, jnp.float32)
         return (jnp.asarray(self.temperature, jnp.float32), top_p,
                 jnp.asarray(max_iters, jnp.int32))
+
+    def traced_arguments(self, n: int) -> dict[str, jax.Array]:
+        """The traced values at length n (`traced_values`) by field name, those the sampler
+        reads and that are set (no top_p when None, no max_iters for AR): what
+        `static_part().replace(**traced_arguments)` takes back inside a traced function."""
+        values = zip(self.traced_fields(), self.traced_values(n), strict=True)
+        return {name: value for name, value in values
+                if value is not None and self.reads(name)}
+
+
+# The options only some samplers read: (those samplers, how a message names them).
+_READ_BY = {"window": (tuple(BURST_MODES), "the burst samplers"),
+            "max_iters": (tuple(BURST_MODES), "the burst samplers"),
+            "n_orders": (("burst_paper",), "burst_paper"),
+            "draft_support": (("burst_jacobi",), "burst_jacobi"),
+            "first_drafts": (("burst_jacobi",), "burst_jacobi")}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SampleOptions)}
 
 
 def check_options(options, samplers=SAMPLERS) -> None:

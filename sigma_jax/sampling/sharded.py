@@ -72,9 +72,7 @@ def sample_sharded(cfg: ModelConfig, params: dict, key: jax.Array, tokens, known
         rows_in[1][batch:] = True  # nothing to generate: no padding row extends the loop
         extra = jax.vmap(lambda i: jax.random.fold_in(keys[-1], i))(jnp.arange(1, pad + 1))
         keys = jnp.concatenate([keys, extra])
-    values = options.traced_values(rows_in[0].shape[1])  # typed arrays; max_iters resolved
-    traced = {name: value for name, value in zip(SampleOptions.traced_fields(), values,
-                                                 strict=True) if value is not None}
+    traced = options.traced_arguments(rows_in[0].shape[1])  # typed arrays; max_iters resolved
     kernel = _sampler_kernel(cfg, mesh, options.static_part(), explicit_order, batch, pad)
     rows = batch_rows(mesh)
     with jax.set_mesh(mesh):
