@@ -193,3 +193,31 @@ def test_bad_requests_are_refused_alone(params):
         kwargs = dict(options=SampleOptions("burst"), slots=2, capacity=N) | bad_init
         with pytest.raises(ValueError, match=message):
             engine.init(SMALL, kwargs["options"], kwargs["slots"], kwargs["capacity"])
+
+
+def test_serve_takes_numpy_and_array_integers_and_refuses_bad_devices(params):
+    """slots, capacity and steps_per_call as numpy or 0-d array integers, with or without
+    devices, serve what Python ints serve; bad requests or devices are one line each."""
+    requests = _requests(2, seed=5)
+    options = SampleOptions("ar")
+    tokens = lambda results: {r.index: r.tokens.tolist() for r in results}
+    want = tokens(serve(SMALL, params, requests, slots=2, options=options, capacity=N))
+    for slots, capacity, steps, devices in [(np.int64(2), jnp.int32(N), np.int64(1),
+                                             jax.devices()[:1]),
+                                            (jnp.int32(2), np.int64(N), jnp.int32(1), None)]:
+        assert tokens(serve(SMALL, params, requests, slots=slots, options=options,
+                            capacity=capacity, steps_per_call=steps, devices=devices)) == want
+    one_device = "devices must be a non-empty list of jax devices, e.g. jax.devices(); got "
+    for kwargs, message in [(dict(devices=[]), one_device + "[]"),
+                            (dict(devices=jax.devices()[0]), one_device),
+                            (dict(devices=["cpu"]), one_device + "['cpu']"),
+                            (dict(devices=jax.devices()[:1] * 3),
+                             "slots (2) must be at least the number of devices (3): each "
+                             "device runs an engine of >= 1 slot"),
+                            (dict(slots=np.int64(0), devices=jax.devices()[:1]),
+                             "slots must be an integer >= 1; got 0"),
+                            (dict(requests=None), "requests must be an iterable of "
+                                                  "sigma_jax.sampling.Request; got None")]:
+        kwargs = dict(requests=requests, slots=2, options=options) | kwargs
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            next(serve(SMALL, params, kwargs.pop("requests"), **kwargs))

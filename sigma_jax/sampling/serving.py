@@ -80,23 +80,28 @@ def serve(cfg: ModelConfig, params: dict, requests: Iterable[Request], *, slots:
     (default: the longest request the model can serve, read ahead; block_size when none
     can), yielding a `Result` per request as it completes (not in order); a request that
     fails `check_request` gets its one-line error in its Result.
-    Bad arguments (slots, options, capacity, steps_per_call, mesh, devices) are one-line
-    ValueErrors before any request runs. Each request's tokens are bitwise those of the
-    one-shot sampler on it alone with its key. steps_per_call: sampler iterations per engine
-    call (more amortize dispatch; a slot finished mid-call idles until the call ends). mesh:
-    shard the slots over its batch axes (`engine.init`); params should then be placed on it
-    (`shard_params`).
+    Bad arguments (requests not an iterable, slots, options, capacity, steps_per_call, mesh,
+    devices) are one-line ValueErrors before any request runs; slots, capacity and
+    steps_per_call are integers (numpy integers and 0-d integer arrays accepted). Each
+    request's tokens are bitwise those of the one-shot sampler on it alone with its key.
+    steps_per_call: sampler iterations per engine call (more amortize dispatch; a slot
+    finished mid-call idles until the call ends). mesh: shard the slots over its batch axes
+    (`engine.init`); params should then be placed on it (`shard_params`).
 
     devices: a list of devices instead of one engine: each runs an engine of its own share of
     the slots (as even as can be; slots >= len(devices)) on its own copy of the params. Each
     step is dispatched to every device before any result is read, so the devices run side by
     side (on a CPU host split by `jax_num_cpu_devices`, the cores)."""
-    check_int("steps_per_call", steps_per_call, 1)
+    steps_per_call = check_int("steps_per_call", steps_per_call, 1)
     check_params(cfg, params)
+    if not isinstance(requests, Iterable):
+        raise ValueError(f"requests must be an iterable of sigma_jax.sampling.Request; got "
+                         f"{short_repr(requests)}")
     requests = list(requests)
     if capacity is None:
         capacity = max(filter(None, (_servable_length(cfg, r) for r in requests)),
                        default=cfg.block_size)
+    slots, capacity = engine.check_init(cfg, options, slots, capacity)
     engines = _engines(cfg, params, options, slots, capacity, mesh, devices)
     queue = list(enumerate(requests))
     steps, start = 0, time.perf_counter()
@@ -159,22 +164,32 @@ class _Engine:
             self.held[slot] = None
 
 
-def _engines(cfg, params, options, slots, capacity, mesh, devices) -> list[_Engine]:
+def _engines(cfg, params, options, slots: int, capacity: int, mesh, devices) -> list[_Engine]:
     """One engine of `slots` slots (on `mesh`, or the default device), or one per device of
     `devices` with its share of the slots. One-line ValueErrors first."""
     if devices is None:
         state = engine.init(cfg, options, slots, capacity, mesh=mesh)
         return [_Engine(state, params, [None] * slots)]
-    devices = list(devices)
     if mesh is not None:
         raise ValueError("give serve a mesh or devices, not both")
-    if not devices or not isinstance(slots, int) or slots < len(devices):
-        raise ValueError(f"slots ({slots!r}) must be at least the number of devices "
-                         f"({len(devices)}), and devices non-empty")
+    devices = _device_list(devices)
+    if slots < len(devices):
+        raise ValueError(f"slots ({slots}) must be at least the number of devices "
+                         f"({len(devices)}): each device runs an engine of >= 1 slot")
     shares = [slots // len(devices) + (i < slots % len(devices)) for i in range(len(devices))]
     return [_Engine(jax.device_put(engine.init(cfg, options, share, capacity), device),
                     jax.device_put(params, device), [None] * share)
             for share, device in zip(shares, devices, strict=True)]
+
+
+def _device_list(devices) -> list:
+    """`devices` (any iterable of jax devices) as a list; a one-line ValueError unless it is
+    a non-empty one."""
+    listed = list(devices) if isinstance(devices, Iterable) else []
+    if not listed or not all(isinstance(d, jax.Device) for d in listed):
+        raise ValueError(f"devices must be a non-empty list of jax devices, e.g. "
+                         f"jax.devices(); got {short_repr(devices)}")
+    return listed
 
 
 @functools.partial(jax.jit, static_argnames="iterations", donate_argnames="state")
