@@ -221,3 +221,25 @@ def test_serve_takes_numpy_and_array_integers_and_refuses_bad_devices(params):
         kwargs = dict(requests=requests, slots=2, options=options) | kwargs
         with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             next(serve(SMALL, params, kwargs.pop("requests"), **kwargs))
+
+
+def test_a_donated_state_is_refused_in_one_line(params):
+    """step, insert and release donate the state they are given: passing it again to any
+    engine function is one line saying so (checked before any work; tracers pass)."""
+    state = engine.init(SMALL, SampleOptions("ar"), 2, N)
+    fresh = engine.release(state, 0)
+    request = (*_pad(_requests(1)[0])[:3], jax.random.key(0))
+    donated = ("this engine state was donated to an earlier step, insert or release and its "
+               "buffers are deleted: use the state that call returned")
+    for call in (lambda s: engine.step(SMALL, params, s),
+                 lambda s: engine.insert(SMALL, params, s, 0, *request),
+                 lambda s: engine.release(s, 0), lambda s: engine.result(s, 0),
+                 engine.finished):
+        with pytest.raises(ValueError, match=_exact(donated)):
+            call(state)
+        with pytest.raises(ValueError, match=_exact("state must be an engine state "
+                                                    "(engine.init); got 'state'")):
+            call("state")
+    assert not np.asarray(engine.finished(fresh)).any()
+    assert not np.asarray(jax.jit(engine.finished)(fresh)).any()
+    assert engine.result(fresh, 1)[0].shape == (N,)

@@ -36,6 +36,7 @@ from sigma_jax.checks import (
     check_key,
     check_scalar_int,
     is_concrete,
+    short_repr,
     token_ids,
     within_lengths,
 )
@@ -167,7 +168,8 @@ def insert(cfg: ModelConfig, params: dict, state: EngineState, slot, tokens, kno
            key) -> EngineState:
     """`_insert` after the one-line checks of the request (`check_request`) and of the slot
     (not a scalar, or a concrete slot outside [0, S), is a ValueError; a traced one would be
-    clamped)."""
+    clamped) and of the state (`check_state`)."""
+    check_state(state)
     check_params(cfg, params)
     check_request(cfg, state.capacity, tokens, known, length, key)
     _check_slot(state, slot)
@@ -194,6 +196,19 @@ def check_request(cfg: ModelConfig, capacity: int, tokens, known, length, key) -
         if not cfg.bos and not present.any():
             raise ValueError("without a start token (bos=False) a request needs >= 1 known "
                              "token")
+
+
+def check_state(state) -> None:
+    """One-line ValueError unless `state` is an `EngineState` with every buffer alive: `step`,
+    `insert` and `release` donate the state they are given (its buffers are deleted; the
+    state they return replaces it). Tracers are not checked (nothing to read under jit)."""
+    if not isinstance(state, EngineState):
+        raise ValueError(f"state must be an engine state (engine.init); got {short_repr(state)}")
+    leaves = jax.tree.leaves(state)
+    if is_concrete(*leaves) and any(leaf.is_deleted() for leaf in leaves
+                                    if isinstance(leaf, jax.Array)):
+        raise ValueError("this engine state was donated to an earlier step, insert or release "
+                         "and its buffers are deleted: use the state that call returned")
 
 
 def _check_slot(state: EngineState, slot) -> None:
@@ -252,7 +267,8 @@ def step(cfg: ModelConfig, params: dict, state: EngineState, iterations: int = 1
     """`iterations` sampler iterations for every slot still generating (a no-op for the others):
     AR one token per slot, burst one draft-and-verify round (or one jacobi verify). iterations:
     a Python or numpy integer >= 1 (static: each value compiles once; anything else is a
-    one-line ValueError). The state is donated."""
+    one-line ValueError). The state is donated (`check_state`)."""
+    check_state(state)
     return _step(cfg, params, state, check_int("iterations", iterations, 1))
 
 
@@ -295,9 +311,14 @@ def ar_step(cfg: ModelConfig, params: dict, rows: BurstState, temperature, top_p
         iterations=rows.iterations + active, step=rows.step + 1)
 
 
-@jax.jit
 def finished(state: EngineState) -> jax.Array:
     """bool [S]: the slot holds a request that is complete or has run max_iters iterations."""
+    check_state(state)
+    return _finished(state)
+
+
+@jax.jit
+def _finished(state: EngineState) -> jax.Array:
     done = ~jnp.any(state.rows.unfilled(), axis=1)
     return (state.rows.lengths > 0) & (done | (state.rows.iterations >= state.max_iters))
 
@@ -305,7 +326,9 @@ def finished(state: EngineState) -> jax.Array:
 def result(state: EngineState, slot) -> tuple[jax.Array, SampleStats]:
     """(tokens int32 [N] of the request in `slot`, 0 past its length and at unfilled positions;
     its SampleStats as one row: iterations, generated, forward_passes (the model calls it
-    would take alone), finished). A concrete slot outside [0, S) is a ValueError."""
+    would take alone), finished). A concrete slot outside [0, S), or a donated state
+    (`check_state`), is a ValueError."""
+    check_state(state)
     _check_slot(state, slot)
     return _result(state, slot)
 
@@ -326,7 +349,8 @@ def _result(state: EngineState, slot) -> tuple[jax.Array, SampleStats]:
 
 def release(state: EngineState, slot) -> EngineState:
     """`state` with `slot` empty (its request dropped; the slot idles until the next insert).
-    A concrete slot outside [0, S) is a ValueError."""
+    A concrete slot outside [0, S) is a ValueError. The state is donated (`check_state`)."""
+    check_state(state)
     _check_slot(state, slot)
     return _release(state, slot)
 
