@@ -130,6 +130,10 @@ def test_keys_options_and_flags_of_the_wrong_kind_fail_with_one_line(params):
     for bad in ("burst", None, {"sampler": "burst"}):
         _one_line(lambda bad=bad: sampling.sample(SMALL, params, jax.random.key(0), tokens,
                                                   known, bad), "must be a sigma_jax.SampleOptions")
+    _one_line(lambda: sampling.sample(SMALL, params, jax.random.key(0), tokens, known,
+                                      SampleOptions("ar"), order="spread"),
+              "^order must be an explicit \\[B, N\\] integer array here; got the order kind "
+              "'spread': set it in the options, SampleOptions\\(order='spread'\\)$")
     states = lambda **kw: burst_states(SMALL, params, jax.random.key(0), tokens, known, **kw)
     _one_line(lambda: states(options=SampleOptions("ar")), "sampler 'ar' does not run here")
     _one_line(lambda: states(options=SampleOptions("burst"), mode="jacobi"),

@@ -22,7 +22,11 @@ def checked_inputs(cfg: ModelConfig, tokens, known, options: SampleOptions, orde
     [B, N] or None, lengths int32 [B]), after every one-line check of the inputs and of the
     options against them. Lists, numpy and jax arrays are accepted; token values at unknown
     positions are ignored. lengths (None: N for every row): positions at or past a row's length
-    are absent, neither known nor generated (known is cleared there)."""
+    are absent, neither known nor generated (known is cleared there). An order kind given as
+    `order` (a string) is a one-line ValueError: the kind is an option."""
+    if isinstance(order, str):
+        raise ValueError(f"order must be an explicit [B, N] integer array here; got the order "
+                         f"kind {order!r}: set it in the options, SampleOptions(order={order!r})")
     tokens, known, order, lengths = checked_rows(cfg, tokens, known, order, lengths,
                                                  known_only=True)
     options.check_for(cfg, tokens.shape[1], explicit_order=order is not None)
