@@ -14,7 +14,7 @@ from cli_helpers import subprocess_env
 
 from bench import harness, models, report, roofline, sampling, suites, training
 from bench.config import BenchConfig
-from launch.flags import output_path, positive_ints
+from launch.flags import given, output_path, positive_ints
 from sigma_jax import ModelConfig, count_params, init_params
 from sigma_jax.sampling import SampleOptions
 
@@ -194,6 +194,17 @@ def test_list_flags_take_positive_integers():
             positive_ints("batches", bad)
     with pytest.raises(ValueError, match="--batches must not be empty"):
         positive_ints("batches", [])
+
+
+def test_empty_flags_are_refused_not_defaulted():
+    assert given("weights", None, ("init",)) == ("init",)
+    assert given("weights", ["init", "product"], ("init",)) == ["init", "product"]
+    assert given("budget_s", 0.0, 150.0) == 0.0 and given("out", "none", "x") == "none"
+    for value in ([], [""], "", " "):
+        with pytest.raises(ValueError) as error:
+            given("weights", value, ("init",), "weights (init, peaked)")
+        assert str(error.value) == ("--weights must not be empty: give weights (init, peaked), "
+                                    "or leave the flag out")
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path):
