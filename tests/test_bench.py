@@ -183,6 +183,11 @@ def test_bench_config_validation():
         with pytest.raises(ValueError, match="budget_s must be a number of seconds > 0"):
             BenchConfig(budget_s=budget)
     assert BenchConfig(budget_s=float("inf")).budget_s == float("inf")
+    for seed in (-1, 2**63):
+        with pytest.raises(ValueError) as error:
+            BenchConfig(seed=seed)
+        assert str(error.value) == f"seed must be an integer in [0, {2**63 - 1}]; got {seed}"
+    assert BenchConfig(seed=2**63 - 1).seed == 2**63 - 1
     assert BenchConfig(lengths=(16, 64), batches=(1, 4, 8)).points() == [
         (16, 1), (64, 1), (64, 4), (64, 8)]
 
