@@ -9,7 +9,8 @@ import jax
 from bench.models import WEIGHTS_NOTES, cast_model, param_bytes, preset_model_config
 from bench.shipped import load_shipped
 from sigma_jax.checkpoint import load
-from sigma_jax.config import ModelConfig
+from sigma_jax.checks import check_int
+from sigma_jax.config import MAX_SEED, ModelConfig
 from sigma_jax.model import count_params, init_params
 from sigma_jax.sampling import SAMPLERS, SampleOptions
 
@@ -34,7 +35,7 @@ class BenchConfig:
     where batch * length * (length + 1) exceeds it. budget_s (> 0; None or inf: none):
     configurations not started within this many seconds of the start are skipped (recorded as
     skipped); a sampler row whose program is already compiled (the same shapes, other weights)
-    gets 10% more time.
+    gets 10% more time. seed: of the weights and the sampler keys, in [0, MAX_SEED].
     """
 
     suites: tuple[str, ...] = SUITES
@@ -105,6 +106,7 @@ class BenchConfig:
         if self.budget_s is not None and not self.budget_s > 0:  # nan too
             raise ValueError(f"budget_s must be a number of seconds > 0 (inf: no budget); got "
                              f"{self.budget_s!r}")
+        check_int("seed", self.seed, 0, MAX_SEED)  # the seeds jax.random.key takes
         if self.warmup < 2:
             raise ValueError(f"warmup must be >= 2; got {self.warmup!r}")
         if not self.preset and not self.workdir:

@@ -23,13 +23,23 @@ import jax.numpy as jnp
 from bench.harness import DATASHEET, compile_aot, time_calls
 from bench.models import kv_bytes, param_bytes
 from sigma_jax.cache import init_cache
-from sigma_jax.config import ModelConfig
+from sigma_jax.checks import check_int
+from sigma_jax.config import MAX_SIZE, ModelConfig
 from sigma_jax.decode import burst_pass, cache_capacity, extend_pass
 from sigma_jax.model import init_params
 
 # Devices by name: (published dense bf16 FLOP/s, memory bytes/s) from `harness.DATASHEET`.
 DEVICES = {"a100": DATASHEET["A100"], "h100": DATASHEET["H100"], "h200": DATASHEET["H200"],
            "tpu-v5e": DATASHEET["TPU v5 lite"], "tpu-v5p": DATASHEET["TPU v5p"]}
+
+
+def check_sizes(length, window) -> None:
+    """One-line ValueError, naming the launcher's flags, unless --length is an integer in
+    [1, MAX_SIZE] (the largest block_size: every position fits int32) and --window one in
+    [1, --length]."""
+    length = check_int("--length", length, 1, MAX_SIZE)
+    if check_int("--window", window, 1) > length:
+        raise ValueError(f"--window must be in [1, --length] = [1, {length}]; got {window}")
 
 
 def _passes(cfg: ModelConfig, batch: int, length: int, window: int, concrete: bool = False):

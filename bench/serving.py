@@ -21,7 +21,8 @@ import time
 import jax
 import numpy as np
 
-from sigma_jax.config import ModelConfig
+from sigma_jax.checks import check_int
+from sigma_jax.config import MAX_SEED, ModelConfig
 from sigma_jax.sampling import Request, SampleOptions, sample, sample_sharded, serve
 from sigma_jax.sampling.options import model_calls
 from sigma_jax.sharding import MeshConfig, make_mesh, to_host
@@ -36,19 +37,28 @@ class Workload:
     generated: np.ndarray
 
 
+KEY_STRIDE = 100_003  # request i's key is jax.random.key(seed * KEY_STRIDE + i)
+
+
+def check_seed(seed, count: int, name: str = "seed") -> int:
+    """`seed` as an int whose `count` request keys all lie in jax.random.key's range: in
+    [0, (MAX_SEED - count + 1) // KEY_STRIDE], else a one-line ValueError naming `name`."""
+    return check_int(name, seed, 0, (MAX_SEED - max(count, 1) + 1) // KEY_STRIDE)
+
+
 def mixed_workload(text_ids: np.ndarray, count: int, min_length: int, max_length: int,
                    known_frac: float = 0.3, seed: int = 0, infill: bool = True) -> Workload:
     """`count` requests: lengths uniform in [min_length, max_length]; even indices
     unconditional, odd ones (with `infill`; else none) infilling a random window of `text_ids`
-    (int [T])."""
-    rng = np.random.default_rng(seed)
+    (int [T]). seed: `check_seed`."""
+    rng = np.random.default_rng(check_seed(seed, count))
     requests, lengths = [], rng.integers(min_length, max_length + 1, count)
     for i, length in enumerate(lengths):
         start = rng.integers(0, len(text_ids) - length)
         tokens = np.asarray(text_ids[start:start + length], np.int32)
         unconditional = i % 2 == 0 or not infill
         known = np.zeros(length, bool) if unconditional else rng.random(length) < known_frac
-        requests.append(Request(tokens, known, jax.random.key(seed * 100_003 + i)))
+        requests.append(Request(tokens, known, jax.random.key(seed * KEY_STRIDE + i)))
     generated = np.array([len(r.tokens) - int(r.known.sum()) for r in requests])
     return Workload(requests, lengths.astype(np.int32), generated)
 

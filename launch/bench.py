@@ -28,7 +28,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from launch.flags import die, output_path, positive_ints, usage_errors
+from launch.flags import die, given, output_path, positive_ints, usage_errors
 
 FLAGS = flags.FLAGS
 # What to run and where the results go.
@@ -92,59 +92,76 @@ def _window(name: str, text: str) -> int | None:
 
 
 def build_config(on_gpu: bool):
-    """BenchConfig from the flags and the platform defaults. Raises ValueError (one line)."""
+    """BenchConfig from the flags and the platform defaults. Raises ValueError (one line); a flag
+    given explicitly empty (`--weights=`) is refused, never replaced by its default."""
     from bench.config import BenchConfig
     from sigma_jax.presets import get_preset
 
-    memory = tuple(s.strip() for s in FLAGS.suite) == ("memory",)
-    shipped = tuple(s.strip() for s in FLAGS.suite) == ("shipped",)
+    suites = tuple(s.strip() for s in FLAGS.suite)
+    memory, shipped = suites == ("memory",), suites == ("shipped",)
     big = on_gpu or memory  # GPT-2-small defaults
-    preset = FLAGS.preset or (None if FLAGS.workdir else
-                              ("gpt2_small" if big else "shakespeare_char_cpu"))
+    workdir = given("workdir", FLAGS.workdir, None, "a training run's directory")
+    preset = given("preset", FLAGS.preset, None if workdir else
+                   ("gpt2_small" if big else "shakespeare_char_cpu"), "a preset name")
     if preset:
         get_preset(preset)  # ValueError listing the presets
-    if FLAGS.workdir:
-        if not os.path.isdir(FLAGS.workdir):
-            raise FileNotFoundError(f"no workdir {FLAGS.workdir}")
-    given = lambda value, default: default if value is None else value  # "--x=" gives []
-    lengths = positive_ints("lengths", given(FLAGS.lengths, ["1024"] if memory else
-                                             ["256"] if shipped else
-                                             ["64", "256", "1024"] if on_gpu else
-                                             ["32", "64"]))
-    batches = positive_ints("batches", given(FLAGS.batches, ["1", "16", "64"] if memory else
-                                             ["1", "16"] if shipped else
-                                             ["1", "16", "256"] if on_gpu else
-                                             ["1", "4"]))
-    windows = tuple(_window("windows", w) for w in
-                    given(FLAGS.windows, ["16", "none"] if on_gpu else ["8", "none"]))
-    burst_window = _window("burst_window", FLAGS.burst_window or ("64" if big else "none"))
-    primary = "checkpoint" if FLAGS.workdir else "init"
-    weights = tuple(FLAGS.weights or (primary, "product", "peaked"))
-    if weights[0] != primary:
-        raise ValueError(f"the first --weights entry must be {primary} (the main grid's weights)")
-    suites = tuple(s.strip() for s in FLAGS.suite)
-    out = FLAGS.out or ("experiments/results/memory" if memory else
-                        "experiments/results/shipped" if shipped else
-                        "experiments/results/bench_gpu" if on_gpu else
-                        "experiments/results/bench_cpu")
+    if workdir and not os.path.isdir(workdir):
+        raise FileNotFoundError(f"no workdir {workdir}")
+    out = given("out", FLAGS.out, "experiments/results/memory" if memory else
+                "experiments/results/shipped" if shipped else
+                "experiments/results/bench_gpu" if on_gpu else
+                "experiments/results/bench_cpu", "a folder or 'none'")
     return BenchConfig(
-        suites=suites, preset=preset, workdir=FLAGS.workdir, step=FLAGS.step,
-        dtype=FLAGS.dtype or ("bfloat16" if big else None),
-        lengths=lengths, batches=batches, grid=FLAGS.grid, windows=windows,
-        n_orders=positive_ints("n_orders", FLAGS.n_orders), burst_window=burst_window,
-        weights=weights, samplers=tuple(FLAGS.samplers),
-        batch_samplers=tuple(FLAGS.batch_samplers) if FLAGS.batch_samplers else
-        (None if on_gpu else ("ar", "burst")),
-        orders=tuple(FLAGS.orders),
+        suites=suites, preset=preset, workdir=workdir, step=FLAGS.step,
+        dtype=given("dtype", FLAGS.dtype, "bfloat16" if big else None, "float32 or bfloat16"),
+        **_grid_fields(on_gpu, memory, shipped, primary="checkpoint" if workdir else "init"),
         repeats=5 if shipped and not FLAGS["repeats"].present else FLAGS.repeats,
         seed=FLAGS.seed,
-        max_uncached_tokens=given(FLAGS.max_uncached_tokens, 4_300_000 if on_gpu else 10_000),
-        train_batch=given(FLAGS.train_batch, 16 if on_gpu else 4), train_length=FLAGS.train_length,
-        train_reference=FLAGS.train_reference,
+        max_uncached_tokens=given("max_uncached_tokens", FLAGS.max_uncached_tokens,
+                                  4_300_000 if on_gpu else 10_000),
+        train_batch=given("train_batch", FLAGS.train_batch, 16 if on_gpu else 4),
+        train_length=FLAGS.train_length, train_reference=FLAGS.train_reference,
         matmul_n=8192 if on_gpu else 1024, copy_bytes=(1 << 30) if on_gpu else (128 << 20),
-        budget_s=given(FLAGS.budget_s, None if big or shipped else 150.0),
+        budget_s=given("budget_s", FLAGS.budget_s, None if big or shipped else 150.0),
         out=None if out.lower() == "none" else out,
     )
+
+
+def _grid_fields(on_gpu: bool, memory: bool, shipped: bool, primary: str) -> dict:
+    """The sampling grid's BenchConfig fields (lengths, batches, windows, samplers, orders,
+    weights, ...) from the flags and the platform defaults. Raises ValueError (one line)."""
+    from sigma_jax.sampling import SAMPLERS
+
+    big = on_gpu or memory
+    lengths = positive_ints("lengths", given("lengths", FLAGS.lengths, ["1024"] if memory else
+                                             ["256"] if shipped else
+                                             ["64", "256", "1024"] if on_gpu else
+                                             ["32", "64"], "positive integers"))
+    batches = positive_ints("batches", given("batches", FLAGS.batches,
+                                             ["1", "16", "64"] if memory else
+                                             ["1", "16"] if shipped else
+                                             ["1", "16", "256"] if on_gpu else
+                                             ["1", "4"], "positive integers"))
+    windows = tuple(_window("windows", w) for w in given(
+        "windows", FLAGS.windows, ["16", "none"] if on_gpu else ["8", "none"],
+        "positive integers or 'none'"))
+    burst_window = _window("burst_window", given("burst_window", FLAGS.burst_window,
+                                                 "64" if big else "none",
+                                                 "an integer or 'none'"))
+    weights = tuple(given("weights", FLAGS.weights, (primary, "product", "peaked"),
+                          "weights (init, peaked, product, checkpoint)"))
+    if weights[0] != primary:
+        raise ValueError(f"the first --weights entry must be {primary} (the main grid's weights)")
+    samplers_text = f"samplers ({', '.join(SAMPLERS)})"
+    batch_samplers = given("batch_samplers", FLAGS.batch_samplers,
+                           None if on_gpu else ("ar", "burst"), samplers_text)
+    return dict(lengths=lengths, batches=batches, grid=FLAGS.grid, windows=windows,
+                n_orders=positive_ints("n_orders", FLAGS.n_orders), burst_window=burst_window,
+                weights=weights, samplers=tuple(given("samplers", FLAGS.samplers, None,
+                                                      samplers_text)),
+                batch_samplers=None if batch_samplers is None else tuple(batch_samplers),
+                orders=tuple(given("orders", FLAGS.orders, None,
+                                   "orders (random, left_to_right, fractal, spread)")))
 
 
 def main(argv):

@@ -5,6 +5,7 @@
 - `die(message)`: one line on stderr, exit code 2. `usage_errors()`: a context manager that turns
   ValueError / FileNotFoundError (DataError is a ValueError) into `die`.
 - `positive_ints(name, values)`: a list flag of positive integers.
+- `given(name, value, default)`: a flag's value or its default; an explicitly empty one refused.
 - `output_path(path, flag)`: an output file (or folder) checked, its folder made, before any work.
 - `one_line(text)`: an error message cut to one readable line.
 
@@ -76,6 +77,17 @@ def positive_ints(name: str, values: Sequence[str]) -> tuple[int, ...]:
         raise ValueError(f"--{name} must not be empty: give positive integers or leave the flag "
                          "out")
     return tuple(out)
+
+
+def given(name: str, value, default, what: str = "a value"):
+    """The value of the flag --`name`, or `default` when the flag is left out (None). An empty
+    value (`--name=`: an empty list or a blank string) raises ValueError (one line, naming the
+    flag and `what` it takes) rather than standing for the default."""
+    if value is None:
+        return default
+    if isinstance(value, str | list | tuple) and not "".join(value).strip():
+        raise ValueError(f"--{name} must not be empty: give {what}, or leave the flag out")
+    return value
 
 
 def output_path(path, flag: str, *, folder: bool = False) -> Path:

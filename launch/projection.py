@@ -45,9 +45,7 @@ def main(argv) -> None:
             what = f"unknown device {unknown[0]!r}" if unknown else "--devices names no device"
             raise ValueError(f"{what}; devices: {', '.join(projection.DEVICES)}")
         batches = list(positive_ints("batches", FLAGS.batches))
-        if not 1 <= FLAGS.window <= FLAGS.length:
-            raise ValueError(f"--window must be in [1, --length] = [1, {FLAGS.length}]; got "
-                             f"{FLAGS.window}")
+        projection.check_sizes(FLAGS.length, FLAGS.window)
         cfg = preset_model_config(FLAGS.preset, FLAGS.length).replace(
             dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
         if FLAGS.out:

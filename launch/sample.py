@@ -16,11 +16,11 @@ printed by process 0 only. `--animate` runs on a single process.
 Exit code 2 with one line on stderr, before any sampling and before the header, for: a missing
 checkpoint, a config.json or checkpoint that cannot be read or loaded (naming the file, or the
 workdir and step), an unknown shipped model, both or neither of --workdir and --pretrained,
---step with --pretrained, a prompt longer than --length or the block size, a malformed
-`<missing>` gap, a prompt file that is not a UTF-8 text file, characters outside the vocabulary,
-a sampler option the samplers reject (`SampleOptions`, checked against the model and the
-length), or a mesh that the devices cannot hold. A latest checkpoint that cannot be loaded, with
-an older one that can, costs one `warning:` line.
+--step with --pretrained, a --seed outside [0, 2^63 - 1], a prompt longer than --length or the
+block size, a malformed `<missing>` gap, a prompt file that is not a UTF-8 text file,
+characters outside the vocabulary, a sampler option the samplers reject (`SampleOptions`,
+checked against the model and the length), or a mesh that the devices cannot hold. A latest
+checkpoint that cannot be loaded, with an older one that can, costs one `warning:` line.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from absl import logging as absl_logging
 from launch import distributed
 from launch import flags as launch_flags
 from launch.prompt import parse_prompt, read_prompt
+from sigma_jax.checks import check_int
+from sigma_jax.config import MAX_SEED
 from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
 from sigma_jax.param_sharding import shard_params
 from sigma_jax.sampling import SAMPLERS, SampleOptions, sample_sharded
@@ -206,6 +208,7 @@ def check_flags() -> SampleOptions:
         value = getattr(FLAGS, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1; got {value}")
+    check_int("--seed", FLAGS.seed, 0, MAX_SEED)  # the seeds jax.random.key takes
     if FLAGS.animate and not FLAGS.sampler.startswith("burst"):
         raise ValueError("--animate needs a burst sampler (burst, burst_jacobi, burst_paper)")
     if FLAGS.animate and jax.process_count() > 1:

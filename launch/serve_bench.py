@@ -93,6 +93,9 @@ def _checked_setup():
     if FLAGS.window < 0:
         raise ValueError(f"--window must be >= 0 (0: all remaining positions); got "
                          f"{FLAGS.window}")
+    from bench.serving import check_seed
+
+    check_seed(FLAGS.seed, FLAGS.requests, "--seed")
     if not FLAGS.min_length <= FLAGS.max_length:
         raise ValueError("--min_length must not exceed --max_length")
     if FLAGS.slots % FLAGS.host_devices:

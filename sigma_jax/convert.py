@@ -68,9 +68,20 @@ def _torch_name(path: tuple[str, ...]) -> tuple[str, bool]:
     return ".".join([*prefix, *scope, leaf]), transpose
 
 
+def _plain(value):
+    """A numpy bool, integer or float scalar as the Python bool, int or float it holds (so that
+    the type checks below see its kind); any other value unchanged."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    return value
+
+
 def _model_config(model_args, tied: bool) -> ModelConfig:
     """The ModelConfig of `model_args`, each field checked for its type and range first (sizes:
-    ints in [1, 2^31); bias: a bool; dropout: None or a finite number)."""
+    ints in [1, 2^31); bias: a bool; dropout: None or a finite number; numpy scalars count as
+    the Python value they hold)."""
     if not isinstance(model_args, Mapping):
         raise CheckpointError(f"model_args is a {type(model_args).__name__}, not a dict")
     unknown = [k for k in model_args if k not in MODEL_ARGS]
@@ -80,17 +91,18 @@ def _model_config(model_args, tied: bool) -> ModelConfig:
     missing = [k for k in _REQUIRED_ARGS if k not in model_args]
     if missing:
         raise CheckpointError(f"model_args lacks {', '.join(missing)}")
+    fields = {k: _plain(model_args[k]) for k in _REQUIRED_ARGS}
     for name in _SIZE_ARGS:
-        value = model_args[name]
+        value = fields[name]
         if type(value) is not int or not 1 <= value < _MAX_SIZE_ARG:
-            raise CheckpointError(f"model_args {name} is {short_repr(value)}, not an integer "
-                                  "in [1, 2^31)")
-    if type(model_args["bias"]) is not bool:
+            raise CheckpointError(f"model_args {name} is {short_repr(model_args[name])}, not an "
+                                  "integer in [1, 2^31)")
+    if type(fields["bias"]) is not bool:
         raise CheckpointError(f"model_args bias is {short_repr(model_args['bias'])}, not a bool")
-    dropout = model_args.get("dropout") or 0.0
+    dropout = _plain(model_args.get("dropout")) or 0.0
     if type(dropout) not in (int, float) or not math.isfinite(dropout):
-        raise CheckpointError(f"model_args dropout is {short_repr(dropout)}, not a number")
-    fields = {k: model_args[k] for k in _REQUIRED_ARGS}
+        raise CheckpointError(f"model_args dropout is {short_repr(model_args['dropout'])}, not "
+                              "a number")
     try:
         return ModelConfig(**fields, dropout=float(dropout), pos_encoding="learned", bos=False,
                            tie_embeddings=tied)
@@ -309,9 +321,10 @@ def _describe(obj) -> str:
 
 
 def _iter_num(value) -> int:
-    if type(value) is not int or not 0 <= value < _MAX_ITER:
+    plain = _plain(value)
+    if type(plain) is not int or not 0 <= plain < _MAX_ITER:
         raise CheckpointError(f"iter_num is {short_repr(value)}, not a step number in [0, 2^62)")
-    return value
+    return plain
 
 
 def read_official(path) -> OfficialCheckpoint:

@@ -100,7 +100,6 @@ def _bit_reversed_rank_table(n: int) -> np.ndarray:
     return table
 
 
-@jax.jit
 def spread_known_first(known: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
     """Known positions ascending, then the unknown ones farthest-first: int32 [B, N].
 
@@ -109,9 +108,15 @@ def spread_known_first(known: jax.Array, lengths: jax.Array | None = None) -> ja
     With nothing known this bisects the sequence (N = 8: 4, 2, 6, 0, 1, 5, 3, 7); with known
     tokens it fills the middle of the widest gap first. Consecutive positions of the order lie far
     apart, so the drafts of one burst iteration are nearly independent and are accepted most.
-    lengths: int32 [B] (None: N); positions >= a row's length are absent and come last,
-    ascending, and the row's first L steps are its order at N = L.
+    known: bool [B, N], N >= 1 (lists accepted). lengths: integer [B] in [1, N] (None: N);
+    positions >= a row's length are absent and come last, ascending, and the row's first L steps
+    are its order at N = L. Shapes and dtypes are checked always, lengths' values when concrete.
     """
+    return _spread_known_first(*_checked_mask(known, lengths))
+
+
+@jax.jit
+def _spread_known_first(known, lengths):
     b, n = known.shape
     pos = jnp.arange(n, dtype=jnp.int32)[None, :]  # [1, N]
     absent = _absent(known, lengths)
@@ -213,19 +218,30 @@ def check_known_order(known_order: str) -> None:
 
 
 def ordered_known_first(known: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
-    """Known positions ascending, then unknown positions ascending (then the absent ones past
-    each row's length, lengths int32 [B] or None): int32 [B, N]."""
+    """Known positions ascending, then unknown positions ascending, then the absent ones past
+    each row's length: int32 [B, N]. known: bool [B, N], N >= 1 (lists accepted); lengths:
+    integer [B] in [1, N] or None (N). Shapes and dtypes are checked always, lengths' values
+    when concrete."""
+    return _ordered_known_first(*_checked_mask(known, lengths))
+
+
+def _ordered_known_first(known, lengths):
     n = known.shape[-1]
     idx = jnp.arange(n)
     return _order_from_keys(jnp.where(known, idx, jnp.where(_absent(known, lengths), 2 * n + idx,
                                                             n + idx)))
 
 
-@jax.jit
 def fractal_known_first(known: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
     """Known positions ascending, then the R_b unknown positions in the order F(R_b) applied to
-    their sorted indices (per row), then the absent positions past each row's length (lengths
-    int32 [B] or None), ascending. known: bool [B, N] -> int32 [B, N]."""
+    their sorted indices (per row), then the absent positions past each row's length, ascending:
+    int32 [B, N]. known: bool [B, N], N >= 1 (lists accepted); lengths: integer [B] in [1, N] or
+    None (N). Shapes and dtypes are checked always, lengths' values when concrete."""
+    return _fractal_known_first(*_checked_mask(known, lengths))
+
+
+@jax.jit
+def _fractal_known_first(known, lengths):
     n = known.shape[-1]
     table = jnp.asarray(_fractal_rank_table(n))  # [N + 1, N]
     absent = _absent(known, lengths)
@@ -257,10 +273,10 @@ def order_from_mask(kind: str, known: jax.Array, key: jax.Array | None = None, *
             raise ValueError("order 'random' needs a PRNG key")
         return random_order(key, known, known_order=known_order, lengths=lengths)
     if kind == "left_to_right":
-        return ordered_known_first(known, lengths)
+        return _ordered_known_first(known, lengths)
     if kind == "fractal":
-        return fractal_known_first(known, lengths)
-    return spread_known_first(known, lengths)
+        return _fractal_known_first(known, lengths)
+    return _spread_known_first(known, lengths)
 
 
 # ---------------------------------------------------------------- permutations
@@ -390,7 +406,7 @@ def training_orders(key: jax.Array, policy: str, step, max_steps: int, batch: in
     prompt_len = check_int("prompt_len", prompt_len, 0, n)
     known = jnp.broadcast_to(jnp.arange(n) < prompt_len, (batch, n))
     if kind == "fractal":
-        return fractal_known_first(known)
+        return _fractal_known_first(known, None)
     k_coin, k_order = jax.random.split(key)
     shuffled = random_order(k_order, known, known_order="ascending")  # the prompt in index order
     p_random = random_order_probability(policy, step, max_steps)

@@ -14,7 +14,7 @@ from cli_helpers import subprocess_env
 
 from bench import harness, models, report, roofline, sampling, suites, training
 from bench.config import BenchConfig
-from launch.flags import output_path, positive_ints
+from launch.flags import given, output_path, positive_ints
 from sigma_jax import ModelConfig, count_params, init_params
 from sigma_jax.sampling import SampleOptions
 
@@ -183,6 +183,11 @@ def test_bench_config_validation():
         with pytest.raises(ValueError, match="budget_s must be a number of seconds > 0"):
             BenchConfig(budget_s=budget)
     assert BenchConfig(budget_s=float("inf")).budget_s == float("inf")
+    for seed in (-1, 2**63):
+        with pytest.raises(ValueError) as error:
+            BenchConfig(seed=seed)
+        assert str(error.value) == f"seed must be an integer in [0, {2**63 - 1}]; got {seed}"
+    assert BenchConfig(seed=2**63 - 1).seed == 2**63 - 1
     assert BenchConfig(lengths=(16, 64), batches=(1, 4, 8)).points() == [
         (16, 1), (64, 1), (64, 4), (64, 8)]
 
@@ -194,6 +199,17 @@ def test_list_flags_take_positive_integers():
             positive_ints("batches", bad)
     with pytest.raises(ValueError, match="--batches must not be empty"):
         positive_ints("batches", [])
+
+
+def test_empty_flags_are_refused_not_defaulted():
+    assert given("weights", None, ("init",)) == ("init",)
+    assert given("weights", ["init", "product"], ("init",)) == ["init", "product"]
+    assert given("budget_s", 0.0, 150.0) == 0.0 and given("out", "none", "x") == "none"
+    for value in ([], [""], "", " "):
+        with pytest.raises(ValueError) as error:
+            given("weights", value, ("init",), "weights (init, peaked)")
+        assert str(error.value) == ("--weights must not be empty: give weights (init, peaked), "
+                                    "or leave the flag out")
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path):

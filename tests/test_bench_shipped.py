@@ -82,6 +82,8 @@ def test_default_options_merge_windows_past_the_length():
 
 
 def test_launcher_defaults_when_the_suite_runs_alone():
+    """(In the same process: launch.bench's flags cannot be defined beside launch.sample's.)
+    The shipped suite's defaults; flags given explicitly empty are refused, not defaulted."""
     import subprocess
     import sys
 
@@ -90,10 +92,22 @@ def test_launcher_defaults_when_the_suite_runs_alone():
             "c = lb.build_config(False)\n"
             "print(c.lengths, c.batches, c.repeats, c.budget_s, c.out)\n"
             "lb.FLAGS.unparse_flags(); lb.FLAGS(['bench', '--suite=shipped', '--repeats=2'])\n"
-            "print(lb.build_config(False).repeats)\n")
+            "print(lb.build_config(False).repeats)\n"
+            "for flag in ('--weights=', '--samplers=', '--out='):\n"
+            "    lb.FLAGS.unparse_flags(); lb.FLAGS(['bench', flag])\n"
+            "    try:\n"
+            "        lb.build_config(False)\n"
+            "    except ValueError as e:\n"
+            "        print(e)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    first, second = result.stdout.strip().splitlines()
+    first, second, *empty = result.stdout.strip().splitlines()
     assert first == "(256,) (1, 16) 5 None experiments/results/shipped"
     assert second == "2"
+    assert empty == [
+        "--weights must not be empty: give weights (init, peaked, product, checkpoint), or "
+        "leave the flag out",
+        "--samplers must not be empty: give samplers (ar, ar_nocache, burst, burst_jacobi, "
+        "burst_paper), or leave the flag out",
+        "--out must not be empty: give a folder or 'none', or leave the flag out"]

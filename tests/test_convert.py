@@ -101,7 +101,7 @@ def test_with_and_without_the_compiled_prefix_the_params_are_the_same():
                  from_official(FIXTURES / "bias.pt")[1])
 
 
-def test_a_missing_unexpected_or_doubled_entry_and_a_numpy_arg_are_named():
+def test_a_missing_unexpected_or_doubled_entry_is_named():
     ckpt = load_torch_file(FIXTURES / "bias.pt")  # keys with the _orig_mod. prefix
     args, weights = ckpt["model_args"], ckpt["model"]
     lost = "transformer.h.1.mlp.c_fc.bias"
@@ -117,9 +117,29 @@ def test_a_missing_unexpected_or_doubled_entry_and_a_numpy_arg_are_named():
     with pytest.raises(CheckpointError, match=re.escape(
             f"the state dict holds {lost!r} both with and without the _orig_mod. prefix")):
         convert_state_dict(args, {**weights, lost: weights[COMPILED_PREFIX + lost]})
-    with pytest.raises(CheckpointError, match=r"^model_args n_layer is np\.int64\(2\), not an "
-                                              r"integer in \[1, 2\^31\)$"):
-        convert_state_dict({**args, "n_layer": np.int64(2)}, weights)
+
+
+def test_numpy_scalars_in_model_args_count_as_their_python_values():
+    ckpt = load_torch_file(FIXTURES / "bias.pt")
+    args, weights = ckpt["model_args"], ckpt["model"]
+    numpy_args = {**args, "n_layer": np.int64(2), "n_embd": np.int32(args["n_embd"]),
+                  "bias": np.bool_(True), "dropout": np.float64(args["dropout"])}
+    cfg, params = convert_state_dict(numpy_args, weights)
+    expected_cfg, expected = convert_state_dict(args, weights)
+    assert cfg == expected_cfg and type(cfg.n_layer) is int and type(cfg.bias) is bool
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
+    for name, value, message in [
+        ("n_layer", np.float64(2.0), "n_layer is np.float64(2.0), not an integer in [1, 2^31)"),
+        ("n_layer", 2.0, "n_layer is 2.0, not an integer in [1, 2^31)"),
+        ("n_layer", "2", "n_layer is '2', not an integer in [1, 2^31)"),
+        ("n_layer", np.bool_(True), "n_layer is np.True_, not an integer in [1, 2^31)"),
+        ("n_layer", np.int64(0), "n_layer is np.int64(0), not an integer in [1, 2^31)"),
+        ("bias", np.int64(1), "bias is np.int64(1), not a bool"),
+        ("dropout", "0.1", "dropout is '0.1', not a number"),
+    ]:
+        with pytest.raises(CheckpointError) as error:
+            convert_state_dict({**args, name: value}, weights)
+        assert str(error.value) == f"model_args {message}"
 
 
 def test_reader_keeps_the_rest_of_the_checkpoint_plain():

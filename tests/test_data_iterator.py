@@ -127,15 +127,38 @@ def test_errors():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda task: make_iterator(task, "train", 4, -1), "seed must be an integer >= 0; got -1"),
-    (lambda task: make_iterator(task, "train", 4, 0.5), "seed must be an integer >= 0; got 0.5"),
+    (lambda task: make_iterator(task, "train", 4, -1),
+     "seed must be an integer in [0, 9223372036854775807]; got -1"),
+    (lambda task: make_iterator(task, "train", 4, 0.5),
+     "seed must be an integer in [0, 9223372036854775807]; got 0.5"),
     (lambda task: make_iterator(task, "train", "4", 0), "batch_size must be an integer; got '4'"),
     (lambda task: load_task(["maze"]), "unknown task ['maze']; valid tasks: shakespeare_char"),
+    (lambda task: make_iterator(task, "train", 4, 2**63),
+     "seed must be an integer in [0, 9223372036854775807]; got 9223372036854775808"),
+    (lambda task: make_iterator(task, "train", 4, 0, shuffle="no"),
+     "shuffle must be True or False; got 'no'"),
+    (lambda task: make_iterator(task, "train", 4, 0, repeat=None),
+     "repeat must be True or False; got None"),
+    (lambda task: make_iterator(task, "train", 4, 0, num_threads=-1),
+     "num_threads must be an integer >= 0; got -1"),
+    (lambda task: make_iterator(task, "train", 4, 0, prefetch_batches=1.5),
+     "prefetch_batches must be an integer >= 0; got 1.5"),
+    (lambda task: make_iterator(task, "train", 4, 0, process_index="0", process_count=1),
+     "process_index must be an integer; got '0'"),
+    (lambda task: make_iterator("product", "train", 4, 0),
+     "task must be a Task (load_task(name)); got 'product'"),
 ])
 def test_bad_arguments_raise_one_line(call, message):
     with pytest.raises(DataError) as e:
         call(load_task("product", n_val=3))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_numpy_flags_and_the_largest_seed_still_work():
+    task = load_task("step", n_val=10)
+    it = make_iterator(task, "val", 5, np.int64(2**63 - 1), process_index=0, process_count=1,
+                       shuffle=np.bool_(False), repeat=False, num_threads=0)
+    assert np.array_equal(np.concatenate(list(it)), np.stack([task.val[i] for i in range(10)]))
 
 
 def test_grain_is_imported_lazily():

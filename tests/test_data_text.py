@@ -96,6 +96,32 @@ def test_missing_file_offline_is_one_line_error(tmp_path, monkeypatch):
         load_task("text_bpe", data_path=str(text), bpe_path=str(tmp_path / "nope"))
 
 
+@pytest.mark.parametrize("bpe_path, message", [
+    (5, "bpe_path must be a file path (a string); got 5"),
+    (b"ranks", "bpe_path must be a file path (a string); got b'ranks'"),
+    ("{tmp}/nope", "bpe_path='{tmp}/nope' is not a file; pass an existing file"),
+    ("{tmp}", "bpe_path='{tmp}' is a folder, not a file; pass an existing file"),
+    ("{tmp}/t.txt", "{tmp}/t.txt is not a tiktoken ranks file (lines of '<base64 token> <rank>'); "
+                    "pass the GPT-2 gpt2.tiktoken file as bpe_path"),
+])
+def test_bad_bpe_path_is_one_line_error(tmp_path, bpe_path, message):
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 50)
+    if isinstance(bpe_path, str):
+        bpe_path = bpe_path.format(tmp=tmp_path)
+    with pytest.raises(DataError) as e:
+        load_task("text_bpe", data_path=str(text), bpe_path=bpe_path)
+    assert str(e.value) == message.format(tmp=tmp_path)
+
+
+@needs_ranks
+def test_bpe_path_as_a_path_object_still_works(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 50)
+    task = load_task("text_bpe", seq_len=8, data_path=text, bpe_path=RANKS)
+    assert task.vocab_size == 50257 and task.decode(task.encode("some text")) == "some text"
+
+
 @needs_text
 def test_download_is_verified(tmp_path, monkeypatch):
     monkeypatch.setenv("SIGMA_JAX_DATA", str(tmp_path / "empty"))

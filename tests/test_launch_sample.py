@@ -301,3 +301,23 @@ def test_a_config_json_that_does_not_fit_the_checkpoint_is_one_line(char_run, tm
     assert out.returncode == 2 and out.stdout == "", out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "config.json does not match checkpoint 2" in lines[0], out.stderr
+
+
+@pytest.mark.parametrize("seed, message", [
+    (-1, "--seed must be an integer in [0, 9223372036854775807]; got -1"),
+    (2**63, "--seed must be an integer in [0, 9223372036854775807]; got 9223372036854775808"),
+])
+def test_seeds_outside_the_key_range_are_refused(monkeypatch, seed, message):
+    """Checked with the other flags (`check_flags`), before any work; 0 and 2^63 - 1 pass."""
+    import launch.sample as launch_sample
+
+    defaults = {name: launch_sample.FLAGS[name].default for name in launch_sample.FLAGS}
+    for good in (0, 2**63 - 1):
+        monkeypatch.setattr(launch_sample, "FLAGS",
+                            types.SimpleNamespace(**{**defaults, "workdir": "w", "seed": good}))
+        assert launch_sample.check_flags().sampler == "burst"
+    monkeypatch.setattr(launch_sample, "FLAGS",
+                        types.SimpleNamespace(**{**defaults, "workdir": "w", "seed": seed}))
+    with pytest.raises(ValueError) as error:
+        launch_sample.check_flags()
+    assert str(error.value) == message

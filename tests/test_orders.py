@@ -233,6 +233,20 @@ _TOKENS = jnp.array([[5, 6, 7]])
      "lengths must lie in [1, 5] (N = 5); got values in [0, 5]"),
     (lambda: orders.order_from_mask("random", _MASK, _KEY, lengths=[6, 5]),
      "lengths must lie in [1, 5] (N = 5); got values in [5, 6]"),
+    (lambda: orders.spread_known_first(jnp.zeros((2, 5), int)),
+     "known must be a bool mask; got dtype int32"),
+    (lambda: orders.fractal_known_first(jnp.zeros(5, bool)),
+     "known must be a bool [B, N] mask with N >= 1; got shape (5,)"),
+    (lambda: orders.ordered_known_first(jnp.zeros((2, 0), bool)),
+     "known must be a bool [B, N] mask with N >= 1; got shape (2, 0)"),
+    (lambda: orders.spread_known_first(_MASK, jnp.array([6, 5])),
+     "lengths must lie in [1, 5] (N = 5); got values in [5, 6]"),
+    (lambda: orders.fractal_known_first(_MASK, [0, 5]),
+     "lengths must lie in [1, 5] (N = 5); got values in [0, 5]"),
+    (lambda: orders.ordered_known_first(_MASK, jnp.array([5])),
+     "lengths must be [B] = [2], one length per row; got shape (1,)"),
+    (lambda: orders.spread_known_first(_MASK, [5.0, 5.0]),
+     "lengths must hold integer positions; got dtype float64"),
     (lambda: orders.permute(jnp.zeros((1, 3)), jnp.array([[0, 0, 1]])),
      "order rows must be permutations of range(N) (N = 3); row 0 is [0, 0, 1]"),
     (lambda: orders.unpermute(jnp.zeros((1, 3)), jnp.array([[0, 5, 1]])),
@@ -307,5 +321,13 @@ def test_order_inputs_as_lists_numpy_ints_and_under_jit():
     np.testing.assert_array_equal(traced, [[5, 5, 6]])  # not a permutation: unchecked in jit
     with pytest.raises(ValueError, match="x must be"):
         jax.jit(orders.permute)(jnp.zeros((1, 4)), _PERM)
+    mask = [[False, True, False, False]]
+    for kind, fn in [("spread", orders.spread_known_first), ("fractal", orders.fractal_known_first),
+                     ("left_to_right", orders.ordered_known_first)]:
+        expected = orders.order_from_mask(kind, jnp.asarray(mask), lengths=jnp.array([3]))
+        np.testing.assert_array_equal(fn(mask, [3]), expected)
+        np.testing.assert_array_equal(jax.jit(fn)(jnp.asarray(mask), jnp.array([3])), expected)
+        with pytest.raises(ValueError, match="known must be a bool mask"):
+            jax.jit(fn)(jnp.zeros((1, 4), int))
     step = jax.jit(lambda s: orders.random_order_probability("curriculum", s, 10))
     assert float(step(jnp.int32(5))) == 0.5

@@ -28,6 +28,21 @@ def test_projected_times_and_break_even_calls_follow_their_formulas():
         assert exact == pytest.approx(ar) and jacobi == pytest.approx(ar)
 
 
+@pytest.mark.parametrize("length, window, message", [
+    (0, 1, "--length must be an integer in [1, 2147483646]; got 0"),
+    (-5, 1, "--length must be an integer in [1, 2147483646]; got -5"),
+    (2**31 - 1, 64, "--length must be an integer in [1, 2147483646]; got 2147483647"),
+    (32, 0, "--window must be an integer >= 1; got 0"),
+    (32, 33, "--window must be in [1, --length] = [1, 32]; got 33"),
+])
+def test_length_and_window_are_bounded(length, window, message):
+    with pytest.raises(ValueError) as error:
+        projection.check_sizes(length, window)
+    assert str(error.value) == message
+    projection.check_sizes(32, 32)
+    projection.check_sizes(2**31 - 2, 64)
+
+
 @pytest.mark.integration
 def test_the_launcher_prints_a_labelled_projection(tmp_path):
     out = run_module("-m", "launch.projection", "--preset=tiny", "--length=32", "--window=8",

@@ -1,8 +1,10 @@
 """The serving benchmark end to end at a tiny size: it runs, prints every figure, checks that the
-engine's tokens equal the static batches', and writes its rows and plot."""
+engine's tokens equal the static batches', and writes its rows and plot; its flag checks and
+the workload's seed range."""
 
 import json
 
+import numpy as np
 import pytest
 from cli_helpers import run_module
 
@@ -38,3 +40,16 @@ def test_serve_bench_refuses_bad_flags(args, message):
     out = run_module("-m", "launch.serve_bench", *args)
     assert out.returncode == 2 and message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and out.stdout == ""
+
+
+def test_workload_seeds_keep_every_request_key_in_range():
+    from bench.serving import check_seed, mixed_workload
+
+    largest = (2**63 - 1 - 5) // 100_003
+    assert check_seed(largest, 6) == largest
+    for seed in (-1, largest + 1):
+        with pytest.raises(ValueError) as error:
+            check_seed(seed, 6, "--seed")
+        assert str(error.value) == f"--seed must be an integer in [0, {largest}]; got {seed}"
+    work = mixed_workload(np.arange(50), 6, 4, 8, seed=largest)
+    assert len(work.requests) == 6

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import importlib
 
-from sigma_jax.checks import check_int, short_repr
+from sigma_jax.checks import check_bool, check_int, short_repr
+from sigma_jax.config import MAX_SEED
 from sigma_jax.data.fetch import cache_dir, data_dir
 from sigma_jax.data.task import DataError, Source, Task, data_check
 
@@ -62,14 +63,19 @@ def make_iterator(task: Task, split: str, batch_size: int, seed: int, *,
     reading (0 threads reads in the calling thread).
 
     Raises:
-      DataError: a seed, batch_size, process_index, process_count, num_threads or
-        prefetch_batches that is not an integer (seed, num_threads and prefetch_batches >= 0),
-        batch_size not divisible by process_count, bad process_index, unknown split, or a shard
-        with fewer examples than one local batch when `repeat` is False.
+      DataError: a task that is not a `Task`; a seed, batch_size, process_index, process_count,
+        num_threads or prefetch_batches that is not an integer (seed in [0, MAX_SEED],
+        num_threads and prefetch_batches >= 0); shuffle or repeat not True or False; batch_size
+        not divisible by process_count, bad process_index, unknown split, or a shard with fewer
+        examples than one local batch when `repeat` is False.
     """
     import grain  # lazily: grain is not installed on every machine
 
-    seed = data_check(check_int, "seed", seed, 0)
+    if not isinstance(task, Task):
+        raise DataError(f"task must be a Task (load_task(name)); got {short_repr(task)}")
+    seed = data_check(check_int, "seed", seed, 0, MAX_SEED)
+    shuffle = data_check(check_bool, "shuffle", shuffle)
+    repeat = data_check(check_bool, "repeat", repeat)
     batch_size = data_check(check_int, "batch_size", batch_size)
     num_threads = data_check(check_int, "num_threads", num_threads, 0)
     prefetch_batches = data_check(check_int, "prefetch_batches", prefetch_batches, 0)

@@ -17,6 +17,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from sigma_jax.checks import short_repr
 from sigma_jax.data.task import DataError
 
 DOWNLOAD_TIMEOUT_S = 30
@@ -73,7 +74,8 @@ def locate(rel: str, *, explicit: str | os.PathLike | None = None, url: str | No
 
     Args:
       rel: the file's path relative to the data folder, e.g. "gpt2/gpt2.tiktoken".
-      explicit: a user-given path; when set, it is the only place looked at.
+      explicit: a user-given path (a str or a str os.PathLike); when set, it is the only place
+        looked at, and must be an existing file.
       url: canonical download URL; None means the file cannot be downloaded.
       sha256: expected hash of a downloaded file (files found locally are not re-hashed here).
       option: the load_task option name to mention in error messages.
@@ -81,9 +83,13 @@ def locate(rel: str, *, explicit: str | os.PathLike | None = None, url: str | No
       DataError (one line) when the file cannot be found or fetched.
     """
     if explicit is not None:
+        if not isinstance(explicit, str | os.PathLike) or not isinstance(os.fspath(explicit), str):
+            raise DataError(f"{option} must be a file path (a string); got "
+                            f"{short_repr(explicit)}")
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise DataError(f"{option}={str(explicit)!r} is not a file; pass an existing file")
+            what = "a folder, not a file" if path.is_dir() else "not a file"
+            raise DataError(f"{option}={str(explicit)!r} is {what}; pass an existing file")
         return path
     shared = data_dir()
     if shared is not None and (shared / rel).is_file():

@@ -49,11 +49,16 @@ OPTIONS = {"bpe_path": None, "val_fraction": 0.1}
 
 @functools.lru_cache(maxsize=2)
 def gpt2_encoding(ranks_path: str):
-    """A `tiktoken.Encoding` equal to GPT-2's (r50k), built from a local ranks file."""
+    """A `tiktoken.Encoding` equal to GPT-2's (r50k), built from a local ranks file; a file that
+    is not GPT-2's ranks raises DataError."""
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    ranks = load_tiktoken_bpe(ranks_path)
+    try:
+        ranks = load_tiktoken_bpe(ranks_path)
+    except ValueError:  # a line that is not "<base64 token> <rank>"
+        raise DataError(f"{ranks_path} is not a tiktoken ranks file (lines of '<base64 token> "
+                        "<rank>'); pass the GPT-2 gpt2.tiktoken file as bpe_path") from None
     if len(ranks) != EOT_ID:
         raise DataError(f"{ranks_path} has {len(ranks)} ranks, GPT-2 has {EOT_ID}; "
                         "pass the GPT-2 gpt2.tiktoken file as bpe_path")
@@ -117,9 +122,9 @@ def build(seq_len=None, data_path=None, **options) -> Task:
     opts = check_options("text_bpe", options, OPTIONS)
     check_fraction("val_fraction", opts["val_fraction"])
     n = data_check(check_int, "seq_len", DEFAULT_SEQ_LEN if seq_len is None else seq_len, 1)
-    text_path = text_char.locate_text(data_path)
     ranks_path = fetch.locate(GPT2_RANKS, explicit=opts["bpe_path"], url=GPT2_RANKS_URL,
                               sha256=GPT2_RANKS_SHA256, option="bpe_path")
+    text_path = text_char.locate_text(data_path)
     tokens = cached_tokens(text_path, ranks_path, opts["val_fraction"])
     n = text_char.check_seq_len(n, len(tokens["train"]), len(tokens["val"]))
     codec = BpeCodec(str(ranks_path))
