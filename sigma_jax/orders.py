@@ -31,6 +31,7 @@ from sigma_jax.checks import (
     check_int,
     check_key,
     check_scalar_int,
+    is_concrete,
     permutation_rows,
     row_lengths,
     token_ids,
@@ -110,7 +111,8 @@ def spread_known_first(known: jax.Array, lengths: jax.Array | None = None) -> ja
     apart, so the drafts of one burst iteration are nearly independent and are accepted most.
     known: bool [B, N], N >= 1 (lists accepted). lengths: integer [B] in [1, N] (None: N);
     positions >= a row's length are absent and come last, ascending, and the row's first L steps
-    are its order at N = L. Shapes and dtypes are checked always, lengths' values when concrete.
+    are its order at N = L. Shapes and dtypes are checked always, lengths' values (and known
+    False past them) when concrete.
     """
     return _spread_known_first(*_checked_mask(known, lengths))
 
@@ -165,12 +167,22 @@ def _order_from_keys(keys: jax.Array) -> jax.Array:
 
 def _checked_mask(known, lengths) -> tuple:
     """(known as a bool [B, N] array with N >= 1, lists accepted; lengths None or int32 [B] in
-    [1, N], checked when concrete: `checks.row_lengths`)."""
+    [1, N]: `checks.row_lengths`), after a one-line ValueError for a known position at or past
+    its row's length (values checked when concrete)."""
     known = bool_mask(known)
     if known.ndim != 2 or known.shape[1] < 1:
         raise ValueError(f"known must be a bool [B, N] mask with N >= 1; got shape "
                          f"{tuple(known.shape)}")
-    return known, None if lengths is None else row_lengths(lengths, known.shape)
+    if lengths is None:
+        return known, None
+    lengths = row_lengths(lengths, known.shape)
+    if is_concrete(known, lengths):
+        past = np.asarray(known) & (np.arange(known.shape[1]) >= np.asarray(lengths)[:, None])
+        if past.any():
+            row, pos = (int(i) for i in np.argwhere(past)[0])
+            raise ValueError(f"known must be False at and past each row's length; row {row} "
+                             f"(length {int(lengths[row])}) knows position {pos}")
+    return known, lengths
 
 
 def random_order(key: jax.Array, known: jax.Array, *, known_order: str = "random",
@@ -183,8 +195,8 @@ def random_order(key: jax.Array, known: jax.Array, *, known_order: str = "random
     known: bool [B, N], N >= 1. lengths: integer [B] in [1, N] (None: N); positions >= a row's
     length are absent and come last, ascending. With one key per row (or B = 1), a row's first L
     steps are its order at N = L: the uniforms of threefry's partitionable mode do not depend on
-    the trailing length. Shapes, dtypes and the key are checked always, lengths' values when
-    concrete.
+    the trailing length. Shapes, dtypes and the key are checked always, lengths' values (and
+    known False past them) when concrete.
     """
     check_known_order(known_order)
     known, lengths = _checked_mask(known, lengths)
@@ -221,7 +233,7 @@ def ordered_known_first(known: jax.Array, lengths: jax.Array | None = None) -> j
     """Known positions ascending, then unknown positions ascending, then the absent ones past
     each row's length: int32 [B, N]. known: bool [B, N], N >= 1 (lists accepted); lengths:
     integer [B] in [1, N] or None (N). Shapes and dtypes are checked always, lengths' values
-    when concrete."""
+    (and known False past them) when concrete."""
     return _ordered_known_first(*_checked_mask(known, lengths))
 
 
@@ -236,7 +248,8 @@ def fractal_known_first(known: jax.Array, lengths: jax.Array | None = None) -> j
     """Known positions ascending, then the R_b unknown positions in the order F(R_b) applied to
     their sorted indices (per row), then the absent positions past each row's length, ascending:
     int32 [B, N]. known: bool [B, N], N >= 1 (lists accepted); lengths: integer [B] in [1, N] or
-    None (N). Shapes and dtypes are checked always, lengths' values when concrete."""
+    None (N). Shapes and dtypes are checked always, lengths' values (and known False past them)
+    when concrete."""
     return _fractal_known_first(*_checked_mask(known, lengths))
 
 
@@ -260,13 +273,20 @@ def order_from_mask(kind: str, known: jax.Array, key: jax.Array | None = None, *
     kind: 'left_to_right' (both groups ascending), 'random' (`random_order`: the known group as
     `known_order` says, the unknown one shuffled; needs a key, one or one per row) or 'fractal'
     (known ascending, unknown in bisection order) or 'spread' (known ascending, unknown
-    farthest-first: `spread_known_first`). known: bool [B, N], N >= 1. lengths: integer [B] in
-    [1, N] (None: every row has length N): the positions at or past a row's length are absent
-    (known must be False there); they come last, ascending, and the first L steps of a row are its
+    farthest-first: `spread_known_first`). The fixed kinds read no key (one is accepted, so every
+    kind takes the same call) and refuse known_order='ascending', which only 'random' reads.
+    known: bool [B, N], N >= 1. lengths: integer [B] in [1, N] (None: every row has length N):
+    the positions at or past a row's length are absent (known must be False there: a one-line
+    ValueError when concrete); they come last, ascending, and the first L steps of a row are its
     order at N = L.
     """
     if kind not in ORDER_KINDS:
         raise ValueError(f"order must be one of {', '.join(ORDER_KINDS)}; got {kind!r}")
+    check_known_order(known_order)
+    if kind != "random" and known_order != "random":
+        raise ValueError(f"known_order applies to order 'random' only (the fixed orders list the "
+                         f"known positions ascending); got {kind!r} with known_order="
+                         f"{known_order!r}")
     known, lengths = _checked_mask(known, lengths)
     if kind == "random":
         if key is None:

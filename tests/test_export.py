@@ -1,8 +1,9 @@
 """Portable engine artifacts: written by `sampling.export.export`, run in a subprocess that
 imports only jax and numpy, they serve requests with bitwise the tokens of the library; the
-same functions export for cuda and tpu from this CPU-only machine; bad arguments fail with one
-line before anything is written."""
+same functions export for cuda and tpu from this CPU-only machine; the manifest records every
+sampler option; bad arguments fail with one line before anything is written."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -16,7 +17,7 @@ from cli_helpers import subprocess_env
 from sampler_helpers import SMALL, peaked_params
 
 from sigma_jax.sampling import Request, SampleOptions, serve
-from sigma_jax.sampling.export import FUNCTIONS, export
+from sigma_jax.sampling.export import FUNCTIONS, export, manifest_options
 
 N = 10
 
@@ -61,6 +62,7 @@ def test_artifacts_serve_bitwise_without_the_library(tmp_path):
     options = SampleOptions("burst_jacobi", order="spread", window=3)
     manifest = export(SMALL, params, options, 2, N, tmp_path / "art")
     assert manifest["state"] and json.loads((tmp_path / "art/manifest.json").read_text())
+    assert SampleOptions(**manifest["options"]) == options
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, N + 1, 5).astype(np.int32)
     tokens = rng.integers(0, SMALL.vocab_size, (5, N)).astype(np.int32)
@@ -86,15 +88,32 @@ def test_artifacts_serve_bitwise_without_the_library(tmp_path):
 def test_the_engine_exports_for_accelerators_from_a_cpu_host(tmp_path):
     shapes = jax.eval_shape(lambda: peaked_params(SMALL, 0))
     for options in (SampleOptions("ar"), SampleOptions("burst", window=4),
-                    SampleOptions("burst_jacobi", order="spread")):
+                    SampleOptions("burst_jacobi", order="spread", draft_support=8,
+                                  first_drafts="start")):
         manifest = export(SMALL, shapes, options, np.int64(4), N, tmp_path / options.sampler,
                           platforms=("cuda", "tpu"))
         assert manifest["platforms"] == ["cuda", "tpu"] and manifest["slots"] == 4
+        written = json.loads((tmp_path / options.sampler / "manifest.json").read_text())
+        assert SampleOptions(**written["options"]) == options
         for name in FUNCTIONS:
             exported = jax.export.deserialize(bytearray(
                 (tmp_path / options.sampler / f"{name}.bin").read_bytes()))
             assert exported.platforms == ("cuda", "tpu")
         assert not (tmp_path / options.sampler / "params.npz").exists()
+
+
+def test_the_manifest_records_every_option_the_artifacts_sample_with():
+    """Every field of SampleOptions, each set away from its default by one of these, is in
+    the manifest's options, and they read back from its JSON as the options exported."""
+    names = [field.name for field in dataclasses.fields(SampleOptions)]
+    for options in (SampleOptions("burst_jacobi", order="spread", window=3, top_k=5,
+                                  draft_support=7, first_drafts="start",
+                                  temperature=np.float32(0.7), top_p=0.9, max_iters=np.int64(4)),
+                    SampleOptions("burst_paper", n_orders=2, known_order="ascending"),
+                    SampleOptions("ar", order="fractal", temperature=0)):
+        entry = json.loads(json.dumps(manifest_options(options)))
+        assert list(entry) == names
+        assert SampleOptions(**entry) == options
 
 
 def test_bad_arguments_fail_with_one_line_before_anything_is_written(tmp_path):

@@ -3,7 +3,8 @@ any process with jax and numpy, without sigma_jax.
 
 `export(cfg, params, options, slots, capacity, directory)` writes
 
-    manifest.json   shapes and dtypes of every argument, the options, the vocabulary, the files
+    manifest.json   shapes and dtypes of every argument, every sampler option
+                    (`SampleOptions(**manifest["options"])`), the vocabulary, the files
     init.bin        () -> state
     insert.bin      (params, state, slot, tokens, known, length, key) -> state
     step.bin        (params, state) -> state        (`iterations` sampler iterations)
@@ -27,6 +28,7 @@ clamped), never finishes (length 0) or returns garbage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -146,6 +148,13 @@ def _check_platforms(platforms) -> tuple[str, ...]:
     return tuple(platforms)
 
 
+def manifest_options(options: SampleOptions) -> dict:
+    """The manifest's "options": every field of `options` by name, as JSON values (concrete
+    traced fields are Python numbers), so that `SampleOptions(**manifest["options"])` equals
+    the options the artifacts sample with."""
+    return {field.name: getattr(options, field.name) for field in dataclasses.fields(options)}
+
+
 def _result_arrays(state, slot):
     tokens, stats = engine.result(state, slot)
     return (tokens, stats.iterations[0], stats.generated[0], stats.forward_passes)
@@ -166,11 +175,7 @@ def _manifest(cfg, options, slots, capacity, platforms, iterations, param_leaves
         "format": "sigma_jax engine artifacts 1",
         "platforms": list(platforms), "slots": slots, "capacity": capacity,
         "iterations_per_step": iterations, "vocab_size": cfg.vocab_size, "bos": cfg.bos,
-        "options": {"sampler": options.sampler, "order": options.order,
-                    "window": options.window, "n_orders": options.n_orders,
-                    "top_k": options.top_k, "known_order": options.known_order,
-                    "temperature": options.temperature, "top_p": options.top_p,
-                    "max_iters": options.max_iters},
+        "options": manifest_options(options),
         "files": {name: f"{name}.bin" for name in FUNCTIONS},
         "params": [spec(x) for x in param_leaves],
         "state": [spec(x) for x in flat_state],
