@@ -224,8 +224,7 @@ def sample(model_cfg, params, key, tokens: np.ndarray, known: np.ndarray, strate
     options = SAMPLER_OPTIONS[strategy]
     options = options.replace(window=window if options.reads("window") else None,
                               n_orders=n_orders if options.reads("n_orders") else options.n_orders,
-                              known_order=known_order if options.reads("known_order")
-                              else options.known_order)
+                              known_order=known_order)
     tokens = np.asarray(tokens, np.int32)
     known = np.asarray(known, bool)
     b = tokens.shape[0]

@@ -23,28 +23,13 @@ from sigma_jax.model import check_params, forward
 def _checked(cfg: ModelConfig, params, tokens, known, order, known_order: str, lengths, key, *,
              known_only: bool = False):
     """`checks.checked_rows` (known_only: only the known tokens checked, the others ignored),
-    the params against cfg, known_order, the key (one typed key, or None), and neither a key
-    nor a known_order other than 'random' with an explicit order (`_check_explicit`)."""
+    the params against cfg, known_order, and the key (one typed key, or None)."""
     check_params(cfg, params)
     rows = checked_rows(cfg, tokens, known, order, lengths, known_only=known_only)
     orders_lib.check_known_order(known_order)
     if key is not None:
         check_key(key)
-    if order is not None:
-        _check_explicit(key, known_order)
     return rows
-
-
-def _check_explicit(key, known_order: str) -> None:
-    """One-line ValueErrors for what an explicit order leaves unread: a key (no order is drawn)
-    and a known_order other than 'random' (the order lists the known positions itself)."""
-    if key is not None:
-        raise ValueError("a key draws the orders, and an explicit order draws none: pass either "
-                         "key or order=, not both")
-    if known_order != "random":
-        raise ValueError(f"known_order applies to the orders drawn from a key only: an explicit "
-                         f"order lists the known positions in its own order; drop known_order="
-                         f"{known_order!r} or order=")
 
 
 @jax.jit
@@ -73,12 +58,11 @@ def log_prob(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.Array
     """log p(x_unknown | x_known), one teacher-forced pass per order: float32 [B, n_orders].
 
     tokens: int32 [B, N]; known: bool [B, N] (any subset per row; with bos=False at least one).
-    order: int32 [B, N] listing each row's known positions first (then n_orders must be 1, and
-    key and known_order, which only the drawn orders read, are refused); otherwise `n_orders`
-    orders of the known-first convention are drawn from `key` (`orders.random_order`: the known
-    tokens in uniformly random order, or ascending with known_order='ascending', then the
-    unknown ones in uniformly random order), the orders under which
-    `sample_ar(order='random')` and `sample_burst` sample. With bos=True an empty known set
+    order: int32 [B, N] listing each row's known positions first (then n_orders must be 1);
+    otherwise `n_orders` orders of the known-first convention are drawn from `key`
+    (`orders.random_order`: the known tokens in uniformly random order, or ascending with
+    known_order='ascending', then the unknown ones in uniformly random order), the orders under
+    which `sample_ar(order='random')` and `sample_burst` sample. With bos=True an empty known set
     gives the full-sequence log-likelihood. A model that is consistent across orders gives the
     same value for every order; the spread over orders is a consistency diagnostic.
     lengths: int32 [B] (None: N): positions past a row's length are absent (last in every
@@ -120,13 +104,11 @@ def conditionals(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.A
                  known_order: str = "random", lengths=None) -> jax.Array:
     """p(x_j | x_known) for every position j, in one burst pass: float32 [B, N, V].
 
-    The known tokens are fed in the order of `order`'s known prefix when given (then key and
-    known_order are refused: nothing is drawn), else by the known-first convention
-    (`orders.random_order`): in a uniformly random order drawn from `key`, independently per row
-    (the first conditional of the samplers' law, given that order), or ascending with
-    known_order='ascending' (then a key is refused: nothing depends on it). Rows of known
-    positions are the one-hot of the known token; the values of `tokens` at unknown positions
-    are ignored.
+    The known tokens are fed in the order of `order`'s known prefix when given, else by the
+    known-first convention (`orders.random_order`): in a uniformly random order drawn from `key`,
+    independently per row (the first conditional of the samplers' law, given that order), or
+    ascending with known_order='ascending' (no key needed). Rows of known positions are the
+    one-hot of the known token; the values of `tokens` at unknown positions are ignored.
     lengths: int32 [B] (None: N): positions past a row's length are absent (rows of zeros).
     """
     tokens, known, order, lengths = _checked(cfg, params, tokens, known, order, known_order,
@@ -135,10 +117,6 @@ def conditionals(cfg: ModelConfig, params: dict, tokens: jax.Array, known: jax.A
         if key is None and known_order == "random":
             raise ValueError("conditionals needs a PRNG key to draw the order of the known "
                              "tokens (or pass order= or known_order='ascending')")
-        if key is not None and known_order == "ascending":
-            raise ValueError("conditionals with known_order='ascending' reads no key (the known "
-                             "tokens go in index order, and one burst pass does not depend on "
-                             "the order of the others): drop key")
         # With 'ascending' the key only orders the unknown positions, which one burst pass ignores.
         key = jax.random.key(0) if key is None else key
         order = orders_lib.random_order(key, known, known_order=known_order, lengths=lengths)

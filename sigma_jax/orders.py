@@ -273,20 +273,13 @@ def order_from_mask(kind: str, known: jax.Array, key: jax.Array | None = None, *
     kind: 'left_to_right' (both groups ascending), 'random' (`random_order`: the known group as
     `known_order` says, the unknown one shuffled; needs a key, one or one per row) or 'fractal'
     (known ascending, unknown in bisection order) or 'spread' (known ascending, unknown
-    farthest-first: `spread_known_first`). The fixed kinds read no key (one is accepted, so every
-    kind takes the same call) and refuse known_order='ascending', which only 'random' reads.
-    known: bool [B, N], N >= 1. lengths: integer [B] in [1, N] (None: every row has length N):
-    the positions at or past a row's length are absent (known must be False there: a one-line
-    ValueError when concrete); they come last, ascending, and the first L steps of a row are its
-    order at N = L.
+    farthest-first: `spread_known_first`). known: bool [B, N], N >= 1. lengths: integer [B] in
+    [1, N] (None: every row has length N): the positions at or past a row's length are absent
+    (known must be False there: a one-line ValueError when concrete); they come last,
+    ascending, and the first L steps of a row are its order at N = L.
     """
     if kind not in ORDER_KINDS:
         raise ValueError(f"order must be one of {', '.join(ORDER_KINDS)}; got {kind!r}")
-    check_known_order(known_order)
-    if kind != "random" and known_order != "random":
-        raise ValueError(f"known_order applies to order 'random' only (the fixed orders list the "
-                         f"known positions ascending); got {kind!r} with known_order="
-                         f"{known_order!r}")
     known, lengths = _checked_mask(known, lengths)
     if kind == "random":
         if key is None:

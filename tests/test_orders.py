@@ -239,9 +239,6 @@ _TOKENS = jnp.array([[5, 6, 7]])
      "row 1 (length 1) knows position 1"),
     (lambda: orders.fractal_known_first(jnp.ones((2, 5), bool), jnp.array([5, 4])),
      "row 1 (length 4) knows position 4"),
-    (lambda: orders.order_from_mask("fractal", _MASK, known_order="ascending"),
-     "known_order applies to order 'random' only (the fixed orders list the known positions "
-     "ascending); got 'fractal' with known_order='ascending'"),
     (lambda: orders.spread_known_first(jnp.zeros((2, 5), int)),
      "known must be a bool mask; got dtype int32"),
     (lambda: orders.fractal_known_first(jnp.zeros(5, bool)),

@@ -52,10 +52,6 @@ BAD = [
     (dict(sampler="burst_paper", draft_support=8), "draft_support applies to burst_jacobi "
                                                    "only; got sampler 'burst_paper'"),
     (dict(sampler="ar", draft_support=8), "draft_support applies to burst_jacobi only"),
-    (dict(sampler="ar", order="spread", known_order="ascending"),
-     "^known_order applies to order='random' only; got order 'spread' with "
-     "known_order='ascending' \\(the fixed orders always feed the known tokens ascending\\)$"),
-    (dict(order="left_to_right", known_order="ascending"), "known_order applies to order="),
 ]
 
 
@@ -81,20 +77,6 @@ def test_checks_that_need_the_model_and_the_length():
         SampleOptions("burst_jacobi", first_drafts="start").check_for(
             dataclasses.replace(SMALL, bos=False), 10)
     SampleOptions("burst_jacobi", first_drafts="start").check_for(SMALL, 10)
-
-
-def test_an_explicit_order_refuses_the_known_order_it_would_ignore():
-    """An explicit order lists the known positions in its own order: a known_order set away
-    from 'random' would be ignored, so it is one line; the default passes."""
-    options = SampleOptions("burst", known_order="ascending")
-    with pytest.raises(ValueError, match="^known_order applies to order='random' only: an "
-                       "explicit order lists the known positions in its own order; drop "
-                       "known_order='ascending' or the explicit order$"):
-        options.check_for(SMALL, 10, explicit_order=True)
-    options.check_for(SMALL, 10)
-    SampleOptions("burst_jacobi").check_for(SMALL, 10, explicit_order=True)
-    assert SampleOptions(known_order="ascending").reads("known_order")
-    assert not SampleOptions(order="fractal").reads("known_order")
 
 
 def test_numpy_integers_are_ints_and_concrete_traced_values_are_python_numbers():

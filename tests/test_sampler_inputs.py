@@ -44,14 +44,9 @@ FUNCTIONS = {
     "sample_ar": lambda p, t, k, **kw: sample_ar(SMALL, p, jax.random.key(0), t, k, **kw),
     "sample_burst": lambda p, t, k, **kw: sample_burst(SMALL, p, jax.random.key(0), t, k,
                                                        window=kw.pop("window", 3), **kw),
-    "log_prob": lambda p, t, k, **kw: log_prob(SMALL, p, t, k, _density_key(kw), **kw),
-    "conditionals": lambda p, t, k, **kw: conditionals(SMALL, p, t, k, _density_key(kw), **kw),
+    "log_prob": lambda p, t, k, **kw: log_prob(SMALL, p, t, k, jax.random.key(0), **kw),
+    "conditionals": lambda p, t, k, **kw: conditionals(SMALL, p, t, k, jax.random.key(0), **kw),
 }
-
-
-def _density_key(kw):
-    """A key for the densities, which refuse one with an explicit order."""
-    return None if "order" in kw else jax.random.key(0)
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
@@ -170,32 +165,3 @@ def test_a_model_without_start_token_reads_a_single_known_position(params):
     np.testing.assert_array_equal(log_prob(cfg, no_bos, tokens, known, jax.random.key(1)), 0.0)
     np.testing.assert_array_equal(conditionals(cfg, no_bos, tokens, known, jax.random.key(1)),
                                   jax.nn.one_hot(tokens, cfg.vocab_size))
-
-
-def test_arguments_an_explicit_order_leaves_unread_are_refused(params):
-    """An explicit order draws nothing and lists the known positions itself: a key given to a
-    density with it or a known_order other than 'random' is one line (before any work), as is
-    a key given to conditionals with known_order='ascending', which nothing depends on. Their
-    defaults still pass."""
-    tokens, known = _inputs()
-    order = orders.order_from_mask("spread", known)
-    key = jax.random.key(0)
-    for density in (log_prob, conditionals):
-        _one_line(lambda f=density: f(SMALL, params, tokens, known, key, order=order),
-                  "^a key draws the orders, and an explicit order draws none: pass either key or "
-                  "order=, not both$")
-        _one_line(lambda f=density: f(SMALL, params, tokens, known, order=order,
-                                      known_order="ascending"),
-                  "^known_order applies to the orders drawn from a key only")
-    _one_line(lambda: conditionals(SMALL, params, tokens, known, key, known_order="ascending"),
-              "^conditionals with known_order='ascending' reads no key")
-    _one_line(lambda: sample_ar(SMALL, params, key, tokens, known, order=order,
-                                known_order="ascending"), "^known_order applies to order=")
-    _one_line(lambda: sample_burst(SMALL, params, key, tokens, known, order=order,
-                                   known_order="ascending"), "^known_order applies to order=")
-    _one_line(lambda: sampling.prepare(SMALL, params, key, tokens, known,
-                                       SampleOptions("ar", known_order="ascending"), order),
-              "^known_order applies to order=")
-    _one_line(lambda: sample_ar(SMALL, params, key, tokens, known, order="spread",
-                                known_order="ascending"), "^known_order applies to order=")
-    assert log_prob(SMALL, params, tokens, known, order=order).shape == (2, 1)

@@ -72,11 +72,9 @@ class SampleOptions:
 
     Static: sampler (one of SAMPLERS); order (a kind of `orders.ORDER_KINDS`: the generation
     order; burst_paper takes 'random' only; an explicit [B, N] order array is an input of the
-    call, not an option: it replaces the kind and takes known_order at its default:
-    `check_for`);
-    window (burst: positions drafted or verified per iteration, None = all remaining; in
-    [1, N]); n_orders (burst_paper's K, default 5); top_k (None or in [1, V]); known_order (how
-    order='random' feeds the known tokens: 'random' or 'ascending'); draft_support
+    call, not an option); window (burst: positions drafted or verified per iteration, None = all
+    remaining; in [1, N]); n_orders (burst_paper's K, default 5); top_k (None or in [1, V]);
+    known_order (how order='random' feeds the known tokens: 'random' or 'ascending'); draft_support
     (burst_jacobi, >= 1: each first draft is drawn from the draft_support most probable tokens
     of its distribution, renormalized, which is what is kept of it until the position is
     verified: the law stays exact for any value; fewer means less memory, [B, N, K], and a
@@ -91,10 +89,9 @@ class SampleOptions:
     (options built inside `jax.jit`) pass unchecked.
 
     Bad values raise a one-line ValueError at construction, and so does an option set away
-    from its default where the sampler would ignore it (`reads`): window or max_iters on an AR
+    from its default on a sampler that would ignore it (`reads`): window or max_iters on an AR
     sampler, n_orders on any but burst_paper, draft_support or first_drafts on any but
-    burst_jacobi, known_order with an order other than 'random' (the fixed orders feed the known
-    tokens ascending). Numpy integers are accepted wherever an int is.
+    burst_jacobi. Numpy integers are accepted wherever an int is.
     """
 
     sampler: str = "burst"
@@ -132,22 +129,18 @@ class SampleOptions:
     def _check_read(self) -> None:
         """A one-line ValueError for an option set (not at its default) on a sampler that does
         not read it (`reads`)."""
-        for name, (field, _, who, *why) in _READ_BY.items():
+        for name, (_, who) in _READ_BY.items():
             value, default = getattr(self, name), _DEFAULTS[name]
             given = value is not None if default is None else value != default
             if given and not self.reads(name):
-                raise ValueError(f"{name} applies to {who} only; got {field} "
-                                 f"{getattr(self, field)!r} with {name}={short_repr(value)}"
-                                 + "".join(f" ({reason})" for reason in why))
+                raise ValueError(f"{name} applies to {who} only; got sampler {self.sampler!r} "
+                                 f"with {name}={short_repr(value)}")
 
     def reads(self, name: str) -> bool:
         """Whether the sampler reads option `name`: window and max_iters only the burst
         samplers, n_orders only burst_paper, draft_support and first_drafts only burst_jacobi,
-        known_order only with order='random', the other options every sampler."""
-        if name not in _READ_BY:
-            return True
-        field, readers, *_ = _READ_BY[name]
-        return getattr(self, field) in readers
+        the other options every sampler."""
+        return name not in _READ_BY or self.sampler in _READ_BY[name][0]
 
     @classmethod
     def traced_fields(cls) -> tuple[str, ...]:
@@ -190,26 +183,16 @@ class SampleOptions:
 
     def check_for(self, cfg: ModelConfig, n: int, explicit_order: bool = False) -> None:
         """The checks that need the model and the length n (one-line ValueErrors): top_k <= V,
-        window <= n, a start token for first_drafts='start', and, with an explicit order (which
-        fixes every position's place, the known ones' included, and replaces the order kind),
-        a sampler other than burst_paper and known_order at its default 'random'."""
+        window <= n, no explicit order for burst_paper, and a start token for
+        first_drafts='start'."""
         if self.first_drafts == "start" and not cfg.bos:
             raise ValueError("first_drafts='start' needs a model with a start token (bos); use "
                              "first_drafts='known'")
         if self.top_k is not None:
             check_int("top_k", self.top_k, 1, cfg.vocab_size)
         self.window_for(n)
-        if explicit_order:
-            self._check_explicit_order()
-
-    def _check_explicit_order(self) -> None:
-        """One-line ValueErrors for the options an explicit order would leave unread."""
-        if self.sampler == "burst_paper":
+        if explicit_order and self.sampler == "burst_paper":
             raise ValueError(_PAPER_ORDER)
-        if self.known_order != "random":
-            raise ValueError(f"known_order applies to order='random' only: an explicit order "
-                             f"lists the known positions in its own order; drop known_order="
-                             f"{self.known_order!r} or the explicit order")
 
     def cache_capacity(self, cfg: ModelConfig, n: int) -> int:
         """KV-cache slots the kernel allocates at length n: every token, the start token, and
@@ -249,15 +232,12 @@ class SampleOptions:
                 if value is not None and self.reads(name)}
 
 
-# The options read only for some values of another field: (that field, the values that read
-# the option, how a message names them[, why the others do not]).
-_BURST = ("sampler", tuple(BURST_MODES), "the burst samplers")
-_READ_BY = {"window": _BURST, "max_iters": _BURST,
-            "n_orders": ("sampler", ("burst_paper",), "burst_paper"),
-            "draft_support": ("sampler", ("burst_jacobi",), "burst_jacobi"),
-            "first_drafts": ("sampler", ("burst_jacobi",), "burst_jacobi"),
-            "known_order": ("order", ("random",), "order='random'",
-                            "the fixed orders always feed the known tokens ascending")}
+# The options only some samplers read: (those samplers, how a message names them).
+_READ_BY = {"window": (tuple(BURST_MODES), "the burst samplers"),
+            "max_iters": (tuple(BURST_MODES), "the burst samplers"),
+            "n_orders": (("burst_paper",), "burst_paper"),
+            "draft_support": (("burst_jacobi",), "burst_jacobi"),
+            "first_drafts": (("burst_jacobi",), "burst_jacobi")}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SampleOptions)}
 
 
