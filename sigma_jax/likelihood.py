@@ -23,10 +23,13 @@ from sigma_jax.model import check_params, forward
 def _checked(cfg: ModelConfig, params, tokens, known, order, known_order: str, lengths, key, *,
              known_only: bool = False):
     """`checks.checked_rows` (known_only: only the known tokens checked, the others ignored),
-    the params against cfg, known_order, and the key (one typed key, or None)."""
+    the params against cfg, known_order (at its default with an explicit order, which would
+    ignore it), and the key (one typed key, or None; unread with an explicit order)."""
     check_params(cfg, params)
     rows = checked_rows(cfg, tokens, known, order, lengths, known_only=known_only)
     orders_lib.check_known_order(known_order)
+    if order is not None:
+        orders_lib.check_explicit_known_order(known_order)
     if key is not None:
         check_key(key)
     return rows

@@ -229,6 +229,15 @@ def check_known_order(known_order: str) -> None:
                          f"got {known_order!r}")
 
 
+def check_explicit_known_order(known_order: str) -> None:
+    """One-line ValueError for a known_order other than the default 'random' beside an explicit
+    order: the order lists the known positions itself, so the option would be ignored."""
+    if known_order != "random":
+        raise ValueError(f"known_order applies to the orders a sampler draws: an explicit order "
+                         f"lists the known positions in its own order; drop known_order="
+                         f"{known_order!r} or the explicit order")
+
+
 def ordered_known_first(known: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
     """Known positions ascending, then unknown positions ascending, then the absent ones past
     each row's length: int32 [B, N]. known: bool [B, N], N >= 1 (lists accepted); lengths:

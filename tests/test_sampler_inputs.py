@@ -165,3 +165,29 @@ def test_a_model_without_start_token_reads_a_single_known_position(params):
     np.testing.assert_array_equal(log_prob(cfg, no_bos, tokens, known, jax.random.key(1)), 0.0)
     np.testing.assert_array_equal(conditionals(cfg, no_bos, tokens, known, jax.random.key(1)),
                                   jax.nn.one_hot(tokens, cfg.vocab_size))
+
+
+def test_a_known_order_an_explicit_order_would_ignore_is_refused(params):
+    """An explicit order lists the known positions itself: known_order='ascending' beside it is
+    one line in every sampler and density (before any work). The default passes, and so does a
+    key given to a density with an explicit order (unread: the densities with and without it
+    are equal)."""
+    tokens, known = _inputs()
+    order = orders.order_from_mask("spread", known)
+    key = jax.random.key(0)
+    message = "^known_order applies to the orders a sampler draws: an explicit order lists"
+    for call in (lambda: sample_ar(SMALL, params, key, tokens, known, order=order,
+                                   known_order="ascending"),
+                 lambda: sample_burst(SMALL, params, key, tokens, known, order=order,
+                                      known_order="ascending"),
+                 lambda: sampling.prepare(SMALL, params, key, tokens, known,
+                                          SampleOptions("ar", known_order="ascending"), order),
+                 lambda: log_prob(SMALL, params, tokens, known, order=order,
+                                  known_order="ascending"),
+                 lambda: conditionals(SMALL, params, tokens, known, order=order,
+                                      known_order="ascending")):
+        _one_line(call, message)
+    np.testing.assert_array_equal(log_prob(SMALL, params, tokens, known, key, order=order),
+                                  log_prob(SMALL, params, tokens, known, order=order))
+    np.testing.assert_array_equal(conditionals(SMALL, params, tokens, known, key, order=order),
+                                  conditionals(SMALL, params, tokens, known, order=order))

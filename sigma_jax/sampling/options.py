@@ -24,7 +24,7 @@ import numpy as np
 from sigma_jax.checks import INT32_MAX, check_choice, check_int, is_concrete, short_repr
 from sigma_jax.config import ModelConfig
 from sigma_jax.decode import cache_capacity
-from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS
+from sigma_jax.orders import KNOWN_ORDERS, ORDER_KINDS, check_explicit_known_order
 
 SAMPLERS = ("ar", "ar_nocache", "burst", "burst_jacobi", "burst_paper")
 AR_SAMPLERS = ("ar", "ar_nocache")
@@ -183,8 +183,9 @@ class SampleOptions:
 
     def check_for(self, cfg: ModelConfig, n: int, explicit_order: bool = False) -> None:
         """The checks that need the model and the length n (one-line ValueErrors): top_k <= V,
-        window <= n, no explicit order for burst_paper, and a start token for
-        first_drafts='start'."""
+        window <= n, a start token for first_drafts='start', and, with an explicit order (which
+        lists every position, the known ones included), a sampler other than burst_paper and
+        known_order at its default (an explicit order would ignore it)."""
         if self.first_drafts == "start" and not cfg.bos:
             raise ValueError("first_drafts='start' needs a model with a start token (bos); use "
                              "first_drafts='known'")
@@ -193,6 +194,8 @@ class SampleOptions:
         self.window_for(n)
         if explicit_order and self.sampler == "burst_paper":
             raise ValueError(_PAPER_ORDER)
+        if explicit_order:
+            check_explicit_known_order(self.known_order)
 
     def cache_capacity(self, cfg: ModelConfig, n: int) -> int:
         """KV-cache slots the kernel allocates at length n: every token, the start token, and
