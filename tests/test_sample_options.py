@@ -46,8 +46,8 @@ BAD = [
                                       "sampler 'ar' with max_iters=5"),
     (dict(sampler="ar_nocache", max_iters=np.int64(5)), "max_iters applies to the burst"),
     (dict(sampler="ar", n_orders=3), "n_orders applies to burst_paper only; got sampler 'ar'"),
-    (dict(sampler="burst", n_orders=1), "n_orders applies to burst_paper only; got sampler "
-                                        "'burst' with n_orders=1"),
+    (dict(sampler="burst", n_orders=2), "n_orders applies to burst_paper only; got sampler "
+                                        "'burst' with n_orders=2"),
     (dict(sampler="burst_jacobi", n_orders=np.int32(2)), "n_orders applies to burst_paper"),
     (dict(sampler="burst_paper", draft_support=8), "draft_support applies to burst_jacobi "
                                                    "only; got sampler 'burst_paper'"),
@@ -127,6 +127,7 @@ def test_options_a_sampler_ignores_are_refused_only_away_from_their_defaults():
     refused even as a tracer, and the traced values it reads go back into its options."""
     for sampler in SAMPLERS:
         SampleOptions(sampler, n_orders=5, draft_support=64, first_drafts="known")
+        SampleOptions(sampler, n_orders=1)  # one order: what every sampler but the paper does
     SampleOptions("burst", window=3, max_iters=np.int64(2))
     SampleOptions("burst_paper", n_orders=2, max_iters=2)
     SampleOptions("burst_jacobi", draft_support=8, first_drafts="start", max_iters=2)

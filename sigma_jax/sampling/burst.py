@@ -88,7 +88,8 @@ def sample_burst(cfg: ModelConfig, params: dict, key: jax.Array, tokens: jax.Arr
     each row's known positions first. Exact mode samples the AR law along it; paper mode takes
     'random' only.
     n_orders: candidate orders of the paper mode (exact mode verifies one order: more would need
-    a multi-draft verifier to stay exact; the other modes refuse a value other than 5).
+    a multi-draft verifier to stay exact; the other modes take 1 or the default and refuse
+    other values).
     window: draft (exact, paper) or verify (jacobi) only the next `window` positions of the
     order per iteration (static; None = all N).
     temperature (>= 0; 0 = greedy), top_p (in (0, 1]) and max_iters (>= 1, default N) are

@@ -90,7 +90,7 @@ class SampleOptions:
 
     Bad values raise a one-line ValueError at construction, and so does an option set away
     from its default on a sampler that would ignore it (`reads`): window or max_iters on an AR
-    sampler, n_orders on any but burst_paper, draft_support or first_drafts on any but
+    sampler, n_orders other than 1 on any but burst_paper, draft_support or first_drafts on any but
     burst_jacobi. Numpy integers are accepted wherever an int is.
     """
 
@@ -128,10 +128,12 @@ class SampleOptions:
 
     def _check_read(self) -> None:
         """A one-line ValueError for an option set (not at its default) on a sampler that does
-        not read it (`reads`)."""
+        not read it (`reads`). n_orders=1 is what every other sampler does (one order), so it
+        passes too."""
         for name, (_, who) in _READ_BY.items():
             value, default = getattr(self, name), _DEFAULTS[name]
             given = value is not None if default is None else value != default
+            given = given and not (name == "n_orders" and value == 1)
             if given and not self.reads(name):
                 raise ValueError(f"{name} applies to {who} only; got sampler {self.sampler!r} "
                                  f"with {name}={short_repr(value)}")
